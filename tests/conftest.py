@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random Qwen2-VL checkpoints written offline in both key layouts, single and sharded."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tiny_qwen2vl import build_tiny_qwen2vl  # noqa: E402
+
+
+TINY_DEPTH = 6
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """`{(layout, num_shards): folder}` for the same random weights (seed 0) in every layout."""
+    root = tmp_path_factory.mktemp("qwen2vl")
+    folders = {}
+    for layout in ("old", "new"):
+        for shards in (1, 3):
+            folders[(layout, shards)] = build_tiny_qwen2vl(str(root / f"{layout}-{shards}"), layout, shards, seed=0)
+    return folders
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_checkpoints):
+    """The layout Qwen/Qwen2-VL-2B-Instruct is published in: transformers <= 4.51 keys, one file."""
+    return tiny_checkpoints[("old", 1)]
+
+
+@pytest.fixture
+def images():
+    """Three small RGB images of different sizes and contents."""
+    from PIL import Image, ImageDraw
+
+    out = []
+    for i, (size, colour) in enumerate([((90, 60), (200, 10, 10)), ((40, 120), (20, 160, 30)), ((64, 64), (0, 0, 255))]):
+        image = Image.new("RGB", size, (255, 255, 255))
+        ImageDraw.Draw(image).ellipse([4 + i, 4, size[0] - 6, size[1] - 8 + i], fill=colour)
+        out.append(image)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)

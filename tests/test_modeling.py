@@ -1,0 +1,451 @@
+"""PumaForEmbedding against transformers' own Qwen2-VL, on tiny random checkpoints built offline."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import Qwen2VLForConditionalGeneration
+
+from conftest import ROOT, TINY_DEPTH
+from modeling_puma import PumaForEmbedding
+
+
+TOL = 1e-5
+
+
+def inputs_of_every_kind(images):
+    """Text, image and image+text inputs, of different lengths so batches are padded."""
+    return ["a red circle", images[0], {"text": "two blue squares next to a green triangle", "image": images[1]},
+            "the quick brown fox jumps over the lazy dog", {"image": images[2]}]
+
+
+def features_for(model, inputs, instruction=None):
+    """Processor features of `inputs`, built as `encode` builds them."""
+    from modeling_puma import _parse_input
+
+    examples = [_parse_input(item, i, None) for i, item in enumerate(inputs)]
+    prompts = [model.build_prompt(text, image is not None, instruction) for text, image in examples]
+    images = [image for _, image in examples if image is not None]
+    return model.processor(text=prompts, images=images or None, padding=True, padding_side="right",
+                           return_tensors="pt", **model._pixel_limit_kwargs())
+
+
+def oracle(checkpoint, model, features, depth_after):
+    """transformers' Qwen2VLModel at full depth: final norm of the hidden state after `depth_after` layers, read at
+    the embedding token. The embedding token's row is copied from `model`, the only weight PUMA adds. It is loaded
+    through the class real checkpoints name (`architectures`), which knows both key layouts."""
+    full = Qwen2VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).model.eval()
+    token_id = model.config.embedding_token_id
+    with torch.no_grad():
+        embed = full.get_input_embeddings()
+        if token_id >= embed.weight.shape[0]:
+            full.resize_token_embeddings(token_id + 1)
+            embed = full.get_input_embeddings()
+        embed.weight[token_id] = model.get_input_embeddings().weight[token_id]
+        out = full(**features, output_hidden_states=True)
+        depth = full.config.text_config.num_hidden_layers
+        hidden = out.last_hidden_state if depth_after == depth else full.language_model.norm(out.hidden_states[depth_after])
+    rows = torch.arange(hidden.shape[0])
+    position = (features["input_ids"] == token_id).int().argmax(dim=1)
+    return hidden[rows, position]
+
+
+@pytest.mark.parametrize("layout,shards", [("old", 1), ("new", 1), ("old", 3), ("new", 3)])
+def test_pruned_model_matches_first_k_layers_of_full_model(tiny_checkpoints, images, layout, shards):
+    # Given a stock checkpoint in either key layout, single file or sharded
+    checkpoint = tiny_checkpoints[(layout, shards)]
+    k = 3
+    # When it is loaded pruned to k layers and run on text, image and image+text inputs in one padded batch
+    model = PumaForEmbedding.from_pretrained(checkpoint, num_layers=k)
+    features = features_for(model, inputs_of_every_kind(images))
+    with torch.no_grad():
+        output = model(**features)
+    # Then the raw embedding is the oracle's final-norm hidden state after layer k at the embedding token
+    expected = oracle(checkpoint, model, features, k)
+    assert output.raw_embeddings.shape == (5, model.config.text_config.hidden_size)
+    assert (output.raw_embeddings - expected).abs().max() <= TOL
+    assert torch.allclose(output.embeddings, torch.nn.functional.normalize(expected, dim=-1), atol=TOL)
+    assert len(model.model.language_model.layers) == k
+
+
+def test_full_depth_load_is_the_teacher(tiny_checkpoint, images):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint)
+    assert model.config.kept_layers == list(range(TINY_DEPTH))
+    features = features_for(model, inputs_of_every_kind(images))
+    with torch.no_grad():
+        raw = model(**features).raw_embeddings
+    assert (raw - oracle(tiny_checkpoint, model, features, TINY_DEPTH)).abs().max() <= TOL
+
+
+def _checkpoint_with_layers(source, layers, out_dir):
+    """A stock (old layout) checkpoint holding only `layers` of `source`, renumbered, for transformers to load."""
+    shutil.copytree(source, out_dir)
+    tensors = load_file(os.path.join(source, "model.safetensors"))
+    kept = {}
+    for key, value in tensors.items():
+        if key.startswith("model.layers."):
+            index, rest = key[len("model.layers."):].split(".", 1)
+            if int(index) in layers:
+                kept[f"model.layers.{layers.index(int(index))}.{rest}"] = value
+        else:
+            kept[key] = value
+    save_file(kept, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json")) as f:
+        config = json.load(f)
+    config["num_hidden_layers"] = config["max_window_layers"] = len(layers)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f)
+    return out_dir
+
+
+def test_non_contiguous_kept_layers_match_a_checkpoint_of_those_layers(tiny_checkpoint, images, tmp_path):
+    layers = [0, 1, TINY_DEPTH - 1]  # the release's "keep the last layer" variant, in small
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, kept_layers=layers)
+    assert model.config.kept_layers == layers and model.config.base_num_hidden_layers == TINY_DEPTH
+    reference = _checkpoint_with_layers(tiny_checkpoint, layers, str(tmp_path / "subset"))
+    features = features_for(model, inputs_of_every_kind(images))
+    with torch.no_grad():
+        raw = model(**features).raw_embeddings
+    assert (raw - oracle(reference, model, features, len(layers))).abs().max() <= TOL
+
+
+def test_batched_encoding_equals_one_at_a_time(tiny_checkpoint, images):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=3)
+    inputs = inputs_of_every_kind(images)
+    batched = model.encode(inputs, batch_size=3)
+    singles = torch.stack([model.encode([item])[0] for item in inputs])
+    assert batched.shape == (len(inputs), 64)
+    assert (batched - singles).abs().max() <= TOL
+    assert torch.allclose(batched.norm(dim=-1), torch.ones(len(inputs)), atol=1e-6)
+
+
+def test_encode_restores_input_order_after_length_sorting(tiny_checkpoint, images):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2)
+    inputs = inputs_of_every_kind(images)
+    forward = model.encode(inputs, batch_size=2)
+    backward = model.encode(inputs[::-1], batch_size=2)
+    assert (forward - backward.flip(0)).abs().max() <= TOL
+    # distinct inputs give distinct embeddings, so a permutation would be caught
+    assert (forward[0] - forward[1]).abs().max() > 1e-3
+
+
+def test_encode_accepts_paths_single_items_numpy_and_matryoshka(tiny_checkpoint, images, tmp_path):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2)
+    path = tmp_path / "circle.png"
+    images[0].save(path)
+    from_path = model.encode([str(path), path])
+    from_image = model.encode([images[0]])
+    assert torch.allclose(from_path[0], from_image[0], atol=TOL) and torch.allclose(from_path[1], from_image[0], atol=TOL)
+    single = model.encode("a red circle")
+    assert single.shape == (64,)
+    as_numpy = model.encode(["a red circle"], convert_to_numpy=True)
+    assert isinstance(as_numpy, np.ndarray) and np.allclose(as_numpy[0], single.numpy(), atol=TOL)
+    truncated = model.encode(["a red circle"], truncate_dim=16)
+    full = model.encode(["a red circle"], normalize=False)
+    assert truncated.shape == (1, 16)
+    assert torch.allclose(truncated[0], torch.nn.functional.normalize(full[0, :16], dim=0), atol=TOL)
+
+
+def test_query_instruction_changes_queries_only(tiny_checkpoint):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2)
+    plain = model.encode(["a dog"])
+    candidate = model.encode(["a dog"], instruction="Find an image.")
+    query = model.encode(["a dog"], instruction="Find an image.", is_query=True)
+    assert torch.allclose(plain, candidate)
+    assert (plain - query).abs().max() > 1e-3
+    prompt = model.build_prompt("a dog", True, "find an image")
+    assert "<|vision_start|><|image_pad|><|vision_end|>Find an image\na dog.\nSummarize above image and sentence in one word: <|im_end|>" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n[RET].<|im_end|>\n")
+
+
+def test_prompt_equals_the_release_chat_template_rendering(tiny_checkpoint):
+    # The release renders [{"user": image, text}, {"assistant": "[RET]."}] with the processor's chat template.
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2)
+    for text, has_image, modality in [("A dog.", False, "sentence"), ("", True, "image"), ("A dog.", True, "image and sentence")]:
+        content = ([{"type": "image"}] if has_image else []) + [
+            {"type": "text", "text": f"{text}\nSummarize above {modality} in one word: "}]
+        messages = [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": "[RET]."}]}]
+        rendered = model.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        assert model.build_prompt(text or None, has_image) == rendered
+
+
+def test_long_text_is_truncated_without_losing_the_embedding_token(tiny_checkpoint):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2, max_text_tokens=8)
+    long_text = "the quick brown fox jumps over the lazy dog " * 50
+    prompt = model.build_prompt(long_text, False)
+    assert prompt.endswith("[RET].<|im_end|>\n")
+    text = prompt.split("<|im_start|>user\n")[1].split("\nSummarize above")[0]
+    assert text.startswith("The quick") and len(model.processor.tokenizer(text)["input_ids"]) <= 8
+    assert model.encode([long_text]).shape == (1, 64)
+
+
+def test_pixel_limits_bound_the_image_tokens(tiny_checkpoint):
+    big = Image.new("RGB", (400, 300), (10, 200, 30))
+    counts = {}
+    for max_pixels in (4 * 28 * 28, 12 * 28 * 28):
+        model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=1, max_pixels=max_pixels)
+        features = features_for(model, [big])
+        tokens = int((features["input_ids"] == model.config.image_token_id).sum())
+        counts[max_pixels] = tokens
+        assert tokens * 28 * 28 <= max_pixels
+    assert counts[4 * 28 * 28] < counts[12 * 28 * 28]
+
+
+def test_exif_rotation_and_non_rgb_images(tiny_checkpoint, images, tmp_path):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2)
+    upright = images[0]
+    # stored rotated, with an EXIF tag saying "rotate 90 clockwise to display" (orientation 6)
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    stored.save(path, exif=exif.tobytes(), quality=100)
+    upright_path = tmp_path / "upright.jpg"
+    upright.save(upright_path, quality=100)
+    assert torch.allclose(model.encode([path]), model.encode([upright_path]), atol=1e-3)
+    for mode in ("L", "RGBA", "P", "CMYK"):
+        assert model.encode([upright.convert(mode)]).shape == (1, 64)
+
+
+def test_pooling_modes_last_and_mean(tiny_checkpoint, images):
+    features = None
+    for pooling in ("last", "mean"):
+        model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=3, pooling=pooling)
+        features = features_for(model, ["a red circle", "the quick brown fox jumps over the lazy dog"])
+        with torch.no_grad():
+            out = model(**features, output_hidden_states=True)
+        mask = features["attention_mask"]
+        hidden = out.last_hidden_state
+        if pooling == "last":
+            expected = torch.stack([hidden[i, int(mask[i].sum()) - 1] for i in range(2)])
+        else:
+            expected = torch.stack([hidden[i, : int(mask[i].sum())].mean(0) for i in range(2)])
+        assert (out.raw_embeddings - expected).abs().max() <= TOL
+
+
+def test_attention_implementations_agree(tiny_checkpoint, images):
+    inputs = inputs_of_every_kind(images)
+    sdpa = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=3).encode(inputs)
+    eager = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=3, attn_implementation="eager").encode(inputs)
+    assert (sdpa - eager).abs().max() <= 1e-4
+
+
+def test_dtype_passes_through(tiny_checkpoint):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.encode(["a dog"]).dtype == torch.float32
+    assert PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=1, torch_dtype="auto").dtype == torch.float32
+    assert PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=1, device_map="cpu").device.type == "cpu"
+
+
+def test_only_kept_tensors_are_read(tiny_checkpoint, tmp_path):
+    # Given a sharded checkpoint whose dropped layers and lm_head live in a shard that is then deleted
+    folder = tmp_path / "split"
+    shutil.copytree(tiny_checkpoint, folder)
+    tensors = load_file(folder / "model.safetensors")
+    os.remove(folder / "model.safetensors")
+    dropped = {k: v for k, v in tensors.items() if k.startswith("model.layers.") and int(k.split(".")[2]) >= 2}
+    dropped["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    kept = {k: v for k, v in tensors.items() if k not in dropped}
+    save_file(kept, folder / "kept.safetensors", metadata={"format": "pt"})
+    save_file(dropped, folder / "dropped.safetensors", metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {**{k: "kept.safetensors" for k in kept}, **{k: "dropped.safetensors" for k in dropped}}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    os.remove(folder / "dropped.safetensors")
+    # When it is loaded with two layers, it loads; at full depth, the missing shard is reported
+    model = PumaForEmbedding.from_pretrained(str(folder), num_layers=2)
+    assert not any(name.startswith("lm_head") for name in model.state_dict())
+    assert len(model.model.language_model.layers) == 2
+    with pytest.raises(OSError, match="dropped.safetensors"):
+        PumaForEmbedding.from_pretrained(str(folder))
+
+
+def test_embedding_token_row_is_initialised_trainable_and_saved(tiny_checkpoint, tmp_path):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2)
+    tokenizer = model.processor.tokenizer
+    token_id = model.config.embedding_token_id
+    assert tokenizer.convert_tokens_to_ids("[RET]") == token_id
+    weight = model.get_input_embeddings().weight
+    assert weight.requires_grad
+    rows_before = token_id  # the token was appended after the tokenizer's rows
+    assert torch.allclose(weight[token_id], weight[:rows_before].mean(0), atol=1e-6)
+    with torch.no_grad():
+        weight[token_id] = 0.5
+    model.save_pretrained(tmp_path / "puma")
+    reloaded = PumaForEmbedding.from_pretrained(str(tmp_path / "puma"))
+    assert torch.all(reloaded.get_input_embeddings().weight[token_id] == 0.5)
+    assert reloaded.config.model_type == "puma" and reloaded.config.kept_layers == [0, 1]
+
+
+def test_puma_checkpoint_can_be_pruned_further(tiny_checkpoint, images, tmp_path):
+    layers = [0, 1, 2, TINY_DEPTH - 1]
+    PumaForEmbedding.from_pretrained(tiny_checkpoint, kept_layers=layers).save_pretrained(tmp_path / "puma")
+    inputs = inputs_of_every_kind(images)
+    further = PumaForEmbedding.from_pretrained(str(tmp_path / "puma"), kept_layers=[0, 2, TINY_DEPTH - 1])
+    direct = PumaForEmbedding.from_pretrained(tiny_checkpoint, kept_layers=[0, 2, TINY_DEPTH - 1])
+    assert further.config.kept_layers == [0, 2, TINY_DEPTH - 1]
+    assert (further.encode(inputs) - direct.encode(inputs)).abs().max() <= TOL
+    first_two = PumaForEmbedding.from_pretrained(str(tmp_path / "puma"), num_layers=2)
+    assert first_two.config.kept_layers == [0, 1]
+    with pytest.raises(ValueError, match=r"not in this checkpoint"):
+        PumaForEmbedding.from_pretrained(str(tmp_path / "puma"), kept_layers=[3])
+
+
+def test_save_writes_auto_map_model_files_and_processor(tiny_checkpoint, tmp_path):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2)
+    model.save_pretrained(tmp_path / "puma")
+    files = set(os.listdir(tmp_path / "puma"))
+    assert {"configuration_puma.py", "modeling_puma.py", "model.safetensors", "tokenizer.json"} <= files
+    config = json.loads((tmp_path / "puma" / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_puma.PumaConfig", "AutoModel": "modeling_puma.PumaForEmbedding"}
+    assert config["model_type"] == "puma" and config["text_config"]["num_hidden_layers"] == 2
+
+
+FRESH_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    # The project must not be importable: block its modules even if it is pip-installed.
+    for name in ("modeling_puma", "configuration_puma", "tiny_qwen2vl"):
+        sys.modules[name] = None
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoModel
+
+    folder, expected_path, image_path = sys.argv[1:4]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    got = model.encode(["a red circle", {"text": "a dog", "image": Image.open(image_path)}], convert_to_numpy=True)
+    np.testing.assert_allclose(got, np.load(expected_path), atol=1e-5)
+    print("FRESH-PROCESS-OK")
+    """
+)
+
+
+def test_trust_remote_code_round_trip_in_a_fresh_process(tiny_checkpoint, images, tmp_path):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=3)
+    folder = tmp_path / "hub_repo"
+    model.save_pretrained(folder)
+    image_path = tmp_path / "image.png"
+    images[1].save(image_path)
+    expected = model.encode(["a red circle", {"text": "a dog", "image": Image.open(image_path)}], convert_to_numpy=True)
+    np.save(tmp_path / "expected.npy", expected)
+    (tmp_path / "script.py").write_text(FRESH_PROCESS_SCRIPT)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(folder), str(tmp_path / "expected.npy"),
+                             str(image_path)], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert "FRESH-PROCESS-OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_hub_files_import_only_each_other_and_allowed_libraries():
+    import ast
+
+    allowed = {"torch", "transformers", "numpy", "PIL", "tqdm", "huggingface_hub", "flash_attn"} | set(sys.stdlib_module_names)
+    for filename in ("configuration_puma.py", "modeling_puma.py"):
+        tree = ast.parse(open(os.path.join(ROOT, filename)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert node.module.split(".")[0] in allowed, (filename, node.module)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert alias.name.split(".")[0] in allowed, (filename, alias.name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,match", [
+    ({"num_layers": 0}, r"num_layers=0"),
+    ({"num_layers": TINY_DEPTH + 1}, r"num_layers=7"),
+    ({"kept_layers": [0, 0, 1]}, r"duplicates \[0\]"),
+    ({"kept_layers": [2, 1]}, r"sorted"),
+    ({"kept_layers": []}, r"at least one"),
+    ({"kept_layers": [0, TINY_DEPTH]}, r"must lie in 0\.\.5"),
+    ({"num_layers": 2, "kept_layers": [0, 1]}, r"not both"),
+])
+def test_bad_layer_requests_raise(tiny_checkpoint, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PumaForEmbedding.from_pretrained(tiny_checkpoint, **kwargs)
+
+
+def test_non_qwen2_vl_checkpoint_is_refused(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "llama"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"'llama' checkpoint"):
+        PumaForEmbedding.from_pretrained(str(folder), num_layers=2)
+
+
+def test_bin_only_checkpoint_is_refused(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "bin"
+    shutil.copytree(tiny_checkpoint, folder)
+    os.rename(folder / "model.safetensors", folder / "pytorch_model.bin")
+    with pytest.raises(OSError, match="only safetensors"):
+        PumaForEmbedding.from_pretrained(str(folder), num_layers=2)
+
+
+def test_hub_download_failure_is_a_clear_error():
+    with pytest.raises(OSError, match=r"not a local folder.*Hugging Face Hub"):
+        PumaForEmbedding.from_pretrained("no-such-org/no-such-model", num_layers=2, local_files_only=True)
+
+
+def test_tokenizer_lacking_the_embedding_token_is_refused(tiny_checkpoint, tmp_path):
+    PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2).save_pretrained(tmp_path / "puma")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tiny_checkpoint, name), tmp_path / "puma" / name)
+    with pytest.raises(ValueError, match=r"lacks the embedding token '\[RET\]'"):
+        PumaForEmbedding.from_pretrained(str(tmp_path / "puma"))
+
+
+@pytest.mark.parametrize("inputs,error,match", [
+    ([], ValueError, "empty list"),
+    (None, ValueError, "None"),
+    ([None], ValueError, r"inputs\[0\] is None"),
+    (["ok", ""], ValueError, r"inputs\[1\] is an empty string"),
+    ([{"caption": "x"}], ValueError, "unknown keys"),
+    ([3.5], ValueError, "unsupported type float"),
+    (["/no/such/image.png"], FileNotFoundError, r"/no/such/image\.png"),
+])
+def test_bad_encode_inputs_raise(tiny_checkpoint, inputs, error, match):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=1)
+    with pytest.raises(error, match=match):
+        model.encode(inputs)
+
+
+def test_corrupt_and_oversized_images_raise(tiny_checkpoint, images, tmp_path):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=1)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(ValueError, match=r"corrupt\.png.*not a readable image"):
+        model.encode([str(corrupt)])
+    big = tmp_path / "big.png"
+    images[0].save(big)
+    with pytest.raises(ValueError, match=r"over the limit of 100"):
+        model.encode([str(big)], max_image_pixels=100)
+    with pytest.raises(ValueError, match=r"over the limit of 100"):
+        model.encode([images[0]], max_image_pixels=100)
+
+
+def test_truncate_dim_larger_than_the_embedding_raises(tiny_checkpoint):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=1)
+    with pytest.raises(ValueError, match=r"truncate_dim=65 is outside 1\.\.64"):
+        model.encode(["a"], truncate_dim=65)
+
+
+def test_forward_without_the_embedding_token_raises(tiny_checkpoint):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=1)
+    ids = model.processor.tokenizer(["a red circle"], return_tensors="pt")
+    with pytest.raises(ValueError, match=r"Rows \[0\] of input_ids lack the embedding token"):
+        model(**ids)
