@@ -365,10 +365,11 @@ class PumaForEmbedding(PumaPreTrainedModel):
         if truncate_dim is not None and not 0 < truncate_dim <= hidden_size:
             raise ValueError(f"truncate_dim={truncate_dim} is outside 1..{hidden_size} (the embedding dimension).")
 
-        examples = [_parse_input(item, i, max_image_pixels) for i, item in enumerate(items)]
-        prompts = [self.build_prompt(text, image is not None, instruction if is_query else None)
+        examples = [parse_input(item, i, max_image_pixels) for i, item in enumerate(items)]
+        instruction = instruction if is_query else None
+        prompts = [build_prompt(self.config, text, image is not None, instruction, self.processor.tokenizer)
                    for text, image in examples]
-        lengths = [self._estimate_length(prompt, image) for prompt, (_, image) in zip(prompts, examples)]
+        lengths = [_estimate_length(self.config, prompt, image) for prompt, (_, image) in zip(prompts, examples)]
         order = sorted(range(len(items)), key=lambda i: -lengths[i])
         batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
         if show_progress_bar is None:
@@ -378,15 +379,8 @@ class PumaForEmbedding(PumaPreTrainedModel):
 
         results = [None] * len(items)
         for batch in tqdm(batches, desc="Encoding", disable=not show_progress_bar):
-            images = [examples[i][1] for i in batch if examples[i][1] is not None]
-            features = self.processor(
-                text=[prompts[i] for i in batch],
-                images=images or None,
-                padding=True,
-                padding_side="right",
-                return_tensors="pt",
-                **self._pixel_limit_kwargs(),
-            )
+            features = featurize(self.processor, self.config, [prompts[i] for i in batch],
+                                 [examples[i][1] for i in batch])
             features = {key: value.to(self.device) for key, value in features.items() if torch.is_tensor(value)}
             if "pixel_values" in features:
                 features["pixel_values"] = features["pixel_values"].to(self.dtype)
@@ -402,51 +396,65 @@ class PumaForEmbedding(PumaPreTrainedModel):
             stacked = stacked[0]
         return stacked.numpy() if convert_to_numpy else stacked
 
-    def _pixel_limit_kwargs(self) -> dict:
-        """Processor keywords applying `config.min_pixels`/`max_pixels`: `size` on transformers 5; transformers 4's
-        image processors read the explicit `min_pixels`/`max_pixels` in preference to `size["longest_edge"]`."""
-        limits = {"size": {"shortest_edge": self.config.min_pixels, "longest_edge": self.config.max_pixels}}
-        if int(transformers.__version__.split(".")[0]) < 5:
-            limits.update(min_pixels=self.config.min_pixels, max_pixels=self.config.max_pixels)
-        return limits
-
     def build_prompt(self, text: str | None, has_image: bool, instruction: str | None = None) -> str:
-        """The chat prompt of one input: system turn, user turn (image, instruction + text, suffix), assistant turn.
+        """The chat prompt of one input; see the module-level `build_prompt`."""
+        tokenizer = self.processor.tokenizer if self.processor is not None else None
+        return build_prompt(self.config, text, has_image, instruction, tokenizer)
 
-        Reproduces the release's format (Qwen2-VL chat template, `format_string`, 450-token truncation before the
-        suffix, so the embedding token is never cut off).
-        """
-        config = self.config
-        text = (text or "").strip()
-        if instruction:
-            text = config.instruction_template.format(instruction=instruction.strip(), text=text).strip()
-        if text:
-            if config.format_text:
-                text = _format_text(text)
-            text = self._truncate_text(text)
-        modality = "image,text" if has_image and text else ("image" if has_image else "text")
-        if not has_image and not text:
-            raise ValueError("An input has neither text nor image.")
-        vision = "<|vision_start|><|image_pad|><|vision_end|>" if has_image else ""
-        user = vision + text + config.user_suffix_template.format(modality=config.modality_words[modality])
-        assistant = config.assistant_template.format(embedding_token=config.embedding_token)
-        system = f"<|im_start|>system\n{config.system_prompt}<|im_end|>\n" if config.system_prompt is not None else ""
-        return f"{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant}<|im_end|>\n"
 
-    def _truncate_text(self, text: str) -> str:
-        tokenizer = self.processor.tokenizer
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= self.config.max_text_tokens:
-            return text
-        return tokenizer.decode(ids[: self.config.max_text_tokens])
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts and processor features (shared by `encode` and the training collator)
+# ----------------------------------------------------------------------------------------------------------------
+def build_prompt(config: PumaConfig, text: str | None, has_image: bool, instruction: str | None = None,
+                 tokenizer=None) -> str:
+    """The chat prompt of one input: system turn, user turn (image, instruction + text, suffix), assistant turn.
 
-    def _estimate_length(self, prompt: str, image) -> int:
-        """Token count of a prompt: characters stand in for text tokens, resized patches for image tokens."""
-        length = len(prompt) // 4
-        if image is not None:
-            pixels = min(max(image.width * image.height, self.config.min_pixels), self.config.max_pixels)
-            length += pixels // (28 * 28)
-        return length
+    Reproduces the release's format (Qwen2-VL chat template, `format_string`, truncation of instruction + text to
+    `config.max_text_tokens` tokens of `tokenizer` before the suffix, so the embedding token is never cut off).
+    """
+    text = (text or "").strip()
+    if instruction:
+        text = config.instruction_template.format(instruction=instruction.strip(), text=text).strip()
+    if text:
+        if config.format_text:
+            text = _format_text(text)
+        if tokenizer is not None:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > config.max_text_tokens:
+                text = tokenizer.decode(ids[: config.max_text_tokens])
+    if not has_image and not text:
+        raise ValueError("An input has neither text nor image.")
+    modality = "image,text" if has_image and text else ("image" if has_image else "text")
+    vision = "<|vision_start|><|image_pad|><|vision_end|>" if has_image else ""
+    user = vision + text + config.user_suffix_template.format(modality=config.modality_words[modality])
+    assistant = config.assistant_template.format(embedding_token=config.embedding_token)
+    system = f"<|im_start|>system\n{config.system_prompt}<|im_end|>\n" if config.system_prompt is not None else ""
+    return f"{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant}<|im_end|>\n"
+
+
+def pixel_limit_kwargs(config: PumaConfig) -> dict:
+    """Processor keywords applying `config.min_pixels`/`max_pixels`: `size` on transformers 5; transformers 4's image
+    processors read the explicit `min_pixels`/`max_pixels` in preference to `size["longest_edge"]`."""
+    limits = {"size": {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}}
+    if int(transformers.__version__.split(".")[0]) < 5:
+        limits.update(min_pixels=config.min_pixels, max_pixels=config.max_pixels)
+    return limits
+
+
+def featurize(processor, config: PumaConfig, prompts: list[str], images: list) -> dict:
+    """Right-padded processor features of `prompts`; `images[i]` is the RGB image of prompt i or `None`."""
+    present = [image for image in images if image is not None]
+    return processor(text=prompts, images=present or None, padding=True, padding_side="right", return_tensors="pt",
+                     **pixel_limit_kwargs(config))
+
+
+def _estimate_length(config: PumaConfig, prompt: str, image) -> int:
+    """Token count of a prompt for length bucketing: characters stand in for text tokens, patches for image tokens."""
+    length = len(prompt) // 4
+    if image is not None:
+        pixels = min(max(image.width * image.height, config.min_pixels), config.max_pixels)
+        length += pixels // (28 * 28)
+    return length
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -768,7 +776,7 @@ def _looks_like_image_path(item) -> bool:
     return isinstance(item, str) and not any(c.isspace() for c in item) and item.lower().endswith(IMAGE_SUFFIXES)
 
 
-def _parse_input(item, index: int, max_image_pixels: int | None):
+def parse_input(item, index: int = 0, max_image_pixels: int | None = None):
     """`(text, image)` of one `encode` input; `image` is an RGB `PIL.Image` or `None`."""
     from PIL import Image
 
@@ -783,9 +791,9 @@ def _parse_input(item, index: int, max_image_pixels: int | None):
             raise ValueError(f"inputs[{index}]['text'] must be a string, got {type(text).__name__}.")
         if text is None and image is None:
             raise ValueError(f"inputs[{index}] has neither 'text' nor 'image'.")
-        return (text, _load_image(image, index, max_image_pixels) if image is not None else None)
+        return (text, load_image(image, index, max_image_pixels) if image is not None else None)
     if isinstance(item, Image.Image) or _looks_like_image_path(item):
-        return None, _load_image(item, index, max_image_pixels)
+        return None, load_image(item, index, max_image_pixels)
     if isinstance(item, str):
         if not item.strip():
             raise ValueError(f"inputs[{index}] is an empty string.")
@@ -793,7 +801,7 @@ def _parse_input(item, index: int, max_image_pixels: int | None):
     raise ValueError(f"inputs[{index}] has unsupported type {type(item).__name__}; use str, PIL.Image, a path or a dict.")
 
 
-def _load_image(image, index: int, max_image_pixels: int | None):
+def load_image(image, index: int = 0, max_image_pixels: int | None = None):
     """Opens, EXIF-rotates and converts an image to RGB, refusing missing, corrupt and oversized files."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -834,4 +842,5 @@ def _check_pixels(image, limit: int | None, name: str) -> None:
 PumaConfig.register_for_auto_class()
 PumaForEmbedding.register_for_auto_class("AutoModel")
 
-__all__ = ["PumaEmbeddingOutput", "PumaForEmbedding", "PumaPreTrainedModel"]
+__all__ = ["PumaEmbeddingOutput", "PumaForEmbedding", "PumaPreTrainedModel", "build_prompt", "featurize", "load_image",
+           "parse_input", "pixel_limit_kwargs"]

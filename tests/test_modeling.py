@@ -29,13 +29,11 @@ def inputs_of_every_kind(images):
 
 def features_for(model, inputs, instruction=None):
     """Processor features of `inputs`, built as `encode` builds them."""
-    from modeling_puma import _parse_input
+    from modeling_puma import featurize, parse_input
 
-    examples = [_parse_input(item, i, None) for i, item in enumerate(inputs)]
+    examples = [parse_input(item, i) for i, item in enumerate(inputs)]
     prompts = [model.build_prompt(text, image is not None, instruction) for text, image in examples]
-    images = [image for _, image in examples if image is not None]
-    return model.processor(text=prompts, images=images or None, padding=True, padding_side="right",
-                           return_tensors="pt", **model._pixel_limit_kwargs())
+    return featurize(model.processor, model.config, prompts, [image for _, image in examples])
 
 
 def oracle(checkpoint, model, features, depth_after):
