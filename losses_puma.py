@@ -1,0 +1,683 @@
+# Copyright 2026 The PUMA contributors. Licensed under the Apache License, Version 2.0.
+"""PUMA training losses: InfoNCE, the modality-adaptive contrastive loss (MAC), hidden-state and KL distillation,
+their weighted sum, the hard-temperature schedule, and the cross-device gather they share.
+
+Every loss takes embeddings and returns a dict whose `"loss"` entry is the tensor to backpropagate; the other
+entries are detached, for logging. The arithmetic lives in `compute_loss_from_embeddings`, which works on plain
+tensors in one process; `forward` only gathers across devices first. Losses compute in float32 at least,
+whatever the embedding dtype. Reference: PUMA, arXiv 2507.08064.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+CITATION = """@inproceedings{lyu2025puma,
+    title = {{PUMA}: Layer-Pruned Language Model for Efficient Unified Multimodal Retrieval
+             with Modality-Adaptive Learning},
+    author = {Lyu, Yibo and Shao, Rui and Chen, Gongwei and Zhu, Yijie and Guan, Weili and Nie, Liqiang},
+    booktitle = {Proceedings of the 33rd ACM International Conference on Multimedia},
+    year = {2025},
+    eprint = {2507.08064},
+    archivePrefix = {arXiv},
+}"""
+
+
+def _require(condition: bool, name: str, value: object, expectation: str) -> None:
+    if not condition:
+        raise ValueError(f"{name} must be {expectation}, got {value!r}")
+
+
+def modality_ids(labels: list[str], vocab: dict[str, int] | None = None) -> tuple[Tensor, dict[str, int]]:
+    """Map modality labels (`"image"`, `"text"`, `"image,text"`, `"video"`, ...) to a LongTensor of ids.
+
+    Args:
+        labels: One label per row, e.g. the modality of each positive or of each hard negative.
+        vocab: Label-to-id map to reuse. Pass the same map for every batch and every rank: ids built from
+            different batches disagree. `None` builds one from `labels`, numbering the labels in sorted order.
+
+    Returns:
+        `(ids, vocab)`: ids of shape `(len(labels),)` and the map used.
+
+    Example:
+        >>> modality_ids(["text", "image", "text"])
+        (tensor([1, 0, 1]), {'image': 0, 'text': 1})
+    """
+    for label in labels:
+        _require(isinstance(label, str), "every modality label", label, "a string")
+    if vocab is None:
+        vocab = {label: i for i, label in enumerate(sorted(set(labels)))}
+    unknown = sorted(set(labels) - vocab.keys())
+    _require(not unknown, "every modality label", unknown, f"one of {sorted(vocab)}")
+    return torch.tensor([vocab[label] for label in labels], dtype=torch.long), vocab
+
+
+def tau_hard_schedule(
+    progress_epochs: float,
+    total_epochs: float,
+    tau_norm: float = 0.03,
+    decay: float = 0.5,
+    plateau: float = 0.5,
+    round_digits: int | None = 3,
+) -> float:
+    r"""Intra-modality temperature of [`MACLoss`] after `progress_epochs` of `total_epochs`.
+
+    .. math::
+        \tau_{hard}(e) = \operatorname{round}\big(\tau_{norm} \exp(-d \cdot \min(p, e/E) / p),\ 3\big)
+
+    It starts at `tau_norm`, decays exponentially until the fraction `plateau` of training, then stays at
+    `tau_norm * exp(-decay)`. With the release's `plateau=0.5` this is
+    `round(tau_norm * exp(-decay * min(0.5, e/E) * 2), 3)`.
+
+    Args:
+        progress_epochs: e, epochs done so far (fractional), >= 0.
+        total_epochs: E, > 0.
+        tau_norm: Starting (and inter-modality) temperature, > 0.
+        decay: d, >= 0; the final temperature is `tau_norm * exp(-decay)`.
+        plateau: p in (0, 1], fraction of training after which the temperature stays constant.
+        round_digits: Decimal digits kept; `None` keeps the exact value.
+
+    Example:
+        >>> tau_hard_schedule(0.5, 2.0)  # e/E = 0.25: round(0.03 * exp(-0.25), 3)
+        0.023
+        >>> round(tau_hard_schedule(3.0, 4.0, round_digits=None), 6)  # past the plateau: 0.03 * exp(-0.5)
+        0.018196
+    """
+    _require(progress_epochs >= 0, "progress_epochs", progress_epochs, ">= 0")
+    _require(total_epochs > 0, "total_epochs", total_epochs, "> 0")
+    _require(tau_norm > 0, "tau_norm", tau_norm, "> 0")
+    _require(decay >= 0, "decay", decay, ">= 0")
+    _require(0 < plateau <= 1, "plateau", plateau, "in (0, 1]")
+    _require(round_digits is None or round_digits >= 0, "round_digits", round_digits, "None or >= 0")
+    tau = tau_norm * math.exp(-decay * min(plateau, progress_epochs / total_epochs) / plateau)
+    return tau if round_digits is None else round(tau, round_digits)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """`all_gather` along dim 0 whose backward gives each rank the sum over ranks of its shard's gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        tensor = tensor.contiguous()
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        shards = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(shards, tensor)
+        return torch.cat(shards)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        # Every rank used this shard, so its gradient is the sum of all ranks' gradients (a reduce-scatter).
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_features(*tensors: Tensor | None, with_grad: bool = True) -> tuple[Tensor | None, ...]:
+    """Concatenate each tensor's rows from every rank, in rank order (the open_clip `gather_features` pattern).
+
+    Without an initialised process group, or with one rank, the inputs come back unchanged. `None` entries stay
+    `None`; tensors that need no gradient (modality ids, teacher embeddings) use a plain `all_gather`. Every rank
+    must pass the same entries with the same shapes.
+
+    Args:
+        tensors: Tensors of shape `(rows, ...)`.
+        with_grad: Gather with an autograd-aware all-gather whose backward sums each shard's gradient over ranks.
+            `False` uses a plain `all_gather` and puts the local shard back so that it keeps its gradient.
+
+    Gradient rule, with W ranks whose parameter gradients are averaged as DDP does (each case is checked against
+    one process holding the global batch in `tests/test_losses.py`):
+
+    - `with_grad=True`, every rank computes the loss over all gathered rows: each rank's loss is the global loss,
+      the backward sums the W identical gradients of each shard, DDP divides by W: the single-process gradient.
+    - `with_grad=True`, each rank scores only its own queries (`local_loss=True`) against all gathered candidates
+      and averages over them: the W local losses average to the global loss, and the same sum-then-average gives
+      the single-process gradient.
+    - `with_grad=False`, every rank computes the global loss: only the local shard carries gradient, so the
+      averaged gradient is the single-process gradient divided by W.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    gathered = []
+    for tensor in tensors:
+        if tensor is None:
+            gathered.append(None)
+        elif with_grad and tensor.requires_grad:
+            gathered.append(_AllGatherWithGrad.apply(tensor))
+        else:
+            shards = [torch.empty_like(tensor.contiguous()) for _ in range(dist.get_world_size())]
+            dist.all_gather(shards, tensor.contiguous())
+            shards[dist.get_rank()] = tensor  # the copy received from all_gather has no gradient
+            gathered.append(torch.cat(shards))
+    return tuple(gathered)
+
+
+def _at_least_fp32(tensor: Tensor) -> Tensor:
+    # At tau = 0.03 the bf16 rounding of s / tau is as large as the gaps between logits.
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _cosine_scores(query: Tensor, positive: Tensor, negatives: Tensor | None) -> Tensor:
+    candidates = positive if negatives is None else torch.cat([positive, negatives])  # (p + n, d)
+    query, candidates = _at_least_fp32(query), _at_least_fp32(candidates)
+    return F.normalize(query, dim=-1) @ F.normalize(candidates, dim=-1).T  # (q, p + n)
+
+
+@torch.no_grad()
+def _diagnostics(scores: Tensor, labels: Tensor, same: Tensor) -> dict[str, Tensor]:
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    negative = torch.ones_like(same)
+    negative[rows, labels] = False
+    out = {"pos_sim": scores[rows, labels].mean()}
+    for key, mask in (("intra_neg_sim", same & negative), ("inter_neg_sim", ~same & negative)):
+        if mask.any():  # an empty group has no mean: its key is left out rather than set to NaN
+            out[key] = scores[mask].mean()
+    out["accuracy"] = (scores.argmax(dim=1) == labels).float().mean()
+    return out
+
+
+class _PumaLoss(nn.Module):
+    @property
+    def citation(self) -> str:
+        return CITATION
+
+
+class _GatheredLoss(_PumaLoss):
+    """A loss scoring queries against candidates, optionally over the global batch of every rank."""
+
+    def __init__(self, gather_across_devices: bool, local_loss: bool) -> None:
+        super().__init__()
+        self.gather_across_devices = gather_across_devices
+        self.local_loss = local_loss
+
+    def _gather(self, queries: tuple, candidates: tuple) -> tuple[tuple, tuple, int]:
+        """`(queries, candidates, label_offset)` for the global batch; see `gather_features` for the gradients."""
+        if not self.gather_across_devices:
+            return queries, candidates, 0
+        candidates = gather_features(*candidates)
+        if self.local_loss:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            return queries, candidates, rank * queries[0].shape[0]
+        return gather_features(*queries), candidates, 0
+
+    def _gather_config(self) -> dict[str, bool]:
+        return {"gather_across_devices": self.gather_across_devices, "local_loss": self.local_loss}
+
+
+class _ContrastiveLoss(_GatheredLoss):
+    """Cross-entropy of each query over all candidates, at `tau_intra` for those of its target modality."""
+
+    modality_required = False
+
+    def _temperatures(self) -> tuple[float, float]:  # (tau_intra, tau_inter)
+        raise NotImplementedError
+
+    def forward(
+        self,
+        query: Tensor,
+        positive: Tensor,
+        modality: Tensor | None = None,
+        negatives: Tensor | None = None,
+        negative_modality: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        (query,), candidates, offset = self._gather((query,), (positive, modality, negatives, negative_modality))
+        return self.compute_loss_from_embeddings(query, *candidates, label_offset=offset)
+
+    def compute_loss_from_embeddings(
+        self,
+        query: Tensor,
+        positive: Tensor,
+        modality: Tensor | None = None,
+        negatives: Tensor | None = None,
+        negative_modality: Tensor | None = None,
+        label_offset: int = 0,
+    ) -> dict[str, Tensor]:
+        """The loss of `query` `(q, d)`, whose positives are rows `label_offset + i` of `positive` `(p, d)`."""
+        name = type(self).__name__
+        _require(modality is not None or not self.modality_required, "modality", modality, f"ids for {name}")
+        rows = len(query) + label_offset
+        _require(rows <= len(positive), "query rows + label_offset", rows, f"<= {len(positive)} positive rows")
+        if modality is not None:
+            _require(modality.shape == positive.shape[:1], "modality shape", tuple(modality.shape), "(positive rows,)")
+            if negatives is not None:
+                shape = None if negative_modality is None else tuple(negative_modality.shape)
+                _require(shape == tuple(negatives.shape[:1]), "negative_modality shape", shape, "(negative rows,)")
+        scores = _cosine_scores(query, positive, negatives)  # (q, p + n)
+        labels = torch.arange(len(query), device=scores.device) + label_offset  # (q,)
+        if modality is None:  # one modality: every candidate is intra-modality
+            same = torch.ones_like(scores, dtype=torch.bool)  # (q, p + n)
+        else:
+            candidate_modality = modality if negatives is None else torch.cat([modality, negative_modality])
+            same = modality[labels][:, None] == candidate_modality[None, :]  # (q, p + n)
+        tau_intra, tau_inter = self._temperatures()
+        logits = torch.where(same, scores / tau_intra, scores / tau_inter)  # (q, p + n)
+        return {"loss": F.cross_entropy(logits, labels), **_diagnostics(scores, labels, same)}
+
+
+class InfoNCELoss(_ContrastiveLoss):
+    r"""InfoNCE over in-batch candidates and optional hard negatives.
+
+    With B (query q_i, positive c_i) pairs, the candidates are the B positives followed by the hard negatives and
+    s_ij is the cosine similarity of q_i and candidate j (inputs are L2-normalised here):
+
+    .. math::
+        \mathcal{L} = -\frac{1}{B} \sum_i \log \frac{\exp(s_{ii} / \tau)}{\sum_j \exp(s_{ij} / \tau)}
+
+    a cross-entropy over all candidates with the query's own positive as the target: every other pair's positive
+    and every hard negative is a negative.
+
+    Args:
+        temperature: tau, > 0; `scale = 1/temperature` (0.05 is sentence-transformers' `scale=20`).
+        gather_across_devices: Score against the candidates of every rank (see [`gather_features`]).
+        local_loss: With `gather_across_devices`, score only this rank's queries against all candidates:
+            (B/W) x B logits instead of B x B, same gradient.
+
+    Requirements:
+        1. Positives are distinct within the global batch.
+        2. With `gather_across_devices`, every rank holds the same number of pairs and of hard negatives.
+
+    Inputs:
+        ===================  =============  ==================================================================
+        argument             shape          meaning
+        ===================  =============  ==================================================================
+        query                (B, D)         query embeddings
+        positive             (B, D)         the positive candidate of each query
+        modality             (B,) long      modality id of each positive, i.e. the query's target modality;
+                                            optional here, it only splits the diagnostics
+        negatives            (B * n, D)     optional: n hard negatives per query, query-major; every query
+                                            sees all of them
+        negative_modality    (B * n,) long  modality id of each hard negative, needed with `modality`
+        ===================  =============  ==================================================================
+
+    Returns a dict: `loss`, then detached diagnostics: `pos_sim` (mean positive cosine), `intra_neg_sim` and
+    `inter_neg_sim` (mean cosine of the negatives sharing / not sharing the query's target modality, each left out
+    when the batch has none; without `modality` all are intra) and `accuracy` (fraction of queries whose most
+    similar candidate is their positive).
+
+    Relations:
+        - sentence-transformers' `MultipleNegativesRankingLoss` with cosine similarity and `scale = 1/temperature`.
+        - [`MACLoss`] with `tau_hard == tau_norm == temperature` returns exactly this loss.
+
+    Reference:
+        PUMA (arXiv 2507.08064), stage 1: InfoNCE at tau = 0.05 plus hidden-state distillation.
+
+    Example:
+        >>> import torch
+        >>> loss_fn = InfoNCELoss(temperature=0.05)
+        >>> query = torch.randn(4, 8, requires_grad=True)
+        >>> out = loss_fn(query, torch.randn(4, 8), negatives=torch.randn(8, 8))
+        >>> out["loss"].backward()
+        >>> sorted(out)
+        ['accuracy', 'intra_neg_sim', 'loss', 'pos_sim']
+    """
+
+    def __init__(self, temperature: float = 0.05, gather_across_devices: bool = False, local_loss: bool = False):
+        super().__init__(gather_across_devices, local_loss)
+        _require(temperature > 0, "temperature", temperature, "> 0")
+        self.temperature = temperature
+
+    def _temperatures(self) -> tuple[float, float]:
+        return self.temperature, self.temperature
+
+    def get_config_dict(self) -> dict[str, object]:
+        return {"temperature": self.temperature, **self._gather_config()}
+
+
+class MACLoss(_ContrastiveLoss):
+    r"""Modality-adaptive contrastive loss: InfoNCE with a harder temperature among same-modality candidates.
+
+    Pair i's target modality m_i is the modality of its positive; candidate j (a positive or a hard negative) has
+    modality m_j; s_ij is the cosine similarity of q_i and candidate j:
+
+    .. math::
+        \ell_{ij} = \begin{cases} s_{ij} / \tau_{hard} & m_j = m_i \text{ (intra-modality, the positive included)}
+        \\ s_{ij} / \tau_{norm} & m_j \neq m_i \end{cases}
+        \qquad \mathcal{L} = -\frac{1}{B} \sum_i \log \frac{\exp(\ell_{ii})}{\sum_j \exp(\ell_{ij})}
+
+    A `tau_hard` below `tau_norm` sharpens the competition among candidates of the modality the query must
+    retrieve, where the hard negatives are, while other modalities keep the milder `tau_norm`.
+
+    Args:
+        tau_norm: Inter-modality temperature, > 0 (`scale = 1/tau_norm`).
+        tau_hard: Intra-modality temperature, > 0 (`scale = 1/tau_hard`); `None` means `tau_norm`. A settable
+            attribute: the trainer updates it each step from [`tau_hard_schedule`].
+        gather_across_devices, local_loss: As in [`InfoNCELoss`].
+
+    Requirements:
+        1. Positives are distinct within the global batch.
+        2. Modality ids from one vocabulary shared by every batch and rank (see [`modality_ids`]), on the
+           embeddings' device (NCCL gathers CUDA tensors only).
+        3. With `gather_across_devices`, every rank holds the same number of pairs and of hard negatives.
+
+    Inputs and returned dict: as in [`InfoNCELoss`], with `modality` required (and `negative_modality` with
+    `negatives`); hard negatives are intra or inter by their own modality, relative to the query's target.
+
+    Relations:
+        - `tau_hard == tau_norm` gives exactly [`InfoNCELoss`] at `temperature=tau_norm`.
+        - A batch of a single modality gives InfoNCE at `tau_hard`.
+
+    Reference:
+        PUMA (arXiv 2507.08064), stage 2 (MAC-Loss); the defaults follow the release: `tau_norm = 0.03`,
+        `tau_hard` from the schedule.
+
+    Example:
+        >>> import torch
+        >>> loss_fn = MACLoss(tau_norm=0.03)
+        >>> loss_fn.tau_hard = tau_hard_schedule(progress_epochs=0.5, total_epochs=2.0)
+        >>> loss_fn.tau_hard
+        0.023
+        >>> query = torch.randn(4, 8, requires_grad=True)
+        >>> out = loss_fn(query, torch.randn(4, 8), modality=torch.tensor([0, 0, 1, 2]))
+        >>> out["loss"].backward()
+        >>> sorted(out)
+        ['accuracy', 'inter_neg_sim', 'intra_neg_sim', 'loss', 'pos_sim']
+    """
+
+    modality_required = True
+
+    def __init__(
+        self,
+        tau_norm: float = 0.03,
+        tau_hard: float | None = None,
+        gather_across_devices: bool = False,
+        local_loss: bool = False,
+    ):
+        super().__init__(gather_across_devices, local_loss)
+        _require(tau_norm > 0, "tau_norm", tau_norm, "> 0")
+        self.tau_norm = tau_norm
+        self.tau_hard = tau_hard
+
+    @property
+    def tau_hard(self) -> float:
+        return self._tau_hard
+
+    @tau_hard.setter
+    def tau_hard(self, value: float | None) -> None:
+        _require(value is None or value > 0, "tau_hard", value, "None or > 0")
+        self._tau_hard = self.tau_norm if value is None else value
+
+    def _temperatures(self) -> tuple[float, float]:
+        return self.tau_hard, self.tau_norm
+
+    def get_config_dict(self) -> dict[str, object]:
+        return {"tau_norm": self.tau_norm, "tau_hard": self.tau_hard, **self._gather_config()}
+
+
+class HiddenStateDistillLoss(_PumaLoss):
+    r"""Pull the pruned student's embeddings towards the full-depth teacher's, vector by vector.
+
+    .. math::
+        \mathcal{L}_{mse} = w \big(\mathrm{MSE}(q^s, q^t) + \mathrm{MSE}(c^s, c^t)\big) \qquad
+        \mathcal{L}_{cosine} = w \Big(\tfrac{1}{B} \sum_i (1 - \cos(q^s_i, q^t_i)) + \tfrac{1}{B} \sum_i (1 -
+        \cos(c^s_i, c^t_i))\Big)
+
+    MSE is the mean over all elements of the raw, unnormalised vectors (`F.mse_loss`).
+
+    Args:
+        metric: `"mse"` (release) or `"cosine"`.
+        weight: w, >= 0. The release uses 0.05, inside the 0.1 weight of [`DistillationObjective`].
+
+    Requirements:
+        1. Student and teacher embeddings of the same inputs, row for row, of the same size.
+        2. No gather under DDP: with equal shards, the average of the ranks' local means is the global mean.
+
+    Inputs: `query`, `positive` `(B, D)` from the student; `teacher_query`, `teacher_positive` `(B, D)` from the
+    teacher, which gets no gradient. Returns `{"loss": ...}`.
+
+    Relations:
+        - [`KLDistillLoss`] distils the teacher's similarity distribution instead of the vectors.
+
+    Reference:
+        PUMA (arXiv 2507.08064), stage 1: 0.9 x InfoNCE + 0.1 x (0.05 x MSE).
+
+    Example:
+        >>> import torch
+        >>> student, teacher = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
+        >>> HiddenStateDistillLoss(metric="mse", weight=0.05)(student, student, teacher, teacher)["loss"].backward()
+    """
+
+    METRICS = ("mse", "cosine")
+
+    def __init__(self, metric: str = "mse", weight: float = 0.05):
+        super().__init__()
+        _require(metric in self.METRICS, "metric", metric, f"one of {self.METRICS}")
+        _require(weight >= 0, "weight", weight, ">= 0")
+        self.metric = metric
+        self.weight = weight
+
+    def compute_loss_from_embeddings(
+        self, query: Tensor, positive: Tensor, teacher_query: Tensor, teacher_positive: Tensor
+    ) -> dict[str, Tensor]:
+        distance = 0.0
+        for student, teacher in ((query, teacher_query), (positive, teacher_positive)):
+            _require(student.shape == teacher.shape, "teacher shape", tuple(teacher.shape), str(tuple(student.shape)))
+            # The teacher is the fixed target: a gradient through it would pull the teacher towards the student.
+            student, teacher = _at_least_fp32(student), _at_least_fp32(teacher.detach())  # (b, d)
+            if self.metric == "mse":
+                distance = distance + F.mse_loss(student, teacher)
+            else:
+                distance = distance + (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+        return {"loss": self.weight * distance}
+
+    forward = compute_loss_from_embeddings  # nothing to gather (see Requirements)
+
+    def get_config_dict(self) -> dict[str, object]:
+        return {"metric": self.metric, "weight": self.weight}
+
+
+class KLDistillLoss(_GatheredLoss):
+    r"""Match the student's distribution over candidates to the teacher's.
+
+    With s_ij (student) and t_ij (teacher) the cosine similarities of query i and candidate j (the positives, then
+    the hard negatives), P^s_i = softmax_j(s_ij / tau) and P^t_i = softmax_j(t_ij / tau_t):
+
+    .. math::
+        \mathcal{L} = \frac{1}{B} \sum_i \mathrm{KL}(P^t_i \,\|\, P^s_i)
+        = \frac{1}{B} \sum_i \sum_j P^t_{ij} (\log P^t_{ij} - \log P^s_{ij})
+
+    Args:
+        temperature: tau of the student, > 0 (`scale = 1/temperature`).
+        teacher_temperature: tau_t of the teacher, > 0; `None` means `temperature`.
+        gather_across_devices, local_loss: As in [`InfoNCELoss`].
+
+    Requirements:
+        1. Student and teacher embeddings of the same inputs, row for row (their sizes may differ).
+        2. With `gather_across_devices`, every rank holds the same number of rows.
+
+    Inputs: `query`, `positive` `(B, D)` and optional `negatives` `(B * n, D)` from the student; `teacher_query`,
+    `teacher_positive` `(B, D')` and, with `negatives`, `teacher_negatives` `(B * n, D')` from the teacher, which
+    gets no gradient. Returns `{"loss": ...}`.
+
+    Relations:
+        - Zero when student and teacher similarities agree and `teacher_temperature == temperature`.
+        - [`HiddenStateDistillLoss`] matches the vectors themselves.
+
+    Reference:
+        PUMA (arXiv 2507.08064): distillation from the full-depth model into the layer-pruned one.
+
+    Example:
+        >>> import torch
+        >>> query = torch.randn(4, 8, requires_grad=True)
+        >>> out = KLDistillLoss(temperature=0.05)(query, torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8))
+        >>> out["loss"].backward()
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        teacher_temperature: float | None = None,
+        gather_across_devices: bool = False,
+        local_loss: bool = False,
+    ):
+        super().__init__(gather_across_devices, local_loss)
+        _require(temperature > 0, "temperature", temperature, "> 0")
+        teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
+        _require(teacher_temperature > 0, "teacher_temperature", teacher_temperature, "> 0")
+        self.temperature = temperature
+        self.teacher_temperature = teacher_temperature
+
+    def forward(
+        self,
+        query: Tensor,
+        positive: Tensor,
+        teacher_query: Tensor,
+        teacher_positive: Tensor,
+        negatives: Tensor | None = None,
+        teacher_negatives: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        (query, teacher_query), candidates, _ = self._gather(
+            (query, teacher_query), (positive, teacher_positive, negatives, teacher_negatives)
+        )
+        positive, teacher_positive, negatives, teacher_negatives = candidates
+        return self.compute_loss_from_embeddings(
+            query, positive, teacher_query, teacher_positive, negatives, teacher_negatives
+        )
+
+    def compute_loss_from_embeddings(
+        self,
+        query: Tensor,
+        positive: Tensor,
+        teacher_query: Tensor,
+        teacher_positive: Tensor,
+        negatives: Tensor | None = None,
+        teacher_negatives: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        shape = None if teacher_negatives is None else tuple(teacher_negatives.shape)
+        _require((negatives is None) == (shape is None), "teacher_negatives", shape, "given exactly with negatives")
+        student = _cosine_scores(query, positive, negatives)  # (q, p + n)
+        with torch.no_grad():  # the teacher is the fixed target
+            teacher = _cosine_scores(teacher_query, teacher_positive, teacher_negatives)  # (q, p + n)
+        expected = str(tuple(student.shape))
+        _require(teacher.shape == student.shape, "teacher scores shape", tuple(teacher.shape), expected)
+        loss = F.kl_div(
+            F.log_softmax(student / self.temperature, dim=1),
+            F.log_softmax(teacher / self.teacher_temperature, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        return {"loss": loss}
+
+    def get_config_dict(self) -> dict[str, object]:
+        return {
+            "temperature": self.temperature,
+            "teacher_temperature": self.teacher_temperature,
+            **self._gather_config(),
+        }
+
+
+class DistillationObjective(_PumaLoss):
+    r"""Weighted sum of a contrastive loss and optional distillation losses.
+
+    .. math::
+        \mathcal{L} = w_c \mathcal{L}_{contrastive} + w_d \mathcal{L}_{hidden} + w_{kl} \mathcal{L}_{KL}
+
+    PUMA stage 1 is `0.9 x InfoNCE + 0.1 x distill`, where the hidden-state loss carries its own 0.05 (see the
+    example). Each part gathers across devices as it is configured.
+
+    Args:
+        contrastive: [`InfoNCELoss`] or [`MACLoss`] (see [`build_loss`]); each part validates its own arguments.
+        hidden_state, kl: Optional [`HiddenStateDistillLoss`] and [`KLDistillLoss`].
+        contrastive_weight, distill_weight, kl_weight: w_c, w_d, w_kl, >= 0; a positive weight needs its part.
+
+    Requirements: those of each part.
+
+    Inputs: the contrastive loss's (`query`, `positive`, `modality`, `negatives`, `negative_modality`) and the
+    teacher's `teacher_query`, `teacher_positive` and, for `kl` with hard negatives, `teacher_negatives`. Returns a
+    dict: `loss`, the weighted total to backpropagate; the unweighted, detached parts `contrastive_loss`,
+    `distill_loss` and `kl_loss` (for the parts given, even at weight 0); the contrastive loss's diagnostics.
+
+    Relations: without distillation parts and with `contrastive_weight=1`, the contrastive loss itself.
+
+    Reference: PUMA (arXiv 2507.08064), stage 1 (InfoNCE with hidden-state distillation).
+
+    Example:
+        >>> import torch
+        >>> objective = DistillationObjective(
+        ...     InfoNCELoss(temperature=0.05),
+        ...     hidden_state=HiddenStateDistillLoss(metric="mse", weight=0.05),
+        ...     contrastive_weight=0.9,
+        ...     distill_weight=0.1,
+        ... )
+        >>> query, positive = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+        >>> out = objective(query, positive, teacher_query=torch.randn(4, 8), teacher_positive=torch.randn(4, 8))
+        >>> out["loss"].backward()
+        >>> [key for key in out if key.endswith("loss")]
+        ['loss', 'contrastive_loss', 'distill_loss']
+    """
+
+    def __init__(
+        self,
+        contrastive: InfoNCELoss | MACLoss,
+        hidden_state: HiddenStateDistillLoss | None = None,
+        kl: KLDistillLoss | None = None,
+        contrastive_weight: float = 0.9,
+        distill_weight: float = 0.1,
+        kl_weight: float = 0.0,
+    ):
+        super().__init__()
+        for name, weight, part in (
+            ("contrastive_weight", contrastive_weight, contrastive),
+            ("distill_weight", distill_weight, hidden_state),
+            ("kl_weight", kl_weight, kl),
+        ):
+            _require(weight >= 0, name, weight, ">= 0")
+            _require(weight == 0 or part is not None, name, weight, "0 when its loss is not given")
+        self.contrastive, self.hidden_state, self.kl = contrastive, hidden_state, kl
+        self.contrastive_weight, self.distill_weight, self.kl_weight = contrastive_weight, distill_weight, kl_weight
+
+    def forward(
+        self,
+        query: Tensor,
+        positive: Tensor,
+        teacher_query: Tensor | None = None,
+        teacher_positive: Tensor | None = None,
+        modality: Tensor | None = None,
+        negatives: Tensor | None = None,
+        negative_modality: Tensor | None = None,
+        teacher_negatives: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        contrastive = self.contrastive(query, positive, modality, negatives, negative_modality)
+        total = self.contrastive_weight * contrastive["loss"]
+        parts = {"contrastive_loss": contrastive["loss"].detach()}
+        if self.hidden_state is not None:
+            distill = self.hidden_state(query, positive, teacher_query, teacher_positive)["loss"]
+            total = total + self.distill_weight * distill
+            parts["distill_loss"] = distill.detach()
+        if self.kl is not None:
+            kl = self.kl(query, positive, teacher_query, teacher_positive, negatives, teacher_negatives)["loss"]
+            total = total + self.kl_weight * kl
+            parts["kl_loss"] = kl.detach()
+        diagnostics = {key: value for key, value in contrastive.items() if key != "loss"}
+        return {"loss": total, **parts, **diagnostics}
+
+    def get_config_dict(self) -> dict[str, object]:
+        parts = {"contrastive": self.contrastive, "hidden_state": self.hidden_state, "kl": self.kl}
+        config = {
+            name: None if part is None else {"loss": type(part).__name__, **part.get_config_dict()}
+            for name, part in parts.items()
+        }
+        weights = {
+            "contrastive_weight": self.contrastive_weight,
+            "distill_weight": self.distill_weight,
+            "kl_weight": self.kl_weight,
+        }
+        return {**config, **weights}
+
+
+LOSSES = {"infonce": InfoNCELoss, "mac": MACLoss}
+
+
+def build_loss(name: str, **kwargs) -> InfoNCELoss | MACLoss:
+    """The contrastive loss named in a training configuration, `"infonce"` or `"mac"`, built with `kwargs`.
+
+    Example:
+        >>> build_loss("mac", tau_norm=0.03).get_config_dict()
+        {'tau_norm': 0.03, 'tau_hard': 0.03, 'gather_across_devices': False, 'local_loss': False}
+    """
+    _require(name in LOSSES, "loss name", name, f"one of {sorted(LOSSES)}")
+    return LOSSES[name](**kwargs)

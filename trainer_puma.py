@@ -1,0 +1,475 @@
+# Copyright 2026 The PUMA contributors. Licensed under the Apache License, Version 2.0.
+"""PUMA training: `PumaTrainer` (a `transformers.Trainer`), its arguments, the distillation teachers and GradCache.
+
+Batches come from `data_puma.PumaCollator`: `{"query": features, "candidate": features, ["negative": features],
+"modality": LongTensor[B], ["negative_modality": LongTensor[B*n]], "query_ids", "candidate_ids", ["negative_ids"]}`,
+where each `features` is a dict of processor tensors for `PumaForEmbedding.forward`.
+
+Teachers (the full-depth model whose embedding the pruned student distils):
+- `SharedWeightTeacher`: one copy of the base weights. The student's kept layers (LoRA adapters disabled) are reused
+  in place and only the dropped layers are added, so the teacher costs the dropped layers' memory only.
+- `CachedTeacher`: embeddings precomputed once (`precompute_teacher_cache`) and stored as safetensors shards keyed
+  by sample id, with a fingerprint of the teacher checkpoint, prompt template, pixel limits and data files.
+- `SeparateTeacher`: an independent full model, as the release does (kept for comparison).
+"""
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import get_device_states, set_device_states
+from transformers import Trainer, TrainingArguments
+from transformers.utils import logging
+
+from losses_puma import DistillationObjective, HiddenStateDistillLoss, KLDistillLoss, MACLoss, build_loss, tau_hard_schedule
+from modeling_puma import PumaForEmbedding
+
+
+logger = logging.get_logger(__name__)
+
+FEATURE_GROUPS = ("query", "candidate", "negative")
+TEACHER_MODES = ("none", "shared", "cached", "separate")
+DISTILL_METRICS = ("none", "mse", "cosine")
+
+
+@dataclass
+class PumaTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus PUMA's objective, teacher and batching options. Defaults are the release's stage 2."""
+
+    loss: str = field(default="mac", metadata={"help": "Contrastive loss: 'mac' (modality-adaptive) or 'infonce'."})
+    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature (release stage 1: 0.05)."})
+    tau_norm: float = field(default=0.03, metadata={"help": "MAC inter-modality temperature (release: 0.03)."})
+    tau_decay: float = field(default=0.5, metadata={"help": "MAC decay rate d of tau_hard (release: 0.5 and 0.2)."})
+    tau_plateau: float = field(default=0.5, metadata={"help": "Fraction of training after which tau_hard stays flat."})
+    tau_round_digits: int | None = field(default=3, metadata={"help": "Round tau_hard to this many digits; None: no rounding."})
+    contrastive_weight: float = field(default=1.0, metadata={"help": "Weight of the contrastive loss (stage 1: 0.9)."})
+    distill: str = field(default="none", metadata={"help": "Hidden-state distillation: 'none', 'mse' or 'cosine'."})
+    distill_scale: float = field(default=0.05, metadata={"help": "Factor inside the hidden-state loss (release: 0.05)."})
+    distill_weight: float = field(default=0.0, metadata={"help": "Weight of the hidden-state loss (stage 1: 0.1)."})
+    kl_weight: float = field(default=0.0, metadata={"help": "Weight of the in-batch KL distillation (0: off)."})
+    kl_teacher_temperature: float | None = field(default=None, metadata={"help": "Teacher temperature of the KL loss; default: the student's."})
+    teacher: str = field(default="none", metadata={"help": "Teacher: 'none', 'shared' (LoRA base reused), 'cached', 'separate'."})
+    teacher_model: str | None = field(default=None, metadata={"help": "Full-depth base checkpoint of the teacher ('shared', 'separate')."})
+    teacher_cache: str | None = field(default=None, metadata={"help": "Folder of precomputed teacher embeddings ('cached')."})
+    gather_across_devices: bool = field(default=True, metadata={"help": "All-gather embeddings so negatives span the global batch."})
+    grad_cache_chunk_size: int | None = field(default=None, metadata={"help": "GradCache: embed in chunks of this many inputs (None: off)."})
+    embedding_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the input-embedding parameters (the embedding token's row)."})
+    merge_lora_on_save: bool = field(default=True, metadata={"help": "Merge LoRA into the base on the final save_model()."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.remove_unused_columns = False  # batches are nested dicts built by the collator
+        if self.loss not in ("mac", "infonce"):
+            raise ValueError(f"loss={self.loss!r} is not one of 'mac', 'infonce'.")
+        if self.distill not in DISTILL_METRICS:
+            raise ValueError(f"distill={self.distill!r} is not one of {DISTILL_METRICS}.")
+        if self.teacher not in TEACHER_MODES:
+            raise ValueError(f"teacher={self.teacher!r} is not one of {TEACHER_MODES}.")
+        distilling = (self.distill != "none" and self.distill_weight > 0) or self.kl_weight > 0
+        if distilling and self.teacher == "none":
+            raise ValueError("Distillation (distill_weight > 0 or kl_weight > 0) needs a teacher: set teacher=shared|cached|separate.")
+        if self.distill == "none" and self.distill_weight > 0:
+            raise ValueError(f"distill_weight={self.distill_weight} needs distill='mse' or 'cosine'.")
+        if self.teacher == "cached" and not self.teacher_cache:
+            raise ValueError("teacher='cached' needs teacher_cache (a folder written by precompute_teacher_cache).")
+        if self.teacher in ("shared", "separate") and not self.teacher_model:
+            raise ValueError(f"teacher={self.teacher!r} needs teacher_model (the full-depth base checkpoint).")
+        if self.grad_cache_chunk_size is not None and self.grad_cache_chunk_size <= 0:
+            raise ValueError(f"grad_cache_chunk_size must be positive, got {self.grad_cache_chunk_size}.")
+
+    def build_objective(self) -> DistillationObjective:
+        """The loss module these arguments describe."""
+        kwargs = {"gather_across_devices": self.gather_across_devices}
+        contrastive = build_loss(self.loss, **({"tau_norm": self.tau_norm} if self.loss == "mac" else {"temperature": self.temperature}), **kwargs)
+        hidden = HiddenStateDistillLoss(self.distill, self.distill_scale) if self.distill != "none" else None
+        temperature = self.tau_norm if self.loss == "mac" else self.temperature
+        kl = KLDistillLoss(temperature, self.kl_teacher_temperature, **kwargs) if self.kl_weight > 0 else None
+        return DistillationObjective(contrastive, hidden, kl, self.contrastive_weight,
+                                     self.distill_weight if hidden is not None else 0.0, self.kl_weight)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Teachers
+# --------------------------------------------------------------------------------------------------------------------
+class SeparateTeacher:
+    """An independent full-depth model, frozen (the release's recipe: a second copy of the base in memory)."""
+
+    def __init__(self, model: PumaForEmbedding):
+        self.model = model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def embed(self, features: dict, ids: list[str]) -> torch.Tensor:
+        return self.model(**features).raw_embeddings
+
+
+class SharedWeightTeacher:
+    """The full-depth teacher built from the LoRA student's own modules plus the layers pruning dropped.
+
+    The vision tower, token embeddings, final norm and kept layers are the student's modules; the teacher runs them
+    with the LoRA adapters disabled, so it sees the frozen base weights, and adds only the dropped layers.
+    """
+
+    def __init__(self, peft_model, teacher_model: PumaForEmbedding):
+        self.peft_model, self.model = peft_model, teacher_model
+
+    @classmethod
+    def from_student(cls, peft_model, base_path: str) -> "SharedWeightTeacher":
+        if not hasattr(peft_model, "disable_adapter"):
+            raise ValueError("teacher='shared' needs a LoRA (peft) student: with full fine-tuning the shared weights change.")
+        student: PumaForEmbedding = peft_model.get_base_model()
+        kept, depth = list(student.config.kept_layers), student.config.base_num_hidden_layers
+        dropped = [i for i in range(depth) if i not in kept]
+        if not dropped:
+            return cls(peft_model, student)
+        # Load the dropped layers only; the duplicate vision tower and embeddings this loads are released below.
+        holder = PumaForEmbedding.from_pretrained(base_path, kept_layers=dropped, processor=student.processor,
+                                                  dtype=student.dtype, device_map=student.device)
+        if holder.config.base_num_hidden_layers != depth:
+            raise ValueError(f"teacher_model {base_path} has {holder.config.base_num_hidden_layers} layers; the student's base had {depth}.")
+        student_layers, extra_layers = iter(student.model.language_model.layers), iter(holder.model.language_model.layers)
+        layer_types = iter(student.config.text_config.layer_types), iter(holder.config.text_config.layer_types)
+        layers, types = [], []
+        for index in range(depth):
+            source = 0 if index in kept else 1
+            layers.append(next((student_layers, extra_layers)[source]))
+            types.append(next(layer_types[source]))
+        text = holder.model.language_model
+        text.layers = nn.ModuleList(layers)
+        text.embed_tokens, text.norm = student.model.language_model.embed_tokens, student.model.language_model.norm
+        holder.model.visual = student.model.visual
+        holder.config.text_config.num_hidden_layers, holder.config.text_config.layer_types = depth, types
+        holder.config.kept_layers = list(range(depth))
+        for layer in holder.model.language_model.layers:
+            if layer not in student.model.language_model.layers:
+                layer.requires_grad_(False)
+        return cls(peft_model, holder)
+
+    @torch.no_grad()
+    def embed(self, features: dict, ids: list[str]) -> torch.Tensor:
+        with self.peft_model.disable_adapter():
+            return self.model(**features).raw_embeddings
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def teacher_fingerprint(teacher_path: str, config, data_files: list[str]) -> dict:
+    """What a cached teacher embedding depends on: teacher checkpoint, prompt template, pixel limits, data files."""
+    checkpoint = {"config.json": file_sha256(os.path.join(teacher_path, "config.json"))}
+    for name in sorted(os.listdir(teacher_path)):
+        if name.endswith(".safetensors"):
+            checkpoint[name] = os.path.getsize(os.path.join(teacher_path, name))
+    prompt_fields = ("embedding_token", "system_prompt", "instruction_template", "user_suffix_template",
+                     "modality_words", "assistant_template", "format_text", "max_text_tokens", "pooling")
+    return {
+        "teacher_checkpoint": checkpoint,
+        "prompt_template": {name: getattr(config, name) for name in prompt_fields},
+        "pixel_limits": {"min_pixels": config.min_pixels, "max_pixels": config.max_pixels},
+        "data_files": {os.path.basename(path): file_sha256(path) for path in data_files},
+    }
+
+
+@torch.no_grad()
+def precompute_teacher_cache(teacher: PumaForEmbedding, dataloader, out_dir: str, fingerprint: dict,
+                             shard_size: int = 65536) -> int:
+    """Embeds every query, candidate and negative of `dataloader` once with `teacher`; returns the number of ids.
+
+    Writes `fingerprint.json`, `index.json` (id -> [shard, row]) and `embeddings-XXXXX.safetensors` shards.
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    teacher.eval()
+    index, rows, shard = {}, [], 0
+
+    def flush():
+        nonlocal rows, shard
+        if rows:
+            save_file({"embeddings": torch.stack(rows)}, os.path.join(out_dir, f"embeddings-{shard:05d}.safetensors"))
+            rows, shard = [], shard + 1
+
+    for batch in tqdm(dataloader, desc="Teacher cache"):
+        for group in FEATURE_GROUPS:
+            if group not in batch:
+                continue
+            ids = batch[f"{group}_ids"]
+            fresh = [i for i, sample_id in enumerate(ids) if sample_id not in index]
+            if not fresh:
+                continue
+            features = {k: v.to(teacher.device) for k, v in batch[group].items()}
+            embeddings = teacher(**features).raw_embeddings.float().cpu()
+            for i in fresh:
+                if ids[i] in index:
+                    continue
+                index[ids[i]] = [shard, len(rows)]
+                rows.append(embeddings[i])
+                if len(rows) == shard_size:
+                    flush()
+    flush()
+    with open(os.path.join(out_dir, "index.json"), "w", encoding="utf-8") as f:
+        json.dump(index, f)
+    with open(os.path.join(out_dir, "fingerprint.json"), "w", encoding="utf-8") as f:
+        json.dump(fingerprint, f, indent=2, sort_keys=True)
+    return len(index)
+
+
+class CachedTeacher:
+    """Teacher embeddings looked up by sample id; refuses a cache whose fingerprint differs from the run's."""
+
+    def __init__(self, cache_dir: str, expected_fingerprint: dict | None = None):
+        from safetensors.torch import load_file
+
+        with open(os.path.join(cache_dir, "fingerprint.json"), encoding="utf-8") as f:
+            stored = json.load(f)
+        if expected_fingerprint is not None:
+            expected = json.loads(json.dumps(expected_fingerprint, sort_keys=True))
+            differing = [key for key in sorted(set(stored) | set(expected)) if stored.get(key) != expected.get(key)]
+            if differing:
+                details = "; ".join(f"{key}: cache {stored.get(key)} != run {expected.get(key)}" for key in differing)
+                raise ValueError(f"The teacher cache {cache_dir} is stale ({details}). Recompute it with precompute_teacher_cache.")
+        with open(os.path.join(cache_dir, "index.json"), encoding="utf-8") as f:
+            self.index = json.load(f)
+        shards = sorted(name for name in os.listdir(cache_dir) if name.startswith("embeddings-"))
+        self.shards = [load_file(os.path.join(cache_dir, name))["embeddings"] for name in shards]
+
+    def embed(self, features: dict, ids: list[str]) -> torch.Tensor:
+        missing = [sample_id for sample_id in ids if sample_id not in self.index]
+        if missing:
+            raise KeyError(f"The teacher cache lacks {len(missing)} ids of this batch, e.g. {missing[:5]}; it is incomplete.")
+        rows = torch.stack([self.shards[shard][row] for shard, row in (self.index[i] for i in ids)])
+        return rows.to(features["input_ids"].device)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GradCache helpers
+# --------------------------------------------------------------------------------------------------------------------
+class RandContext:
+    """Captures the CPU and device RNG states at construction and restores them on entry, so a re-run forward
+    draws the same dropout masks (GradCache, arXiv 2101.06983)."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self.cpu_state = torch.get_rng_state()
+        self.devices, self.device_states = get_device_states(*tensors)
+
+    def __enter__(self):
+        self._fork = torch.random.fork_rng(devices=self.devices, enabled=True)
+        self._fork.__enter__()
+        torch.set_rng_state(self.cpu_state)
+        set_device_states(self.devices, self.device_states)
+
+    def __exit__(self, *exc):
+        self._fork.__exit__(*exc)
+
+
+def split_features(features: dict, chunk_size: int, image_token_id: int) -> list[dict]:
+    """Splits a batch of processor features into row chunks, with each chunk's images and trimmed right padding.
+
+    Image patches are flattened across images in `pixel_values`; a row's images are found from its image-token runs.
+    """
+    ids = features["input_ids"]
+    is_image = ids == image_token_id
+    starts = is_image & ~torch.cat([torch.zeros_like(is_image[:, :1]), is_image[:, :-1]], dim=1)
+    images_per_row = starts.sum(dim=1).tolist()
+    grid = features.get("image_grid_thw")
+    patch_offsets = [0] + torch.cumsum(grid.prod(-1), 0).tolist() if grid is not None else None
+    chunks = []
+    for start in range(0, ids.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        width = int(features["attention_mask"][rows].sum(dim=1).max())
+        chunk = {key: value[rows, :width] for key, value in features.items() if key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        first, count = sum(images_per_row[:start]), sum(images_per_row[rows])
+        if grid is not None and count:
+            chunk["image_grid_thw"] = grid[first:first + count]
+            chunk["pixel_values"] = features["pixel_values"][patch_offsets[first]:patch_offsets[first + count]]
+        chunks.append(chunk)
+    return chunks
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Optimizer groups
+# --------------------------------------------------------------------------------------------------------------------
+def parameter_groups(model: nn.Module, learning_rate: float, weight_decay: float, decay_names: set[str],
+                     lr_rules: list[tuple[str, float]]) -> list[dict]:
+    """Optimizer groups keyed by (learning rate, weight decay): the first regex of `lr_rules` matching a parameter's
+    name sets its rate; parameters outside `decay_names` (biases, norms) get no weight decay."""
+    groups = defaultdict(list)
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        lr = next((rate for pattern, rate in lr_rules if re.search(pattern, name)), learning_rate)
+        groups[(lr, weight_decay if name in decay_names else 0.0)].append(parameter)
+    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------------------------------
+class PumaTrainer(Trainer):
+    """`Trainer` for PUMA embeddings: contrastive (MAC or InfoNCE) + distillation, gathered negatives, GradCache.
+
+    Args (beyond `Trainer`'s):
+        objective (`DistillationObjective`, *optional*): defaults to `args.build_objective()`.
+        teacher (*optional*): an object with `embed(features, ids) -> Tensor`; defaults to the one `args.teacher`
+            names (`SharedWeightTeacher`, `CachedTeacher` or `SeparateTeacher`).
+    """
+
+    # compute_loss returns a per-batch mean: let the Trainer divide by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, objective: DistillationObjective | None = None, teacher=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, PumaTrainingArguments):
+            raise TypeError("PumaTrainer needs PumaTrainingArguments.")
+        self.objective = objective if objective is not None else self.args.build_objective()
+        self.teacher = teacher if teacher is not None else self._default_teacher()
+        self._tracked = defaultdict(list)
+        self._check_startup()
+
+    def _default_teacher(self):
+        args = self.args
+        if args.teacher == "cached":
+            return CachedTeacher(args.teacher_cache)
+        if args.teacher == "shared":
+            return SharedWeightTeacher.from_student(self.model, args.teacher_model)
+        if args.teacher == "separate":
+            student = self.accelerator.unwrap_model(self.model)
+            student = student.get_base_model() if hasattr(student, "get_base_model") else student
+            # Loaded with its own processor, so its embedding-token row is initialised as the student's was.
+            return SeparateTeacher(PumaForEmbedding.from_pretrained(args.teacher_model, dtype=student.dtype,
+                                                                    device_map=student.device))
+        return None
+
+    def _check_startup(self):
+        """Inconsistent settings fail here, before the first step, not mid-run."""
+        needs_teacher = self.objective.hidden_state is not None or self.objective.kl is not None
+        if needs_teacher and self.teacher is None:
+            raise ValueError("The objective distils but no teacher is configured.")
+        if isinstance(self.objective.contrastive, MACLoss) and self.train_dataset is not None and hasattr(self.train_dataset, "__getitem__"):
+            if "modality" not in self.train_dataset[0]:
+                raise ValueError("loss='mac' needs modality labels, but the training examples have no 'modality' field.")
+        if self.args.grad_cache_chunk_size and self.is_deepspeed_enabled:
+            raise ValueError("GradCache (grad_cache_chunk_size) runs several backward passes per step, which DeepSpeed does not allow.")
+
+    # ---- loss -------------------------------------------------------------------------------------------------
+    def _update_temperature(self):
+        if isinstance(self.objective.contrastive, MACLoss):
+            args = self.args
+            self.objective.contrastive.tau_hard = tau_hard_schedule(
+                self.state.epoch or 0.0, args.num_train_epochs, args.tau_norm, args.tau_decay, args.tau_plateau,
+                args.tau_round_digits)
+
+    def _teacher_embeddings(self, inputs: dict) -> dict[str, torch.Tensor]:
+        if self.teacher is None:
+            return {}
+        return {group: self.teacher.embed(inputs[group], inputs.get(f"{group}_ids")) for group in FEATURE_GROUPS
+                if group in inputs}
+
+    def _objective(self, embeddings: dict, teacher: dict, inputs: dict) -> dict[str, torch.Tensor]:
+        self._update_temperature()
+        outputs = self.objective(
+            embeddings["query"], embeddings["candidate"],
+            teacher_query=teacher.get("query"), teacher_positive=teacher.get("candidate"),
+            modality=inputs.get("modality"), negatives=embeddings.get("negative"),
+            negative_modality=inputs.get("negative_modality"), teacher_negatives=teacher.get("negative"),
+        )
+        if not torch.isfinite(outputs["loss"]) or not all(torch.isfinite(e).all() for e in embeddings.values()):
+            parts = {k: float(v.detach()) for k, v in outputs.items() if v.numel() == 1}
+            raise FloatingPointError(f"Non-finite loss or embeddings at step {self.state.global_step}: {parts}.")
+        self._track(outputs)
+        return outputs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        embeddings = {group: model(**inputs[group]).raw_embeddings for group in FEATURE_GROUPS if group in inputs}
+        outputs = self._objective(embeddings, self._teacher_embeddings(inputs), inputs)
+        return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ---- GradCache --------------------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.args.grad_cache_chunk_size:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        config = self.accelerator.unwrap_model(model).config
+        chunks = {group: split_features(inputs[group], self.args.grad_cache_chunk_size, config.image_token_id)
+                  for group in FEATURE_GROUPS if group in inputs}
+        # 1. Embed every chunk without a graph, remembering the RNG state each forward started from.
+        states, leaves = {}, {}
+        with torch.no_grad():
+            for group, group_chunks in chunks.items():
+                states[group] = [RandContext(*chunk.values()) for chunk in group_chunks]
+                leaves[group] = torch.cat([model(**chunk).raw_embeddings for chunk in group_chunks])
+        leaves = {group: value.detach().requires_grad_() for group, value in leaves.items()}
+        # 2. The loss on all embeddings; its gradients with respect to them are the cache.
+        with self.compute_loss_context_manager():
+            loss = self._objective(leaves, self._teacher_embeddings(inputs), inputs)["loss"]
+        loss = loss / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        cached = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+        # 3. Re-embed each chunk with a graph and the same dropout, and backpropagate its cached gradient.
+        for group, group_chunks in chunks.items():
+            for chunk, state, grad in zip(group_chunks, states[group], cached[group].split(self.args.grad_cache_chunk_size)):
+                with state, self.compute_loss_context_manager():
+                    surrogate = torch.dot(model(**chunk).raw_embeddings.flatten().float(), grad.flatten().float())
+                self.accelerator.backward(surrogate)
+        return loss.detach()
+
+    # ---- logging ----------------------------------------------------------------------------------------------
+    def _track(self, outputs: dict):
+        for key, value in outputs.items():
+            if key != "loss" and value.numel() == 1:
+                self._tracked[key].append(float(value))
+        if isinstance(self.objective.contrastive, MACLoss):
+            self._tracked["tau_hard"].append(self.objective.contrastive.tau_hard)
+            self._tracked["tau_norm"].append(self.args.tau_norm)
+
+    def log(self, logs: dict, start_time=None) -> None:
+        if "loss" in logs and self._tracked:  # a training log: add the mean of each component since the last one
+            logs.update({key: round(sum(values) / len(values), 6) for key, values in self._tracked.items()})
+            self._tracked.clear()
+        super().log(logs, start_time)
+
+    # ---- optimizer and saving ---------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            rules = [(r"embed_tokens", self.args.embedding_learning_rate)] if self.args.embedding_learning_rate else []
+            groups = parameter_groups(model, self.args.learning_rate, self.args.weight_decay,
+                                      set(self.get_decay_parameter_names(model)), rules)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Checkpoints during training keep the adapters (for resuming); the final save merges LoRA into the base
+        when `merge_lora_on_save`, writing a PUMA checkpoint that `AutoModel(trust_remote_code=True)` loads."""
+        model = self.accelerator.unwrap_model(self.model)
+        if _internal_call or not self.args.merge_lora_on_save or not hasattr(model, "merge_and_unload"):
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        merged = model.merge_and_unload()
+        self.model = merged
+        if self.args.should_save:
+            merged.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+
+__all__ = ["CachedTeacher", "PumaTrainer", "PumaTrainingArguments", "SeparateTeacher", "SharedWeightTeacher",
+           "parameter_groups", "precompute_teacher_cache", "split_features", "teacher_fingerprint"]
