@@ -298,3 +298,17 @@ def test_parameter_groups_give_the_embedding_row_its_own_rate(tiny_checkpoint):
     hidden = student.get_base_model().config.text_config.hidden_size
     assert rates[(5e-3, 0.01)] == hidden  # the trainable-token delta of the one embedding row
     assert sum(rates.values()) == sum(p.numel() for p in student.parameters() if p.requires_grad)
+
+
+def test_training_runs_with_gradient_checkpointing_accumulation_bf16_and_the_shared_teacher(tiny_checkpoint, images, tmp_path):
+    student = lora_student(tiny_checkpoint)
+    base = student.get_base_model()
+    dataset = PairDataset(images)
+    args = training_args(tmp_path, num_train_epochs=1, per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                         gradient_checkpointing=True, bf16=True, loss="infonce", distill="mse", distill_weight=0.1,
+                         contrastive_weight=0.9, teacher="shared", teacher_model=tiny_checkpoint)
+    trainer = PumaTrainer(model=student, args=args, train_dataset=dataset, data_collator=Collator(base.processor, base.config))
+    assert isinstance(trainer.teacher, SharedWeightTeacher)
+    result = trainer.train()
+    assert trainer.state.global_step == 2 and math.isfinite(result.training_loss)
+    assert all(math.isfinite(entry["distill_loss"]) for entry in trainer.state.log_history if "distill_loss" in entry)
