@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
-from transformers import AutoProcessor, PreTrainedModel
+from transformers import PreTrainedModel, Qwen2VLProcessor
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 from transformers.utils import ModelOutput, logging
 
@@ -261,7 +261,7 @@ class PumaForEmbedding(PumaPreTrainedModel):
             puma_overrides = {**_puma_fields(config), **puma_overrides}
         target = PumaConfig.from_qwen2_vl_config(source_config, local_layers, **puma_overrides)
 
-        processor = processor if processor is not None else _load_processor(name, hub_kwargs)
+        processor = processor if processor is not None else _load_processor(name, hub_kwargs, source_config)
         added_token_rows = None
         if processor is not None:
             added_token_rows = _ensure_embedding_token(processor, target, is_puma=isinstance(source_config, PumaConfig))
@@ -552,7 +552,7 @@ def _source_layer_map(local_layers: list[int]) -> dict[int, int]:
     return {source: target for target, source in enumerate(local_layers)}
 
 
-def _load_processor(name: str, hub_kwargs: dict):
+def _load_processor(name: str, hub_kwargs: dict, config):
     """The processor saved with the checkpoint, or `None` (with a log line) when it has none."""
     # transformers 5 saves one processor_config.json; earlier versions (and the Hub's Qwen2-VL) preprocessor_config.json
     if all(_resolve_file(name, f, hub_kwargs, required=False) is None
@@ -560,7 +560,11 @@ def _load_processor(name: str, hub_kwargs: dict):
         logger.warning(f"'{name}' holds no processor files; encode() needs model.set_processor(...).")
         return None
     kwargs = {key: value for key, value in hub_kwargs.items() if key != "force_download"}
-    return AutoProcessor.from_pretrained(name, **kwargs)
+    # The Qwen2-VL family always uses this processor; AutoProcessor would consult the PUMA config (remote code).
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        # transformers 5's tokenizer loader resolves the model config, which for PUMA is remote code: hand it over.
+        kwargs["config"] = config
+    return Qwen2VLProcessor.from_pretrained(name, **kwargs)
 
 
 def _ensure_embedding_token(processor, config: PumaConfig, is_puma: bool) -> tuple[int, int] | None:

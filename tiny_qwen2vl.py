@@ -46,6 +46,13 @@ SHAPES = {
                      tie_word_embeddings=True),
         "vision": dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2),
     },
+    # tiny but not trivial: 28 layers like the 7B, so k=12 keeps the release's depth ratio (benchmarks)
+    "small": {
+        "text": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=28, num_attention_heads=6,
+                     num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
+                     tie_word_embeddings=True),
+        "vision": dict(depth=4, embed_dim=192, hidden_size=384, mlp_ratio=4, num_heads=4),
+    },
     # Qwen/Qwen2-VL-2B-Instruct
     "2b": {
         "text": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -237,8 +244,9 @@ def main():
     if args.shape == "tiny":
         build_tiny_qwen2vl(args.out_dir, args.layout, args.shards, args.seed, dtype=dtype)
     else:
-        token_ids, _ = save_tiny_processor(args.out_dir)  # a processor is needed to add the embedding token
-        config = hub_config(args.shape, args.layout, args.dtype, token_ids)
+        token_ids, num_tokens = save_tiny_processor(args.out_dir)  # a processor is needed to add the embedding token
+        vocab_size = None if args.shape == "2b" else (num_tokens + 8 + 63) // 64 * 64
+        config = hub_config(args.shape, args.layout, args.dtype, token_ids, vocab_size)
         write_random_checkpoint(args.out_dir, config, args.layout, args.shards, args.seed, dtype)
     print(f"wrote {args.shape} Qwen2-VL checkpoint ({args.layout} layout, {args.shards} shard(s)) to {args.out_dir}")
 

@@ -167,10 +167,13 @@ def file_sha256(path: str) -> str:
 
 def teacher_fingerprint(teacher_path: str, config, data_files: list[str]) -> dict:
     """What a cached teacher embedding depends on: teacher checkpoint, prompt template, pixel limits, data files."""
-    checkpoint = {"config.json": file_sha256(os.path.join(teacher_path, "config.json"))}
-    for name in sorted(os.listdir(teacher_path)):
-        if name.endswith(".safetensors"):
-            checkpoint[name] = os.path.getsize(os.path.join(teacher_path, name))
+    if os.path.isdir(teacher_path):
+        checkpoint = {"config.json": file_sha256(os.path.join(teacher_path, "config.json"))}
+        for name in sorted(os.listdir(teacher_path)):
+            if name.endswith(".safetensors"):
+                checkpoint[name] = os.path.getsize(os.path.join(teacher_path, name))
+    else:  # a Hub repository id: its name stands for it (pin `revision` for reproducible caches)
+        checkpoint = {"name": teacher_path}
     prompt_fields = ("embedding_token", "system_prompt", "instruction_template", "user_suffix_template",
                      "modality_words", "assistant_template", "format_text", "max_text_tokens", "pooling")
     return {
