@@ -178,6 +178,7 @@ def _diagnostics(scores: Tensor, labels: Tensor, same: Tensor) -> dict[str, Tens
         if mask.any():  # an empty group has no mean: its key is left out rather than set to NaN
             out[key] = scores[mask].mean()
     out["accuracy"] = (scores.argmax(dim=1) == labels).float().mean()
+    out["num_candidates"] = torch.tensor(float(scores.shape[1]), device=scores.device)  # after any gather
     return out
 
 
@@ -296,8 +297,8 @@ class InfoNCELoss(_ContrastiveLoss):
 
     Returns a dict: `loss`, then detached diagnostics: `pos_sim` (mean positive cosine), `intra_neg_sim` and
     `inter_neg_sim` (mean cosine of the negatives sharing / not sharing the query's target modality, each left out
-    when the batch has none; without `modality` all are intra) and `accuracy` (fraction of queries whose most
-    similar candidate is their positive).
+    when the batch has none; without `modality` all are intra), `accuracy` (fraction of queries whose most
+    similar candidate is their positive) and `num_candidates` (candidates scored per query, after any gather).
 
     Relations:
         - sentence-transformers' `MultipleNegativesRankingLoss` with cosine similarity and `scale = 1/temperature`.
@@ -313,7 +314,7 @@ class InfoNCELoss(_ContrastiveLoss):
         >>> out = loss_fn(query, torch.randn(4, 8), negatives=torch.randn(8, 8))
         >>> out["loss"].backward()
         >>> sorted(out)
-        ['accuracy', 'intra_neg_sim', 'loss', 'pos_sim']
+        ['accuracy', 'intra_neg_sim', 'loss', 'num_candidates', 'pos_sim']
     """
 
     def __init__(self, temperature: float = 0.05, gather_across_devices: bool = False, local_loss: bool = False):
@@ -375,7 +376,7 @@ class MACLoss(_ContrastiveLoss):
         >>> out = loss_fn(query, torch.randn(4, 8), modality=torch.tensor([0, 0, 1, 2]))
         >>> out["loss"].backward()
         >>> sorted(out)
-        ['accuracy', 'inter_neg_sim', 'intra_neg_sim', 'loss', 'pos_sim']
+        ['accuracy', 'inter_neg_sim', 'intra_neg_sim', 'loss', 'num_candidates', 'pos_sim']
     """
 
     modality_required = True

@@ -139,8 +139,12 @@ def main(script_args: ScriptArguments, training_args: PumaTrainingArguments, mod
     trainer = PumaTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator, teacher=teacher)
     if hasattr(dataset, "set_epoch"):
         trainer.add_callback(SetEpochCallback(dataset))
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    resume = training_args.resume_from_checkpoint
+    resume = True if str(resume).lower() in ("true", "last") else resume  # True: the newest checkpoint in output_dir
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():  # the log history, for training curves (eval_puma.py curves)
+        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
     if training_args.push_to_hub:
         trainer.push_to_hub()
     return trainer

@@ -236,7 +236,7 @@ def test_batch_of_one_has_zero_loss_finite_gradient_and_no_negative_diagnostics(
 
     assert out["loss"].item() == 0.0
     assert torch.isfinite(query.grad).all()
-    assert set(out) == {"loss", "pos_sim", "accuracy"}
+    assert set(out) == {"loss", "pos_sim", "accuracy", "num_candidates"} and out["num_candidates"].item() == 1
     assert out["accuracy"].item() == 1.0
 
 

@@ -1,0 +1,182 @@
+"""Encoding benchmark of `PumaForEmbedding.encode` on a random checkpoint with Qwen2-VL-2B's shapes.
+
+(a) Text throughput with k kept layers vs the full depth, against the FLOP-ideal speed-up (embedding, kept decoder
+    layers and final norm at the workload's token lengths); goal: measured / ideal >= 0.9.
+(b) Length-bucketed batching (`encode` on the whole set) vs naive padded batching (`encode` on consecutive chunks of
+    `batch_size` items, each one padded batch) on a mixed-length set, with k layers; goal: speed-up >= 1.3.
+(c) Image throughput (PIL images of three sizes) at two `config.max_pixels` caps, with k layers, against the
+    FLOP ratio of the vision tower plus the language model.
+Both models are held at once so that the timed passes can alternate between the settings compared (other processes
+on a shared machine then slow both alike); each setting is warmed up, and the best of `--repeats` passes is reported.
+
+    /work/venv/bin/python bench/bench_encode.py            # float32 on CPU, k=12 vs 28 (~6 min on 2 cores, ~14 GiB RAM)
+    /work/venv/bin/python bench/bench_encode.py --quick    # smoke run with tiny workloads
+    /work/venv/bin/python bench/bench_encode.py --device cuda --dtype bfloat16
+"""
+
+import argparse
+import gc
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import (check, ensure_checkpoint, load_note, log, markdown_table, text_flops_per_sequence,
+                    time_interleaved, vision_flops_per_image)
+from modeling_puma import PumaForEmbedding
+
+
+WORDS = ("the a photo of dog cat man woman red blue green small large two three running sitting on in at with near "
+         "beach park street table mat guitar picture image sentence question answer find retrieve shows playing "
+         "walking over under quick brown fox lazy jumps everyday caption passage").split()
+IMAGE_SIZES = [(160, 120), (224, 224), (392, 392)]  # (width, height)
+
+
+def make_text(rng: random.Random, num_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(num_words))
+
+
+def token_lengths(model, texts: list[str]) -> list[int]:
+    """Prompt lengths in tokens, as `encode` builds them."""
+    tokenizer = model.processor.tokenizer
+    return [len(tokenizer(model.build_prompt(text, False))["input_ids"]) for text in texts]
+
+
+def load(args, num_layers: int):
+    start = time.perf_counter()
+    model = PumaForEmbedding.from_pretrained(args.checkpoint, num_layers=num_layers, device_map=args.device,
+                                             dtype=getattr(torch, args.dtype))
+    log(f"loaded k={num_layers} ({args.dtype}, {args.device}) in {time.perf_counter() - start:.1f}s")
+    return model
+
+
+def padded_tokens(lengths: list[int], batch_size: int) -> int:
+    chunks = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
+    return sum(len(chunk) * max(chunk) for chunk in chunks)
+
+
+def make_images(sizes) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+def image_flops(model, images, max_pixels: int, batch_size: int) -> tuple[float, int]:
+    """Forward FLOPs (vision tower + language model, prompts padded per batch) and image tokens of encoding `images`
+    under `max_pixels`."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    config = model.config
+    prompt_tokens = len(model.processor.tokenizer(model.build_prompt(None, True))["input_ids"]) - 1
+    flops, tokens = 0.0, []
+    for image in images:
+        h, w = smart_resize(image.height, image.width, factor=28, min_pixels=config.min_pixels, max_pixels=max_pixels)
+        tokens.append(h * w // (28 * 28))
+        flops += vision_flops_per_image(config.vision_config, h // 14, w // 14)
+    tokens.sort(reverse=True)  # encode's length buckets
+    for i in range(0, len(tokens), batch_size):
+        chunk = tokens[i:i + batch_size]
+        flops += len(chunk) * text_flops_per_sequence(config.text_config, config.text_config.num_hidden_layers,
+                                                      prompt_tokens + chunk[0])
+    return flops, sum(tokens)
+
+
+def main(args) -> None:
+    rng = random.Random(0)
+    ensure_checkpoint(args.checkpoint)
+    with open(os.path.join(args.checkpoint, "config.json")) as f:
+        config = json.load(f)
+    depth = (config.get("text_config") or config)["num_hidden_layers"]
+    n_text, n_chunks, sizes = (4, 2, IMAGE_SIZES[::2]) if args.quick else (args.num_texts, 3, IMAGE_SIZES)
+    texts = [make_text(rng, rng.randint(1, 16)) for _ in range(n_text)]
+    # Mixed set: each chunk of the given order holds one 32-word passage among 1-6 word queries.
+    bs = args.bucket_batch_size
+    mixed = [make_text(rng, 32 if i == j else rng.randint(1, 6)) for _ in range(n_chunks)
+             for j in [rng.randrange(bs)] for i in range(bs)]
+    images = make_images(sizes)
+    caps = [64 * 28 * 28, 256 * 28 * 28]
+
+    models = {k: load(args, k) for k in (args.layers, depth)}
+    pruned = models[args.layers]
+    lengths, mixed_lengths = token_lengths(pruned, texts), token_lengths(pruned, mixed)
+    log(f"(a) text throughput, {len(texts)} texts of {min(lengths)}-{max(lengths)} tokens, batch {args.batch_size}")
+    for model in models.values():
+        model.encode(texts[:2], batch_size=args.batch_size)  # warm-up
+    t_text = time_interleaved({k: lambda m=m: m.encode(texts, batch_size=args.batch_size)
+                               for k, m in models.items()}, args.repeats)
+    del models, model
+    gc.collect()
+
+    log(f"(b) bucketing, {len(mixed)} mixed texts of {min(mixed_lengths)}-{max(mixed_lengths)} tokens, batch {bs}")
+    t_bucket = time_interleaved({
+        "naive": lambda: [pruned.encode(mixed[i:i + bs], batch_size=bs) for i in range(0, len(mixed), bs)],
+        "bucketed": lambda: pruned.encode(mixed, batch_size=bs)}, args.repeats)
+
+    log(f"(c) images {sizes}")
+    pruned.encode(images[:1], batch_size=args.batch_size)  # warm-up
+
+    def encode_images(cap):
+        pruned.config.max_pixels = cap
+        pruned.encode(images, batch_size=args.batch_size)
+
+    t_image = time_interleaved({cap: lambda cap=cap: encode_images(cap) for cap in caps}, args.repeats)
+    f_image = {cap: image_flops(pruned, images, cap, args.batch_size) for cap in caps}
+
+    text_config = pruned.config.text_config
+    t_text, t_bucket, t_image = ({key: min(v) for key, v in t.items()} for t in (t_text, t_bucket, t_image))
+    flops = {k: sum(text_flops_per_sequence(text_config, k, n) for n in lengths) for k in t_text}
+    ideal = flops[depth] / flops[args.layers]
+    measured = t_text[depth] / t_text[args.layers]
+    setup = f"{args.dtype} on {args.device}, best of {args.repeats} interleaved passes"
+    print(f"\n### (a) Text throughput: {len(texts)} texts of {min(lengths)}-{max(lengths)} tokens "
+          f"(mean {sum(lengths) / len(lengths):.0f}), batch {args.batch_size}, {setup}\n")
+    rows = [[f"k={k}", len(texts) / t_text[k], flops[k] / t_text[k] / 1e9] for k in (depth, args.layers)]
+    rows.append([f"speed-up k={args.layers} vs {depth}", measured,
+                 f"FLOP-ideal {ideal:.3f}; measured/ideal {check(measured / ideal, 0.9, at_most=False)}"])
+    print(markdown_table(["layers", "texts/s", "GFLOP/s"], rows))
+
+    naive_tokens, bucket_tokens = padded_tokens(mixed_lengths, bs), padded_tokens(sorted(mixed_lengths), bs)
+    speedup = t_bucket["naive"] / t_bucket["bucketed"]
+    print(f"\n### (b) Length-bucketed vs naive padded batching: k={args.layers}, {len(mixed)} texts of "
+          f"{min(mixed_lengths)}-{max(mixed_lengths)} tokens (one long per chunk), batch {bs}, {setup}\n")
+    print(markdown_table(["batching", "texts/s", "padded tokens"], [
+        ["naive (given order)", len(mixed) / t_bucket["naive"], naive_tokens],
+        ["length-bucketed (encode)", len(mixed) / t_bucket["bucketed"], bucket_tokens],
+        ["speed-up", speedup,
+         f"padded-token ratio {naive_tokens / bucket_tokens:.3f}; goal {check(speedup, 1.3, at_most=False)}"]]))
+
+    low, high = caps
+    flop_ratio = f_image[high][0] / f_image[low][0]
+    print(f"\n### (c) Images: k={args.layers}, {len(images)} random-pixel images (w, h) {sizes}, "
+          f"batch {args.batch_size}, {setup}\n")
+    rows = [[f"{cap // 784}*28*28", f_image[cap][1], len(images) / t_image[cap], f_image[cap][0] / len(images) / 1e9,
+             f_image[cap][0] / t_image[cap] / 1e9] for cap in caps]
+    rows.append([f"ratio {low // 784} vs {high // 784}", f_image[low][1] / f_image[high][1],
+                 t_image[high] / t_image[low], f"FLOP-ideal speed-up {flop_ratio:.3f}",
+                 f"measured/ideal {t_image[high] / t_image[low] / flop_ratio:.3f}"])
+    print(markdown_table(["max_pixels", "image tokens (all images)", "images/s", "GFLOP/image", "GFLOP/s"], rows))
+    print("\n" + load_note(torch.get_num_threads()))
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="/tmp/bench_data/qwen2vl-2b",
+                        help="Qwen2-VL checkpoint folder (generated with random weights if missing)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--layers", type=int, default=12, help="kept decoder layers of the pruned model")
+    parser.add_argument("--num-texts", type=int, default=12, help="texts in workload (a)")
+    parser.add_argument("--batch-size", type=int, default=8, help="batch size of (a) and (c)")
+    parser.add_argument("--bucket-batch-size", type=int, default=4, help="batch size of (b)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed passes per setting (best reported)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny workloads, one pass")
+    return parser
+
+
+if __name__ == "__main__":
+    arguments = make_parser().parse_args()
+    arguments.repeats = 1 if arguments.quick else arguments.repeats
+    main(arguments)

@@ -1,0 +1,195 @@
+"""Training-step cost of PUMA's teachers, of MAC-Loss and of GradCache.
+
+    python bench/bench_train_step.py [--shape small|2b] [--steps 6] [--batch 16] [--quick]
+
+Each configuration runs in a fresh process (so peak memory does not mix) on the same random checkpoint (written once
+to /tmp/bench_data/qwen2vl-<shape>, 28 layers) with a LoRA student keeping 12 layers, on the same batches:
+(a) the release recipe: a separate full-depth teacher copy, online; (b) the shared-weight teacher; (c) the cached
+teacher; (d) the student alone. Then MAC vs InfoNCE on (d), and GradCache vs plain at the same batch.
+Step time is the median over the timed steps (after one warm-up step); peak memory is the process's peak RSS (CPU)
+or peak allocated memory (GPU). Printed as a markdown table of ratios against the baseline of the same run.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def checkpoint_for(shape: str) -> str:
+    path = f"/tmp/bench_data/qwen2vl-{shape}"
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        from tiny_qwen2vl import main as build
+
+        sys.argv = ["tiny_qwen2vl.py", path, "--shape", shape, "--shards", "2"]
+        build()
+    return path
+
+
+def make_examples(count: int):
+    """Mixed text/image pairs with the three target modalities."""
+    from PIL import Image, ImageDraw
+
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "grey", "pink"]
+    examples = []
+    for i in range(count):
+        image = Image.new("RGB", (112, 112), "white")
+        ImageDraw.Draw(image).ellipse([10 + i % 20, 10, 90, 90 - i % 15], fill=colours[i % len(colours)])
+        caption = f"a {colours[i % len(colours)]} shape number {i} drawn on a white background"
+        kind = i % 3
+        query, positive, modality = (({"text": caption}, {"image": image}, "image") if kind == 0 else
+                                     ({"image": image}, {"text": caption}, "text") if kind == 1 else
+                                     ({"text": caption + ", again"}, {"text": caption, "image": image}, "image,text"))
+        examples.append({"query": query, "positive": positive, "modality": modality, "query_id": f"q{i}",
+                         "positive_id": f"c{i}"})
+    return examples
+
+
+class Collator:
+    def __init__(self, model):
+        from modeling_puma import build_prompt, featurize, parse_input
+
+        self.model, self.build_prompt, self.featurize, self.parse_input = model, build_prompt, featurize, parse_input
+
+    def _features(self, items, instruction=None):
+        examples = [self.parse_input(item, i) for i, item in enumerate(items)]
+        config, tokenizer = self.model.config, self.model.processor.tokenizer
+        prompts = [self.build_prompt(config, t, im is not None, instruction, tokenizer) for t, im in examples]
+        return self.featurize(self.model.processor, config, prompts, [im for _, im in examples])
+
+    def __call__(self, examples):
+        import torch
+
+        ids = {"text": 0, "image": 1, "image,text": 2}
+        return {"query": self._features([e["query"] for e in examples], "Find the match."),
+                "candidate": self._features([e["positive"] for e in examples]),
+                "modality": torch.tensor([ids[e["modality"]] for e in examples]),
+                "query_ids": [e["query_id"] for e in examples], "candidate_ids": [e["positive_id"] for e in examples]}
+
+
+def run_one(spec: dict) -> dict:
+    """One configuration, in this (fresh) process."""
+    import peft
+    import torch
+    from transformers import TrainerCallback
+
+    from modeling_puma import PumaForEmbedding
+    from trainer_puma import CachedTeacher, PumaTrainer, PumaTrainingArguments, SeparateTeacher, precompute_teacher_cache
+
+    device = spec["device"]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    checkpoint = spec["checkpoint"]
+    base = PumaForEmbedding.from_pretrained(checkpoint, num_layers=12, dtype=dtype, device_map=device)
+    collator = Collator(base)
+    examples = make_examples(spec["batch"] * (spec["steps"] + 1))
+    teacher = None
+    if spec["teacher"] == "cached":
+        cache = f"/tmp/bench_data/cache-{spec['shape']}-{spec['batch']}"
+        if not os.path.isfile(os.path.join(cache, "index.json")):
+            full = PumaForEmbedding.from_pretrained(checkpoint, dtype=dtype, device_map=device)
+            loader = torch.utils.data.DataLoader(examples, batch_size=spec["batch"], collate_fn=collator)
+            precompute_teacher_cache(full, loader, cache, {})
+            del full
+        teacher = CachedTeacher(cache)
+    elif spec["teacher"] == "separate":
+        teacher = SeparateTeacher(PumaForEmbedding.from_pretrained(checkpoint, dtype=dtype, device_map=device))
+    lora = peft.LoraConfig(r=16, lora_alpha=32, task_type="FEATURE_EXTRACTION",
+                           target_modules=r".*language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj")
+    student = peft.get_peft_model(base, lora)
+    distill = spec["teacher"] != "none"
+    args = PumaTrainingArguments(
+        output_dir="/tmp/bench_data/out", per_device_train_batch_size=spec["batch"], max_steps=spec["steps"] + 1,
+        learning_rate=1e-4, logging_steps=1000, save_strategy="no", report_to=[], use_cpu=device == "cpu",
+        bf16=device == "cuda", disable_tqdm=True, dataloader_num_workers=0, loss=spec["loss"],
+        distill="mse" if distill else "none", distill_weight=0.1 if distill else 0.0,
+        contrastive_weight=0.9 if distill else 1.0, teacher=spec["teacher"] if spec["teacher"] != "separate" else "none",
+        teacher_model=checkpoint, teacher_cache="/unused" if spec["teacher"] == "cached" else None,
+        grad_cache_chunk_size=spec.get("grad_cache"),
+    )
+    if spec["teacher"] in ("separate", "cached"):
+        args.teacher = "cached"  # arguments only: the teacher object itself is passed below
+    step_times = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - self.start)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer = PumaTrainer(model=student, args=args, train_dataset=examples, data_collator=collator, teacher=teacher,
+                          callbacks=[Timer()])
+    trainer.train()
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"step_s": statistics.median(step_times[1:]), "peak_bytes": peak}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="small", choices=["small", "2b"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="2 timed steps, batch 8")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(run_one(json.loads(args.child))), flush=True)
+        return
+    if args.quick:
+        args.steps, args.batch = 2, 8
+    checkpoint = checkpoint_for(args.shape)
+    common = {"checkpoint": checkpoint, "shape": args.shape, "steps": args.steps, "batch": args.batch,
+              "device": args.device}
+    runs = {
+        "(a) separate full teacher (release)": dict(teacher="separate", loss="infonce"),
+        "(b) shared-weight teacher": dict(teacher="shared", loss="infonce"),
+        "(c) cached teacher": dict(teacher="cached", loss="infonce"),
+        "(d) student alone, InfoNCE": dict(teacher="none", loss="infonce"),
+        "(d) student alone, MAC": dict(teacher="none", loss="mac"),
+        "(d) student alone, MAC, GradCache chunk 4": dict(teacher="none", loss="mac", grad_cache=4),
+    }
+    results = {}
+    for name, spec in runs.items():
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        out = subprocess.run([sys.executable, __file__, "--child", json.dumps({**common, **spec})],
+                             capture_output=True, text=True, cwd=ROOT)
+        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
+        results[name] = json.loads(line[len("RESULT "):])
+    a, d = results["(a) separate full teacher (release)"], results["(d) student alone, InfoNCE"]
+    print(f"\n{args.shape} shape, 12 of 28 layers kept, LoRA r16, batch {args.batch}, {args.device}, "
+          f"median of {args.steps} steps\n")
+    print("| configuration | step (s) | step / (d) | peak memory (GiB) | peak / (a) |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['step_s']:.3f} | {r['step_s'] / d['step_s']:.2f} | {r['peak_bytes'] / 2**30:.2f} | "
+              f"{r['peak_bytes'] / a['peak_bytes']:.2f} |")
+    c = results["(c) cached teacher"]
+    mac, plain_gc = results["(d) student alone, MAC"], results["(d) student alone, MAC, GradCache chunk 4"]
+    print("\n| check | measured | goal |")
+    print("|---|---|---|")
+    print(f"| cached teacher step / student alone | {c['step_s'] / d['step_s']:.2f} | <= 1.10 |")
+    print(f"| cached teacher peak / release recipe peak | {c['peak_bytes'] / a['peak_bytes']:.2f} | <= 0.60 |")
+    print(f"| speed-up of (c) over (a) | {a['step_s'] / c['step_s']:.2f}x | ideal ~(student+teacher)/student FLOPs |")
+    print(f"| MAC step / InfoNCE step - 1 | {100 * (mac['step_s'] / d['step_s'] - 1):+.1f} % | <= 3 % |")
+    print(f"| GradCache peak / plain peak (same batch) | {plain_gc['peak_bytes'] / mac['peak_bytes']:.2f} | < 1 |")
+
+
+if __name__ == "__main__":
+    main()

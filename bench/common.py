@@ -1,0 +1,133 @@
+"""Helpers shared by the PUMA benchmarks: checkpoint generation, safetensors header sizes, FLOP counts, tables."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+DEFAULT_CHECKPOINT = "/tmp/bench_data/qwen2vl-2b"
+# Decoder-layer keys in both checkpoint layouts: `model.layers.N.` (old) and `model.language_model.layers.N.` (new).
+LAYER_KEY = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    """Progress line on stderr, stamped with seconds since start."""
+    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def ensure_checkpoint(path: str) -> str:
+    """Writes the random 2B-shape Qwen2-VL checkpoint (old layout, 4 bf16 shards) to `path` unless it exists."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    log(f"generating a random 2B-shape checkpoint in {path} (~4.4 GB, about a minute)")
+    subprocess.run([sys.executable, os.path.join(ROOT, "tiny_qwen2vl.py"), path, "--shape", "2b", "--layout", "old",
+                    "--shards", "4", "--dtype", "bfloat16"], check=True, stdout=sys.stderr)
+    return path
+
+
+def checkpoint_tensors(path: str) -> dict[str, tuple[str, int, int]]:
+    """`{key: (safetensors dtype, numel, stored bytes)}` for every tensor, read from the safetensors headers only."""
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    tensors = {}
+    for filename in files:
+        with open(os.path.join(path, filename), "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        header.pop("__metadata__", None)
+        for key, info in header.items():
+            numel = 1
+            for dim in info["shape"]:
+                numel *= dim
+            tensors[key] = (info["dtype"], numel, info["data_offsets"][1] - info["data_offsets"][0])
+    return tensors
+
+
+def kept_bytes(tensors: dict, num_layers: int | None, element_size: int | None = None) -> int:
+    """Bytes of the tensors a `num_layers` load keeps (all but `lm_head` and decoder layers >= `num_layers`).
+
+    With `element_size`, floating tensors are counted at that size (the load dtype) instead of the stored one.
+    """
+    total = 0
+    for key, (dtype, numel, stored) in tensors.items():
+        match = LAYER_KEY.match(key)
+        if key.startswith("lm_head.") or (num_layers is not None and match and int(match.group(1)) >= num_layers):
+            continue
+        total += numel * element_size if element_size and dtype.startswith(("F", "BF")) else stored
+    return total
+
+
+def text_flops_per_sequence(text_config, num_layers: int, length: int) -> float:
+    """Forward FLOPs of one text sequence of `length` tokens through the embedding, `num_layers` decoder layers
+    and the final norm (no lm_head): 2 FLOPs per weight per token, attention scores and values at full length."""
+    h, inter = text_config.hidden_size, text_config.intermediate_size
+    head_dim = h // text_config.num_attention_heads
+    q, kv = text_config.num_attention_heads * head_dim, text_config.num_key_value_heads * head_dim
+    weights = h * q + 2 * h * kv + q * h + 3 * h * inter  # q, k, v, o projections; gate, up, down of the MLP
+    per_token_layer = 2 * weights + 4 * length * q + 2 * 4 * h  # matmuls, QK^T and AV, two RMSNorms (~4 FLOPs/elem)
+    per_token = num_layers * per_token_layer + 4 * h  # embedding lookup: no FLOPs; final RMSNorm
+    return float(length * per_token)
+
+
+LOAD_AVERAGES = []  # 1-minute load average after each timed pass: other processes on a shared machine skew timings
+
+
+def time_interleaved(fns: dict, repeats: int) -> dict:
+    """`{name: [seconds, ...]}` of `repeats` rounds, each calling every `fn()` once in turn, so that load from
+    other processes on the machine falls on all settings alike."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+            LOAD_AVERAGES.append(os.getloadavg()[0])
+            log(f"  {name}: {times[name][-1]:.2f}s (load average {LOAD_AVERAGES[-1]:.1f})")
+    return times
+
+
+def load_note(threads: int) -> str:
+    """A line on how busy the machine was during the timed passes."""
+    return (f"1-minute load average after the timed passes: {min(LOAD_AVERAGES):.1f}-{max(LOAD_AVERAGES):.1f} on "
+            f"{os.cpu_count()} CPUs; the benchmark alone makes about {threads}, more means other processes shared the "
+            "cores and slowed some passes.")
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def cell(value):
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def check(value: float, goal: float, at_most: bool) -> str:
+    ok = value <= goal if at_most else value >= goal
+    return f"{'PASS' if ok else 'FAIL'} ({value:.3f} {'<=' if at_most else '>='} {goal:.3f})"
+
+
+def vision_flops_per_image(vision_config, grid_h: int, grid_w: int) -> float:
+    """Forward FLOPs of Qwen2-VL's vision tower on one image of `grid_h x grid_w` 14-pixel patches: patch embedding,
+    `depth` blocks (bidirectional attention over the image's patches) and the 2x2 patch merger."""
+    e, patches = vision_config.embed_dim, grid_h * grid_w
+    patch_in = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size ** 2
+    mlp = int(e * vision_config.mlp_ratio)
+    block = 2 * (3 * e * e + e * e + 2 * e * mlp) + 4 * patches * e  # qkv, proj, fc1, fc2; QK^T and AV
+    merged = 4 * e
+    merger = 2 * (merged * merged + merged * vision_config.hidden_size) * patches / 4
+    return float(patches * (2 * patch_in * e + vision_config.depth * block) + merger)

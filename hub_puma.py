@@ -1,0 +1,442 @@
+# Copyright 2026 The PUMA contributors. Licensed under the Apache License, Version 2.0.
+"""Hub packaging of PUMA models.
+
+- `save_hub_folder(model, out_dir)` writes a complete `trust_remote_code` repository: weights, config with `auto_map`,
+  the two model files, the processor (with the embedding token), a model card, the Inference Endpoints handler and
+  the Sentence Transformers files.
+- `push_to_hub(model, repo_id)` writes that folder to a temporary directory and uploads it.
+- `export_qwen2_vl(puma_dir, out_dir)` writes a plain `qwen2_vl` checkpoint of the kept layers that vanilla
+  transformers (and vLLM's pooling runner) load without remote code.
+
+    from modeling_puma import PumaForEmbedding
+    from hub_puma import push_to_hub, save_hub_folder
+
+    model = PumaForEmbedding.from_pretrained("Qwen/Qwen2-VL-2B-Instruct", num_layers=12)
+    save_hub_folder(model, "puma-2b-k12", license="apache-2.0")
+    push_to_hub(model, "my-org/puma-2b-k12", license="apache-2.0")
+"""
+
+import importlib.metadata
+import inspect
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import jinja2
+import transformers
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_session, try_to_load_from_cache
+
+from configuration_puma import PumaConfig
+from modeling_puma import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, build_prompt
+
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+HUB_CARD_DIR = os.path.join(ROOT, "hub_card")
+CARD_TEMPLATE = os.path.join(HUB_CARD_DIR, "README.md.j2")
+EXPORT_CARD_TEMPLATE = os.path.join(HUB_CARD_DIR, "export_README.md.j2")
+VLLM_TEMPLATE = os.path.join(HUB_CARD_DIR, "vllm.md.j2")
+ST_MODULE_FILE = os.path.join(HUB_CARD_DIR, "custom_st.py")
+HANDLER_FILE = os.path.join(ROOT, "handler.py")
+
+REQUIRED_TAGS = ["sentence-transformers", "feature-extraction", "multimodal", "retrieval", "qwen2-vl", "puma"]
+EXAMPLE_QUERY = "A dog catching a frisbee on the beach"
+EXAMPLE_INSTRUCTION = "Find an image that matches the given caption."
+DEFAULT_EVAL_DATASET = "TIGER-Lab/M-BEIR"
+PAPER_URL = "https://arxiv.org/abs/2507.08064"
+# What the handler imports beyond the two model files; Inference Endpoints installs it from the repository.
+ENDPOINT_REQUIREMENTS = "transformers>=4.57,<6\npillow>=10\n"
+# Oldest Sentence Transformers whose `Transformer` takes `modality_config` and exposes `sentence_transformers.base`.
+SENTENCE_TRANSFORMERS_REQUIREMENT = ">=6.0"
+ST_MODALITIES = ("text", "image", "image+text", "message")
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hub repository folder
+# --------------------------------------------------------------------------------------------------------------------
+def save_hub_folder(model, out_dir, *, card_data=None, eval_results=None, base_model=None, datasets=None,
+                    license=None, repo_id=None, prompts=None, eval_dataset=DEFAULT_EVAL_DATASET) -> str:
+    """Writes a complete `trust_remote_code` Hub repository of `model` into the new or empty folder `out_dir`.
+
+    Args:
+        model (`PumaForEmbedding`): the model, with its processor attached.
+        out_dir (`str` or `os.PathLike`): destination; must not exist or be empty, so no stale file is published.
+        card_data (`dict` or `ModelCardData`, *optional*): extra model card metadata (`language`, `model_name`, more
+            `tags`, ...); it overrides the computed fields, and its tags are added to the required ones.
+        eval_results (`dict[str, dict[str, float]]`, *optional*): task name -> {metric name: value}, e.g.
+            `{"WebQA (qt -> ct)": {"Recall@5": 81.2}}`; written to `model-index` and as a table.
+        base_model (`str`, *optional*): Hub id of the checkpoint the layers come from. Default: the Hub id the model
+            was loaded from, or, for a local PUMA folder pruned further, the `base_model` of its model card.
+        datasets (`list[str]`, *optional*): Hub ids of the training data sets.
+        license (`str`, *optional*): license id. Default: the base checkpoint's, read from its model card (a local
+            folder's `README.md` or the Hub cache); required when that is unknown.
+        repo_id (`str`, *optional*): the id shown in the card's usage code. Default: the folder name.
+        prompts (`dict[str, str]`, *optional*): Sentence Transformers prompts, e.g. `{"query": "Find an image."}`;
+            a prompt is used as PUMA's query instruction.
+        eval_dataset (`str`, *optional*, defaults to `"TIGER-Lab/M-BEIR"`): the data set of `eval_results`.
+
+    Returns:
+        `str`: `out_dir`.
+    """
+    out_dir = os.fspath(out_dir)
+    if getattr(model, "processor", None) is None:
+        raise ValueError("The model has no processor attached; a Hub repository needs the tokenizer with the "
+                         "embedding token. Load it with PumaForEmbedding.from_pretrained or call set_processor().")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir!r} is not empty; write the Hub folder to a new or empty folder so that no "
+                              "stale file is published with it.")
+    os.makedirs(out_dir, exist_ok=True)
+    repo_id = repo_id or os.path.basename(os.path.abspath(out_dir))
+    card = build_model_card(model, card_data=card_data, eval_results=eval_results, base_model=base_model,
+                            datasets=datasets, license=license, repo_id=repo_id, prompts=prompts,
+                            eval_dataset=eval_dataset)
+
+    model.save_pretrained(out_dir)
+    shutil.copy(HANDLER_FILE, os.path.join(out_dir, "handler.py"))
+    with open(os.path.join(out_dir, "requirements.txt"), "w", encoding="utf-8") as f:
+        f.write(ENDPOINT_REQUIREMENTS)
+    write_sentence_transformers_files(out_dir, prompts)
+    card.save(os.path.join(out_dir, "README.md"))
+    return out_dir
+
+
+def push_to_hub(model, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                revision: str | None = None, create_pr: bool = False, commit_message: str = "Upload PUMA model",
+                endpoint: str | None = None, **save_kwargs):
+    """Creates `repo_id` if needed and uploads the folder `save_hub_folder` writes; returns the `CommitInfo`.
+
+    The Hub is probed first (offline mode, then a request with a short timeout), so that an offline machine fails at
+    once with an error naming the repository instead of hanging. `save_kwargs` go to `save_hub_folder`.
+    """
+    api = HfApi(endpoint=endpoint, token=token)
+    _check_hub_reachable(api.endpoint, repo_id)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_hub_folder(model, os.path.join(tmp, repo_id.split("/")[-1]), repo_id=repo_id, **save_kwargs)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
+                                 create_pr=create_pr, commit_message=commit_message)
+
+
+def _check_hub_reachable(endpoint: str, repo_id: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> None:
+    """Raises `ConnectionError` naming `repo_id` when the Hub is off (HF_HUB_OFFLINE) or does not answer in time."""
+    # huggingface_hub >= 1.0 reads the variable at call time; older releases expose the constant read at import.
+    offline = constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE
+    if offline:
+        raise ConnectionError(
+            f"Cannot push to '{repo_id}': Hugging Face Hub offline mode is on (HF_HUB_OFFLINE). Unset it, or write the "
+            "repository with save_hub_folder() and upload that folder later."
+        )
+    try:
+        get_session().head(endpoint, timeout=timeout)
+    except Exception as err:  # any transport failure (DNS, refused, timeout, proxy) means "unreachable"
+        raise ConnectionError(
+            f"Cannot push to '{repo_id}': the Hugging Face Hub at {endpoint} did not answer within {timeout:g} s "
+            f"({type(err).__name__}: {err}). Check the network, or write the repository with save_hub_folder() and "
+            "upload that folder later."
+        ) from err
+
+
+def write_sentence_transformers_files(out_dir: str, prompts: dict[str, str] | None = None) -> None:
+    """Writes the files `SentenceTransformer(out_dir, trust_remote_code=True)` loads (Sentence Transformers >= 6).
+
+    Module 0 is `custom_st.PumaTransformer`, Sentence Transformers' `Transformer` with PUMA's prompt building; its
+    `modality_config` reads `raw_embeddings` from the model's forward for every modality ("message" is listed so that
+    batches mixing texts and images are accepted). Module 1 L2-normalises, like `PumaForEmbedding.encode`.
+    """
+    shutil.copy(ST_MODULE_FILE, os.path.join(out_dir, "custom_st.py"))
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "custom_st.PumaTransformer"},
+        {"idx": 1, "name": "1", "path": "1_Normalize",
+         "type": "sentence_transformers.base.modules.normalize.Normalize"},
+    ]
+    transformer_config = {
+        "transformer_task": "feature-extraction",
+        "modality_config": {name: {"method": "forward", "method_output_name": "raw_embeddings"}
+                            for name in ST_MODALITIES},
+        "module_output_name": "sentence_embedding",
+        "unpad_inputs": False,  # Qwen2-VL's M-RoPE positions need padded batches
+    }
+    versions = {"transformers": transformers.__version__, "pytorch": _installed_version("torch")}
+    if (st_version := _installed_version("sentence-transformers")) is not None:
+        versions["sentence_transformers"] = st_version
+    model_config = {
+        "__version__": versions,
+        "model_type": "SentenceTransformer",
+        "prompts": dict(prompts or {}),
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+        "requirements": {
+            "sentence-transformers": {
+                "specifier": SENTENCE_TRANSFORMERS_REQUIREMENT,
+                "reason": "custom_st.py extends the Transformer module of Sentence Transformers 6.",
+            },
+        },
+    }
+    _write_json(os.path.join(out_dir, "modules.json"), modules)
+    _write_json(os.path.join(out_dir, "sentence_bert_config.json"), transformer_config)
+    _write_json(os.path.join(out_dir, "config_sentence_transformers.json"), model_config)
+    os.makedirs(os.path.join(out_dir, "1_Normalize"), exist_ok=True)
+    _write_json(os.path.join(out_dir, "1_Normalize", "config.json"),
+                {"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model card
+# --------------------------------------------------------------------------------------------------------------------
+def build_model_card(model, *, card_data=None, eval_results=None, base_model=None, datasets=None, license=None,
+                     repo_id: str, prompts=None, eval_dataset=DEFAULT_EVAL_DATASET) -> ModelCard:
+    """The model card of `model`, rendered from `hub_card/README.md.j2`; see `save_hub_folder` for the arguments."""
+    config = model.config
+    source = config._name_or_path
+    base_card = _base_card_data(source)
+    extra = card_data.to_dict() if isinstance(card_data, ModelCardData) else dict(card_data or {})
+    if base_model is None and _is_hub_id(source):
+        base_model = source
+    elif base_model is None and _is_puma_folder(source):  # pruned further: the layers still come from its base
+        base_model = getattr(base_card, "base_model", None)
+    license = license or extra.pop("license", None) or getattr(base_card, "license", None)
+    if license is None:
+        raise ValueError(
+            f"The license of the base checkpoint '{source}' is unknown (its model card is neither in the folder nor "
+            "in the Hub cache); pass license=... (e.g. 'apache-2.0' for Qwen/Qwen2-VL-2B-Instruct and -7B-Instruct)."
+        )
+    model_name = extra.pop("model_name", None) or repo_id.split("/")[-1]
+    data = ModelCardData(
+        base_model=base_model,
+        datasets=list(datasets) if datasets else None,
+        license=license,
+        library_name="transformers",
+        pipeline_tag="feature-extraction",
+        tags=list(dict.fromkeys(REQUIRED_TAGS + list(extra.pop("tags", None) or []))),
+        model_name=model_name,
+        eval_results=_eval_results(eval_results, eval_dataset) if eval_results else None,
+        widget=[{"text": EXAMPLE_QUERY}],
+    )
+    for key, value in extra.items():
+        setattr(data, key, value)
+
+    visual = sum(p.numel() for p in model.model.visual.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    hidden = config.text_config.hidden_size
+    instruction = (prompts or {}).get("query", EXAMPLE_INSTRUCTION)
+    return ModelCard.from_template(
+        data,
+        template_path=CARD_TEMPLATE,
+        model_name=model_name,
+        repo_id=repo_id,
+        paper_url=PAPER_URL,
+        num_kept=len(config.kept_layers),
+        base_depth=config.base_num_hidden_layers,
+        kept_layers=config.kept_layers,
+        contiguous=config.kept_layers == list(range(len(config.kept_layers))),
+        total_params=_human(total),
+        visual_params=_human(visual),
+        language_params=_human(total - visual),
+        hidden_size=hidden,
+        matryoshka_dims=config.matryoshka_dims,
+        embedding_token=config.embedding_token,
+        pooling=config.pooling,
+        max_text_tokens=config.max_text_tokens,
+        min_pixels=config.min_pixels,
+        max_pixels=config.max_pixels,
+        example_prompt=build_prompt(config, EXAMPLE_QUERY, True, instruction, model.processor.tokenizer),
+        example_query=EXAMPLE_QUERY,
+        instruction=instruction,
+        code={"repo_id": _py(repo_id), "query": _py(EXAMPLE_QUERY), "instruction": _py(instruction)},
+        prompts=prompts or {},
+        eval_table=_eval_table(eval_results) if eval_results else None,
+        vllm_section=_render(VLLM_TEMPLATE, embedding_token=config.embedding_token, export_dir=f"{model_name}-qwen2vl"),
+    )
+
+
+def _eval_results(eval_results: dict, dataset: str) -> list[EvalResult]:
+    """`model-index` entries of {task: {metric: value}}."""
+    results = []
+    for task, metrics in eval_results.items():
+        if not isinstance(metrics, dict) or not metrics:
+            raise ValueError(f"eval_results[{task!r}] must be a non-empty dict of metric name -> value, "
+                             f"got {metrics!r}.")
+        for metric, value in metrics.items():
+            # model-index groups results by data set config, so each task is one
+            results.append(EvalResult(task_type="retrieval", task_name="Retrieval", dataset_type=dataset,
+                                      dataset_name=task, dataset_config=task, dataset_split="test",
+                                      metric_type=_slug(metric), metric_name=metric, metric_value=value))
+    return results
+
+
+def _eval_table(eval_results: dict) -> str:
+    """A markdown table: one row per task, one column per metric."""
+    metrics = list(dict.fromkeys(metric for values in eval_results.values() for metric in values))
+    lines = ["| task | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for task, values in eval_results.items():
+        lines.append(f"| {task} | " + " | ".join(f"{values[m]:g}" if m in values else "" for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+def _base_card_data(source: str) -> ModelCardData | None:
+    """Metadata of the base checkpoint's model card: its folder's README.md, or the copy in the Hub cache."""
+    if os.path.isdir(source):
+        path = os.path.join(source, "README.md")
+    elif _is_hub_id(source):
+        path = try_to_load_from_cache(source, "README.md")
+    else:
+        return None
+    return ModelCard.load(path).data if isinstance(path, str) and os.path.isfile(path) else None
+
+
+def _is_puma_folder(name: str) -> bool:
+    config_path = os.path.join(name, "config.json")
+    if not os.path.isfile(config_path):
+        return False
+    with open(config_path, encoding="utf-8") as f:
+        return json.load(f).get("model_type") == "puma"
+
+
+def _is_hub_id(name: str) -> bool:
+    return not os.path.exists(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Plain Qwen2-VL export
+# --------------------------------------------------------------------------------------------------------------------
+def export_qwen2_vl(puma_dir, out_dir, *, repo_id=None, base_model=None, license=None) -> str:
+    """Writes the PUMA checkpoint in `puma_dir` as a plain `qwen2_vl` checkpoint into the new or empty `out_dir`.
+
+    The config is PUMA's Qwen2-VL config (kept layers already renumbered: `text_config.num_hidden_layers = k`,
+    `layer_types` sliced) with `architectures = ["Qwen2VLForConditionalGeneration"]` and no `auto_map`; `lm_head` is
+    tied to the input embeddings (the next-token head of a pruned model is unused, and tying stores nothing), so
+    `Qwen2VLForConditionalGeneration.from_pretrained(out_dir)` loads without missing weights. The weights are copied
+    unchanged (PUMA saves Qwen2-VL's own key layout). The processor keeps the embedding token and carries PUMA's
+    `min_pixels`/`max_pixels`, so the plain processor resizes images as PUMA does. The embedding is the final-norm
+    hidden state (`model.model(...).last_hidden_state`) at the embedding token; README.md says how to serve it.
+
+    Args:
+        repo_id (`str`, *optional*): the id shown in the README's code. Default: the folder name.
+        base_model (`str`, *optional*): Hub id of the PUMA repository exported, for the README's metadata.
+        license (`str`, *optional*): license id. Default: the license in `puma_dir`'s model card.
+    """
+    puma_dir, out_dir = os.fspath(puma_dir), os.fspath(out_dir)
+    with open(os.path.join(puma_dir, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("model_type") != "puma":
+        raise ValueError(f"{puma_dir!r} is a {config.get('model_type')!r} checkpoint, not a PUMA one "
+                         "(model_type 'puma').")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir!r} is not empty; export to a new or empty folder.")
+    os.makedirs(out_dir, exist_ok=True)
+    puma_config = PumaConfig.from_dict(config)
+
+    qwen_config = {key: value for key, value in config.items() if key not in _puma_field_names() and key != "auto_map"}
+    qwen_config.update(model_type="qwen2_vl", architectures=["Qwen2VLForConditionalGeneration"],
+                       tie_word_embeddings=True)
+    if "tie_word_embeddings" in qwen_config.get("text_config", {}):
+        qwen_config["text_config"]["tie_word_embeddings"] = True
+    _write_json(os.path.join(out_dir, "config.json"), qwen_config)
+
+    for name in _weight_files(puma_dir):
+        shutil.copy(os.path.join(puma_dir, name), os.path.join(out_dir, name))
+
+    # trust_remote_code=False: the processor is stock; it keeps transformers from asking about the folder's model code
+    processor = transformers.Qwen2VLProcessor.from_pretrained(
+        puma_dir, trust_remote_code=False,
+        size={"shortest_edge": puma_config.min_pixels, "longest_edge": puma_config.max_pixels})
+    for image_processor in (processor.image_processor, getattr(processor, "video_processor", None)):
+        # transformers 4 reads min_pixels/max_pixels in preference to size; 5 reads size: set both
+        if image_processor is not None and hasattr(image_processor, "max_pixels"):
+            image_processor.min_pixels, image_processor.max_pixels = puma_config.min_pixels, puma_config.max_pixels
+    processor.save_pretrained(out_dir)
+
+    repo_id = repo_id or os.path.basename(os.path.abspath(out_dir))
+    puma_card = _base_card_data(puma_dir)
+    data = ModelCardData(
+        base_model=base_model,
+        license=license or getattr(puma_card, "license", None),
+        library_name="transformers",
+        pipeline_tag="feature-extraction",
+        tags=["multimodal", "retrieval", "qwen2-vl", "puma", "vllm"],
+    )
+    examples = [("text", EXAMPLE_QUERY, None), ("image", None, "photo.jpg"),
+                ("image and text", "A red car", "photo.jpg")]
+    prompts = []
+    for kind, text, image in examples:
+        prompt = _cut_after_embedding_token(build_prompt(puma_config, text, image is not None), puma_config)
+        prompts.append({"kind": kind, "text": prompt, "code": _py(prompt), "image": image and _py(image)})
+    ModelCard.from_template(
+        data,
+        template_path=EXPORT_CARD_TEMPLATE,
+        repo_id=repo_id,
+        repo_id_code=_py(repo_id),
+        paper_url=PAPER_URL,
+        num_kept=len(puma_config.kept_layers),
+        base_depth=puma_config.base_num_hidden_layers,
+        embedding_token=puma_config.embedding_token,
+        embedding_token_id=puma_config.embedding_token_id,
+        prompts=prompts,
+        vllm_section=_render(VLLM_TEMPLATE, embedding_token=puma_config.embedding_token, export_dir=repo_id),
+    ).save(os.path.join(out_dir, "README.md"))
+    return out_dir
+
+
+def _cut_after_embedding_token(prompt: str, config: PumaConfig) -> str:
+    """The prompt up to and including its last embedding token: under causal attention the hidden state there does
+    not depend on what follows, so a last-token pooler reads exactly PUMA's embedding."""
+    return prompt[: prompt.rindex(config.embedding_token) + len(config.embedding_token)]
+
+
+def _weight_files(folder: str) -> list[str]:
+    index = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            return [SAFE_WEIGHTS_INDEX_NAME, *sorted(set(json.load(f)["weight_map"].values()))]
+    if not os.path.isfile(os.path.join(folder, SAFE_WEIGHTS_NAME)):
+        raise OSError(f"{folder!r} has no safetensors weights ({SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}).")
+    return [SAFE_WEIGHTS_NAME]
+
+
+def _puma_field_names() -> set[str]:
+    """The `PumaConfig` fields a plain Qwen2-VL config does not have."""
+    return set(inspect.signature(PumaConfig.__init__).parameters) - {"self", "kwargs"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------------------------------
+def _render(template_path: str, **variables) -> str:
+    with open(template_path, encoding="utf-8") as f:
+        return jinja2.Template(f.read()).render(**variables)
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def _py(text: str) -> str:
+    """`text` as a Python string literal for the cards' code (JSON string syntax is valid Python)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _human(count: int) -> str:
+    """1234567 -> '1.23M'."""
+    for size, suffix in ((10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if count >= size:
+            return f"{count / size:.2f}{suffix}"
+    return str(count)
+
+
+def _slug(metric: str) -> str:
+    """'Recall@5' -> 'recall_at_5' (a metric id for model-index)."""
+    return re.sub(r"[^a-z0-9]+", "_", metric.lower().replace("@", "_at_")).strip("_")
+
+
+__all__ = ["build_model_card", "export_qwen2_vl", "push_to_hub", "save_hub_folder", "write_sentence_transformers_files"]

@@ -1,0 +1,481 @@
+"""Hub packaging on a tiny random PUMA model, offline: the repository folder and its fresh-process load, the model card
+(metadata and runnable code), push (network boundary mocked), the endpoint handler, Sentence Transformers and the plain
+Qwen2-VL export."""
+
+import ast
+import base64
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, metadata_load
+from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+from PIL import Image, ImageDraw
+from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+import hub_puma
+from conftest import ROOT
+from handler import EndpointHandler
+from modeling_puma import PumaForEmbedding, featurize, parse_input
+
+
+TOL = 1e-5
+REPO_ID = "puma-org/puma-tiny"
+INSTRUCTION = "Find an image that matches the given caption."
+EVAL_RESULTS = {"WebQA (qt -> ct)": {"Recall@5": 81.2, "Recall@10": 90.1}, "NIGHTS (qi -> ci)": {"Recall@5": 30.5}}
+HUB_FILES = {
+    "README.md", "config.json", "model.safetensors", "configuration_puma.py", "modeling_puma.py", "chat_template.jinja",
+    "tokenizer.json", "tokenizer_config.json", "handler.py", "requirements.txt",
+    "custom_st.py", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+    "1_Normalize/config.json",
+}
+# Processor files the installed transformers writes: one processor_config.json (5.x), or one file per component (4.x).
+PROCESSOR_FILES = {"processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+                   "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def puma(tiny_checkpoint):
+    return PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=3)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    """A JPEG file larger than the tiny processor's own pixel limit, so PUMA's limits must travel with exports."""
+    image = Image.new("RGB", (320, 240), (255, 255, 255))
+    ImageDraw.Draw(image).ellipse([40, 30, 250, 200], fill=(200, 30, 30))
+    path = tmp_path_factory.mktemp("photo") / "photo.jpg"
+    image.save(path, quality=95)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photo_image(photo):
+    return Image.open(photo).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def hub_folder(puma, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hub") / "puma-tiny"
+    hub_puma.save_hub_folder(puma, folder, license="apache-2.0", repo_id=REPO_ID, datasets=["TIGER-Lab/M-BEIR"],
+                             eval_results=EVAL_RESULTS, prompts={"query": INSTRUCTION}, card_data={"language": ["en"]})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def endpoint(hub_folder):
+    return EndpointHandler(str(hub_folder))
+
+
+@pytest.fixture(scope="module")
+def exported(hub_folder, tmp_path_factory):
+    return Path(hub_puma.export_qwen2_vl(hub_folder, tmp_path_factory.mktemp("export") / "puma-tiny-qwen2vl"))
+
+
+def every_kind(image):
+    return ["a red circle", image, {"text": "a dog next to a red circle", "image": image}]
+
+
+def python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", markdown, flags=re.DOTALL | re.MULTILINE)
+
+
+@pytest.fixture
+def loopback_server():
+    """Serves HEAD and GET on 127.0.0.1 (the Hub probe and image URLs); `routes` maps a path to bytes."""
+    routes = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def do_GET(self):
+            body = routes.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", routes
+    server.shutdown()
+    server.server_close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The repository folder
+# ---------------------------------------------------------------------------------------------------------------
+def test_hub_folder_is_a_complete_trust_remote_code_repository(hub_folder, puma):
+    files = {p.relative_to(hub_folder).as_posix() for p in hub_folder.rglob("*") if p.is_file()}
+    assert HUB_FILES <= files and files - HUB_FILES <= PROCESSOR_FILES, files
+    assert {"processor_config.json", "preprocessor_config.json"} & files
+    config = json.loads((hub_folder / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_puma.PumaConfig",
+                                  "AutoModel": "modeling_puma.PumaForEmbedding"}
+    assert (hub_folder / "handler.py").read_bytes() == Path(ROOT, "handler.py").read_bytes()
+    assert (hub_folder / "custom_st.py").read_bytes() == Path(ROOT, "hub_card", "custom_st.py").read_bytes()
+    tokenizer = AutoTokenizer.from_pretrained(hub_folder)
+    assert tokenizer.convert_tokens_to_ids("[RET]") == config["embedding_token_id"] == puma.config.embedding_token_id
+    st_config = json.loads((hub_folder / "config_sentence_transformers.json").read_text())
+    assert st_config["prompts"] == {"query": INSTRUCTION} and st_config["similarity_fn_name"] == "cosine"
+
+
+def test_save_hub_folder_refuses_a_non_empty_folder_and_a_model_without_processor(puma, tmp_path, monkeypatch):
+    (tmp_path / "stale.bin").write_bytes(b"old")
+    with pytest.raises(FileExistsError, match="not empty"):
+        hub_puma.save_hub_folder(puma, tmp_path, license="apache-2.0")
+    monkeypatch.setattr(puma, "processor", None)
+    with pytest.raises(ValueError, match="no processor"):
+        hub_puma.save_hub_folder(puma, tmp_path / "new", license="apache-2.0")
+
+
+FRESH_LOAD_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    # The project must not be importable, only the Hub folder's own files.
+    for name in ("modeling_puma", "configuration_puma", "hub_puma", "tiny_qwen2vl"):
+        sys.modules[name] = None
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoModel
+
+    folder, expected_path, photo = sys.argv[1:4]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    image = Image.open(photo)
+    inputs = ["a red circle", image, {"text": "a dog next to a red circle", "image": image}]
+    got = model.encode(inputs, convert_to_numpy=True)
+    np.testing.assert_allclose(got, np.load(expected_path), atol=1e-5)
+    print("FRESH-LOAD-OK")
+    """
+)
+
+
+def test_hub_folder_loads_with_automodel_in_a_fresh_process(hub_folder, puma, photo, photo_image, tmp_path):
+    np.save(tmp_path / "expected.npy", puma.encode(every_kind(photo_image), convert_to_numpy=True))
+    (tmp_path / "script.py").write_text(FRESH_LOAD_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
+    command = [sys.executable, str(tmp_path / "script.py"), str(hub_folder), str(tmp_path / "expected.npy"), str(photo)]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert "FRESH-LOAD-OK" in result.stdout, result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model card
+# ---------------------------------------------------------------------------------------------------------------
+def test_card_metadata_round_trips_and_describes_the_model(hub_folder, puma):
+    readme = hub_folder / "README.md"
+    metadata = metadata_load(readme)
+    card = ModelCard.load(readme)
+    assert card.data.to_dict() == metadata
+    assert ModelCardData(**metadata).to_dict() == metadata
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "feature-extraction"
+    assert set(hub_puma.REQUIRED_TAGS) <= set(metadata["tags"])
+    assert metadata["license"] == "apache-2.0" and metadata["datasets"] == ["TIGER-Lab/M-BEIR"]
+    assert metadata["language"] == ["en"] and metadata["widget"] == [{"text": hub_puma.EXAMPLE_QUERY}]
+    name, results = model_index_to_eval_results(metadata["model-index"])
+    assert name == "puma-tiny"
+    assert {(r.dataset_name, r.metric_name): r.metric_value for r in results} == {
+        (task, metric): value for task, metrics in EVAL_RESULTS.items() for metric, value in metrics.items()}
+    assert eval_results_to_model_index(name, results) == metadata["model-index"]
+    # the body states the computed layer and parameter counts
+    total = sum(p.numel() for p in puma.parameters())
+    assert "| decoder layers kept | 3 of 6 |" in card.content
+    assert f"| parameters | {total / 1e3:.2f}K" in card.content
+    assert "| WebQA (qt -> ct) | 81.2 | 90.1 |" in card.content
+
+
+def test_card_python_code_runs_against_the_folder(hub_folder, photo, tmp_path, monkeypatch):
+    pytest.importorskip("sentence_transformers", reason="the card's Sentence Transformers example needs it")
+    blocks = python_blocks((hub_folder / "README.md").read_text())
+    assert len(blocks) == 3
+    assert [("AutoModel" in b, "SentenceTransformer" in b, "EndpointHandler" in b) for b in blocks] == [
+        (True, False, False), (False, True, False), (False, False, True)]
+    # As a user would run them: in a local clone holding the image the examples read, the repo id pointing at it, the
+    # clone's handler.py importable and the project not (the fresh-process test above covers a fresh interpreter).
+    clone = tmp_path / "clone"
+    shutil.copytree(hub_folder, clone)
+    shutil.copy(photo, clone / "photo.jpg")
+    monkeypatch.chdir(clone)
+    monkeypatch.syspath_prepend(str(clone))
+    monkeypatch.delitem(sys.modules, "handler", raising=False)
+    for name in ("modeling_puma", "configuration_puma", "hub_puma"):
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for index, block in enumerate(blocks):
+        exec(compile(block.replace(REPO_ID, str(clone)), f"<card block {index}>", "exec"), {"__name__": "__main__"})
+
+
+def test_card_of_non_contiguous_layers_matryoshka_and_no_prompts(tiny_checkpoint):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, kept_layers=[0, 1, 5], matryoshka_dims=[16, 32])
+    card = hub_puma.build_model_card(model, license="apache-2.0", repo_id=REPO_ID)
+    assert "| decoder layers kept | 3 of 6 (layers 0, 1, 5 of the base model) |" in card.content
+    assert "| Matryoshka dimensions | 16, 32 (`truncate_dim`) |" in card.content
+    assert "model-index" not in card.data.to_dict() and "## Evaluation" not in card.content
+    blocks = python_blocks(card.content)
+    assert f'prompt="{hub_puma.EXAMPLE_INSTRUCTION}"' in blocks[1] and '"truncate_dim": 16' in blocks[2]
+    for index, block in enumerate(blocks):
+        compile(block, f"<card block {index}>", "exec")
+
+
+def test_license_and_base_model_are_inherited_from_the_base_card(tiny_checkpoint, tmp_path):
+    # Given a local stock checkpoint whose model card names its license
+    base = tmp_path / "base"
+    shutil.copytree(tiny_checkpoint, base)
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# base\n")
+    model = PumaForEmbedding.from_pretrained(str(base), num_layers=3)
+    hub_puma.save_hub_folder(model, tmp_path / "first", base_model="Qwen/Qwen2-VL-2B-Instruct")
+    first = metadata_load(tmp_path / "first" / "README.md")
+    assert first["license"] == "apache-2.0" and first["base_model"] == "Qwen/Qwen2-VL-2B-Instruct"
+    # When that PUMA folder is pruned further, license and base model carry over
+    pruned = PumaForEmbedding.from_pretrained(str(tmp_path / "first"), num_layers=1)
+    hub_puma.save_hub_folder(pruned, tmp_path / "second")
+    second = metadata_load(tmp_path / "second" / "README.md")
+    assert second["license"] == "apache-2.0" and second["base_model"] == "Qwen/Qwen2-VL-2B-Instruct"
+
+
+def test_unknown_license_must_be_given(puma, tmp_path):
+    with pytest.raises(ValueError, match=r"license of the base checkpoint .* is unknown.*pass license="):
+        hub_puma.save_hub_folder(puma, tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Push (the network boundary is mocked)
+# ---------------------------------------------------------------------------------------------------------------
+def test_push_uploads_exactly_the_hub_folder(puma, loopback_server, monkeypatch):
+    endpoint_url, _ = loopback_server
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the probe goes to the loopback server
+    sent = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        sent["create_repo"] = (repo_id, kwargs)
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        folder = Path(folder_path)
+        sent["files"] = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+        sent["readme"] = (folder / "README.md").read_text()
+        sent["upload_folder"] = (repo_id, kwargs)
+        return "commit-info"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    result = hub_puma.push_to_hub(puma, REPO_ID, private=True, endpoint=endpoint_url, license="apache-2.0")
+    assert result == "commit-info"
+    assert sent["create_repo"] == (REPO_ID, {"private": True, "exist_ok": True, "repo_type": "model"})
+    assert HUB_FILES <= sent["files"] and sent["files"] - HUB_FILES <= PROCESSOR_FILES
+    assert sent["upload_folder"][0] == REPO_ID and sent["upload_folder"][1]["repo_type"] == "model"
+    assert f'AutoModel.from_pretrained("{REPO_ID}", trust_remote_code=True)' in sent["readme"]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("offline,match", [(True, "offline mode is on"), (False, "did not answer")])
+def test_push_without_the_hub_fails_fast_naming_the_repo(puma, monkeypatch, offline, match):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(HfApi, "create_repo", lambda *a, **k: pytest.fail("create_repo must not be reached"))
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=rf"Cannot push to '{REPO_ID}': .*{match}"):
+        hub_puma.push_to_hub(puma, REPO_ID, endpoint=f"http://127.0.0.1:{_closed_port()}", license="apache-2.0")
+    assert time.monotonic() - start < hub_puma.HUB_PROBE_TIMEOUT_S
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inference Endpoints handler
+# ---------------------------------------------------------------------------------------------------------------
+def test_handler_embeds_texts_images_and_pairs_like_encode(endpoint, puma, photo, photo_image):
+    encoded = base64.b64encode(photo.read_bytes()).decode()
+    data_uri = "data:image/jpeg;base64," + encoded
+    got = endpoint({"inputs": ["a red circle", encoded, {"image": data_uri}, {"text": "a dog", "image": encoded},
+                               data_uri]})
+    assert isinstance(got, list) and all(isinstance(v, list) and isinstance(v[0], float) for v in got)
+    expected = puma.encode(["a red circle", photo_image, photo_image, {"text": "a dog", "image": photo_image},
+                            photo_image])
+    assert (torch.tensor(got) - expected).abs().max() <= TOL
+    single = endpoint({"inputs": "a red circle"})
+    assert len(single) == 1 and torch.allclose(torch.tensor(single[0]), expected[0], atol=TOL)
+    # a text is never read as a file path
+    as_text = endpoint({"inputs": str(photo)})
+    assert torch.allclose(torch.tensor(as_text[0]), puma.encode({"text": str(photo)}), atol=TOL)
+
+
+def test_handler_instruction_is_query_and_truncate_dim(endpoint, puma):
+    query = puma.encode(["a dog"], instruction=INSTRUCTION, is_query=True, truncate_dim=16)
+    for payload in ({"inputs": ["a dog"], "parameters": {"instruction": INSTRUCTION, "truncate_dim": 16}},
+                    {"inputs": ["a dog"], "instruction": INSTRUCTION, "is_query": True, "truncate_dim": 16}):
+        got = torch.tensor(endpoint(payload))
+        assert got.shape == (1, 16) and (got - query).abs().max() <= TOL
+    candidate = torch.tensor(endpoint({"inputs": ["a dog"], "parameters": {"is_query": False}}))
+    assert (candidate - puma.encode(["a dog"])).abs().max() <= TOL
+    assert (candidate[0, :16] - query[0]).abs().max() > 1e-3
+
+
+ENCODED_TEXT = base64.b64encode(b"hello, this is not an image file at all" * 4).decode()
+
+
+@pytest.mark.parametrize("payload,match", [
+    ({}, r"no 'inputs'"),
+    (["a dog"], r"JSON object"),
+    ({"inputs": []}, r"empty list"),
+    ({"inputs": ""}, r"inputs is an empty string"),
+    ({"inputs": 3}, r"inputs must be a string or an object"),
+    ({"inputs": ["ok", ["nested"]]}, r"inputs\[1\] must be a string or an object"),
+    ({"inputs": {"caption": "x"}}, r"unknown keys \['caption'\]"),
+    ({"inputs": {}}, r"neither 'text' nor 'image'"),
+    ({"inputs": {"text": ""}}, r"\['text'\] must be a non-empty string"),
+    ({"inputs": {"image": 5}}, r"\['image'\] must be a base64 string or a data URI"),
+    ({"inputs": {"image": "not base64!"}}, r"\['image'\] is not valid base64"),
+    ({"inputs": {"image": ENCODED_TEXT}}, r"\['image'\] is not a readable image"),
+    ({"inputs": "data:image/png;base64,@@@@"}, r"inputs is not valid base64"),
+    ({"inputs": "data:text/plain,hello"}, r"data URI but not 'data:image/<type>;base64,<data>'"),
+    ({"inputs": "https://example.com/cat.jpg"}, r"image URL; this endpoint does not fetch URLs"),
+    ({"inputs": {"image": "http://example.com/cat"}}, r"PUMA_ALLOW_IMAGE_URLS=1"),
+    ({"inputs": "x", "parameters": "fast"}, r"'parameters' must be an object"),
+    ({"inputs": "x", "parameters": {"temperature": 1}}, r"Unknown parameters \['temperature'\]"),
+    ({"inputs": "x", "top_k": 3}, r"Unknown request keys \['top_k'\]"),
+    ({"inputs": "x", "truncate_dim": 8, "parameters": {"truncate_dim": 8}}, r"given both"),
+    ({"inputs": "x", "parameters": {"instruction": 3}}, r"'instruction' must be a non-empty string"),
+    ({"inputs": "x", "parameters": {"is_query": "yes"}}, r"'is_query' must be true or false"),
+    ({"inputs": "x", "parameters": {"instruction": "Find.", "is_query": False}}, r"queries only"),
+    ({"inputs": "x", "parameters": {"truncate_dim": 0}}, r"'truncate_dim' must be an integer in 1\.\.64"),
+    ({"inputs": "x", "parameters": {"truncate_dim": 65}}, r"in 1\.\.64"),
+    ({"inputs": "x", "parameters": {"truncate_dim": 16.0}}, r"got 16\.0"),
+    ({"inputs": "x", "parameters": {"truncate_dim": True}}, r"got True"),
+])
+def test_handler_answers_bad_payloads_with_a_clear_error(endpoint, payload, match):
+    answer = endpoint(payload)
+    assert set(answer) == {"error"} and re.search(match, answer["error"]), answer
+    assert "Traceback" not in answer["error"]
+
+
+def test_handler_refuses_oversized_images(endpoint, photo, monkeypatch):
+    encoded = base64.b64encode(photo.read_bytes()).decode()
+    monkeypatch.setattr(endpoint, "max_image_pixels", 1000)
+    assert "320x240 pixels, over the limit of 1000" in endpoint({"inputs": {"image": encoded}})["error"]
+    monkeypatch.setattr(endpoint, "max_image_bytes", 100)
+    assert "over the image size limit of 100 bytes" in endpoint({"inputs": [encoded]})["error"]
+
+
+def test_handler_fetches_image_urls_only_when_allowed(endpoint, puma, photo, photo_image, loopback_server, monkeypatch):
+    base_url, routes = loopback_server
+    routes["/photo.jpg"] = photo.read_bytes()
+    assert "does not fetch URLs" in endpoint({"inputs": f"{base_url}/photo.jpg"})["error"]
+    monkeypatch.setattr(endpoint, "allow_image_urls", True)
+    got = endpoint({"inputs": [f"{base_url}/photo.jpg", {"text": "a dog", "image": f"{base_url}/photo.jpg"}]})
+    assert (torch.tensor(got) - puma.encode([photo_image, {"text": "a dog", "image": photo_image}])).abs().max() <= TOL
+    assert "could not fetch" in endpoint({"inputs": {"image": f"{base_url}/missing.jpg"}})["error"]
+
+
+def test_handler_imports_only_stdlib_pil_torch_and_transformers():
+    allowed = {"PIL", "torch", "transformers"} | set(sys.stdlib_module_names)
+    tree = ast.parse(Path(ROOT, "handler.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and node.module.split(".")[0] in allowed, node.module
+        elif isinstance(node, ast.Import):
+            assert all(alias.name.split(".")[0] in allowed for alias in node.names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sentence Transformers
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sentence_transformer(hub_folder):
+    st = pytest.importorskip("sentence_transformers", reason="optional extra: pip install 'sentence-transformers>=6'")
+    return st.SentenceTransformer(str(hub_folder), trust_remote_code=True, local_files_only=True)
+
+
+def test_sentence_transformers_equals_encode_for_text_image_and_pairs(sentence_transformer, puma, photo_image):
+    inputs = every_kind(photo_image)
+    for batch in ([inputs[0], "two blue squares"], [inputs[1], photo_image.rotate(90)], [inputs[2]], inputs):
+        got = sentence_transformer.encode(batch, convert_to_tensor=True, batch_size=2)
+        assert (got - puma.encode(batch)).abs().max() <= TOL
+    truncated = sentence_transformer.encode(inputs, convert_to_tensor=True, truncate_dim=16, normalize_embeddings=True)
+    assert (truncated - puma.encode(inputs, truncate_dim=16)).abs().max() <= TOL
+    assert sentence_transformer.get_embedding_dimension() == puma.config.text_config.hidden_size
+
+
+def test_sentence_transformers_prompts_are_query_instructions(sentence_transformer, puma):
+    texts = ["a dog", "a red car"]
+    query = sentence_transformer.encode_query(texts, convert_to_tensor=True)
+    assert (query - puma.encode(texts, instruction=INSTRUCTION, is_query=True)).abs().max() <= TOL
+    document = sentence_transformer.encode_document(texts, convert_to_tensor=True)
+    assert (document - puma.encode(texts)).abs().max() <= TOL
+    other = sentence_transformer.encode(texts, prompt="Retrieve a caption.", convert_to_tensor=True)
+    assert (other - puma.encode(texts, instruction="Retrieve a caption.", is_query=True)).abs().max() <= TOL
+
+
+def test_sentence_transformers_refuses_chat_messages(sentence_transformer):
+    with pytest.raises(ValueError, match="PUMA builds its own prompt"):
+        sentence_transformer.encode([[{"role": "user", "content": "hello"}]])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plain Qwen2-VL export
+# ---------------------------------------------------------------------------------------------------------------
+def test_export_is_a_plain_qwen2_vl_checkpoint(exported, puma):
+    assert not list(exported.glob("*.py"))
+    config = json.loads((exported / "config.json").read_text())
+    assert config["model_type"] == "qwen2_vl" and config["architectures"] == ["Qwen2VLForConditionalGeneration"]
+    assert "auto_map" not in config and not set(config) & hub_puma._puma_field_names()
+    assert config["text_config"]["num_hidden_layers"] == 3 and len(config["text_config"]["layer_types"]) == 3
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    assert tokenizer.convert_tokens_to_ids("[RET]") == puma.config.embedding_token_id
+
+
+def test_export_loads_in_vanilla_transformers_and_equals_raw_embeddings(exported, puma, photo_image):
+    model, info = Qwen2VLForConditionalGeneration.from_pretrained(exported, dtype=torch.float32,
+                                                                  output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    examples = [parse_input(item, i) for i, item in enumerate(every_kind(photo_image))]
+    prompts = [puma.build_prompt(text, image is not None) for text, image in examples]
+    features = featurize(puma.processor, puma.config, prompts, [image for _, image in examples])
+    with torch.no_grad():
+        hidden = model.eval().model(**features).last_hidden_state
+        expected = puma(**features).raw_embeddings
+    token = features["input_ids"] == puma.config.embedding_token_id
+    position = (token * torch.arange(token.shape[1])).argmax(dim=1)
+    assert (hidden[torch.arange(len(prompts)), position] - expected).abs().max() <= TOL
+
+
+def test_export_card_code_reproduces_puma_embeddings(exported, puma, photo, photo_image, tmp_path, monkeypatch):
+    # The README's recipe is the vLLM one: prompts cut after the embedding token, left padding, last position.
+    blocks = python_blocks((exported / "README.md").read_text())
+    assert len(blocks) == 1
+    shutil.copy(photo, tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__main__"}
+    code = blocks[0].replace('"puma-tiny-qwen2vl"', json.dumps(str(exported)))
+    exec(compile(code, "<export card>", "exec"), namespace)
+    expected = puma.encode([hub_puma.EXAMPLE_QUERY, photo_image, {"text": "A red car", "image": photo_image}])
+    assert (namespace["embeddings"] - expected).abs().max() <= TOL
+    assert "vllm serve puma-tiny-qwen2vl --runner pooling" in (exported / "README.md").read_text()
+
+
+def test_export_refuses_a_non_puma_checkpoint(tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match=r"'qwen2_vl' checkpoint, not a PUMA one"):
+        hub_puma.export_qwen2_vl(tiny_checkpoint, tmp_path / "out")

@@ -1,0 +1,114 @@
+"""train.py end to end: both stages from YAML configs, two CPU processes with gathered negatives, exact resume."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+
+pytest.importorskip("trl", reason="train.py parses its arguments with trl.TrlParser")
+pytest.importorskip("peft", reason="the stage configs train LoRA adapters")
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    from make_demo_data import make_demo_benchmark
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_benchmark(str(root), num_train=48, num_test=4, num_negatives=1, num_nli=48, image_size=48)
+    return str(root)
+
+
+def stage2_args(checkpoint, data, out, *extra):
+    return ["--config", os.path.join(ROOT, "configs", "demo_stage2.yaml"), "--model_name_or_path", checkpoint,
+            "--mbeir_root", data, "--output_dir", out, "--per_device_train_batch_size", "4", "--logging_steps", "1",
+            "--dataloader_num_workers", "0", *extra]
+
+
+def run_train(args, env=None, **kwargs):
+    environment = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=environment,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_stage1_then_stage2_from_the_merged_output(tiny_checkpoint, demo_data, tmp_path):
+    from transformers import AutoModel
+
+    from train import main, make_parser
+
+    stage1 = str(tmp_path / "stage1")
+    main(*make_parser().parse_args_and_config([
+        "--config", os.path.join(ROOT, "configs", "demo_stage1.yaml"), "--model_name_or_path", tiny_checkpoint,
+        "--teacher_model", tiny_checkpoint, "--nli_file", os.path.join(demo_data, "nli_demo.csv"),
+        "--output_dir", stage1, "--max_steps", "2", "--per_device_train_batch_size", "4"]))
+    stage1_config = json.loads(open(os.path.join(stage1, "config.json")).read())
+    assert stage1_config["kept_layers"] == [0, 1, 2] and "auto_map" in stage1_config
+    trainer = main(*make_parser().parse_args_and_config(stage2_args(stage1, demo_data, str(tmp_path / "stage2"), "--max_steps", "2")))
+    logged = [entry for entry in trainer.state.log_history if "tau_hard" in entry]
+    assert logged and all("contrastive_loss" in entry for entry in logged)
+    model = AutoModel.from_pretrained(str(tmp_path / "stage2"), trust_remote_code=True)
+    assert model.config.kept_layers == [0, 1, 2]
+    assert os.path.isfile(tmp_path / "stage2" / "trainer_state.json")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_gather_negatives_across_ranks(tiny_checkpoint, demo_data, tmp_path):
+    out = str(tmp_path / "ddp")
+    # accelerate's torchrun launcher (--multi_gpu) spawns the processes; use_cpu (in the config) picks gloo on CPU
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+               os.path.join(ROOT, "train.py"), *stage2_args(tiny_checkpoint, demo_data, out, "--max_steps", "2",
+                                                            "--num_layers", "2", "--use_peft", "false")]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    history = json.loads(open(os.path.join(out, "trainer_state.json")).read())["log_history"]
+    # each query is scored against the positives of both ranks: 2 processes x 4 per device
+    assert [entry["num_candidates"] for entry in history if "num_candidates" in entry] == [8.0, 8.0]
+
+
+def _weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def _last_step_loss(folder):
+    history = json.loads(open(os.path.join(folder, "trainer_state.json")).read())["log_history"]
+    return [entry["loss"] for entry in history if entry.get("step") == 6 and "loss" in entry][-1]
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_loss(tiny_checkpoint, demo_data, tmp_path):
+    common = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2", "--num_layers", "2",
+              "--seed", "3", "--num_train_epochs", "1"]
+    straight = str(tmp_path / "straight")
+    done = run_train(stage2_args(tiny_checkpoint, demo_data, straight, *common))
+    assert done.wait(timeout=600) == 0, done.stdout.read()[-3000:]
+
+    killed = str(tmp_path / "killed")
+    process = run_train(stage2_args(tiny_checkpoint, demo_data, killed, *common))
+    deadline = time.time() + 600
+    while not os.path.isfile(os.path.join(killed, "checkpoint-4", "trainer_state.json")):
+        assert process.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not os.path.isfile(os.path.join(killed, "model.safetensors"))  # it really died before the end
+    resumed = run_train(stage2_args(tiny_checkpoint, demo_data, killed, *common, "--resume_from_checkpoint", "true"))
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()[-3000:]
+
+    expected, got = _weights(straight), _weights(killed)
+    assert expected.keys() == got.keys()
+    assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6
+    assert _last_step_loss(killed) == pytest.approx(_last_step_loss(straight), abs=1e-6)
