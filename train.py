@@ -113,7 +113,7 @@ def main(script_args: ScriptArguments, training_args: PumaTrainingArguments, mod
         revision=model_args.model_revision, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
         **overrides)
     dataset = build_dataset(script_args)
-    collator = PumaCollator(model.processor, model.config, image_root=script_args.image_root or script_args.mbeir_root)
+    collator = PumaCollator(model.processor, model.config)  # the datasets resolve image paths against their roots
 
     teacher = None
     if training_args.teacher == "cached":

@@ -6,8 +6,8 @@ Each configuration runs in a fresh process (so peak memory does not mix) on the 
 to /tmp/bench_data/qwen2vl-<shape>, 28 layers) with a LoRA student keeping 12 layers, on the same batches:
 (a) the release recipe: a separate full-depth teacher copy, online; (b) the shared-weight teacher; (c) the cached
 teacher; (d) the student alone. Then MAC vs InfoNCE on (d), and GradCache vs plain at the same batch.
-Step time is the median over the timed steps (after one warm-up step); peak memory is the process's peak RSS (CPU)
-or peak allocated memory (GPU). Printed as a markdown table of ratios against the baseline of the same run.
+Step time is the median over the timed steps (after one warm-up step); peak memory is the process's peak RSS above
+its RSS after imports (CPU) or the peak allocated memory (GPU). Printed as a markdown table of ratios against the baseline of the same run.
 """
 
 import argparse
@@ -74,6 +74,11 @@ class Collator:
                 "query_ids": [e["query_id"] for e in examples], "candidate_ids": [e["positive_id"] for e in examples]}
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
 def run_one(spec: dict) -> dict:
     """One configuration, in this (fresh) process."""
     import peft
@@ -83,15 +88,15 @@ def run_one(spec: dict) -> dict:
     from modeling_puma import PumaForEmbedding
     from trainer_puma import CachedTeacher, PumaTrainer, PumaTrainingArguments, SeparateTeacher, precompute_teacher_cache
 
+    baseline = _rss_bytes()  # after imports: peak memory is reported above this
     device = spec["device"]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     checkpoint = spec["checkpoint"]
     base = PumaForEmbedding.from_pretrained(checkpoint, num_layers=12, dtype=dtype, device_map=device)
     collator = Collator(base)
     examples = make_examples(spec["batch"] * (spec["steps"] + 1))
-    teacher = None
+    teacher, cache = None, f"/tmp/bench_data/cache-{spec['shape']}-{spec['batch']}"
     if spec["teacher"] == "cached":
-        cache = f"/tmp/bench_data/cache-{spec['shape']}-{spec['batch']}"
         if not os.path.isfile(os.path.join(cache, "index.json")):
             full = PumaForEmbedding.from_pretrained(checkpoint, dtype=dtype, device_map=device)
             loader = torch.utils.data.DataLoader(examples, batch_size=spec["batch"], collate_fn=collator)
@@ -109,12 +114,9 @@ def run_one(spec: dict) -> dict:
         learning_rate=1e-4, logging_steps=1000, save_strategy="no", report_to=[], use_cpu=device == "cpu",
         bf16=device == "cuda", disable_tqdm=True, dataloader_num_workers=0, loss=spec["loss"],
         distill="mse" if distill else "none", distill_weight=0.1 if distill else 0.0,
-        contrastive_weight=0.9 if distill else 1.0, teacher=spec["teacher"] if spec["teacher"] != "separate" else "none",
-        teacher_model=checkpoint, teacher_cache="/unused" if spec["teacher"] == "cached" else None,
-        grad_cache_chunk_size=spec.get("grad_cache"),
+        contrastive_weight=0.9 if distill else 1.0, teacher=spec["teacher"], teacher_model=checkpoint,
+        teacher_cache=cache if spec["teacher"] == "cached" else None, grad_cache_chunk_size=spec.get("grad_cache"),
     )
-    if spec["teacher"] in ("separate", "cached"):
-        args.teacher = "cached"  # arguments only: the teacher object itself is passed below
     step_times = []
 
     class Timer(TrainerCallback):
@@ -134,7 +136,7 @@ def run_one(spec: dict) -> dict:
                           callbacks=[Timer()])
     trainer.train()
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline)
     return {"step_s": statistics.median(step_times[1:]), "peak_bytes": peak}
 
 

@@ -79,17 +79,21 @@ def text_flops_per_sequence(text_config, num_layers: int, length: int) -> float:
 LOAD_AVERAGES = []  # 1-minute load average after each timed pass: other processes on a shared machine skew timings
 
 
-def time_interleaved(fns: dict, repeats: int) -> dict:
+def time_interleaved(fns: dict, repeats: int, cpu_times: dict | None = None) -> dict:
     """`{name: [seconds, ...]}` of `repeats` rounds, each calling every `fn()` once in turn, so that load from
-    other processes on the machine falls on all settings alike."""
+    other processes on the machine falls on all settings alike. `cpu_times`, if given, receives the process CPU
+    seconds of each call (all threads), which other processes inflate far less than wall time."""
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - start)
+            if cpu_times is not None:
+                cpu_times.setdefault(name, []).append(time.process_time() - start_cpu)
             LOAD_AVERAGES.append(os.getloadavg()[0])
-            log(f"  {name}: {times[name][-1]:.2f}s (load average {LOAD_AVERAGES[-1]:.1f})")
+            log(f"  {name}: {times[name][-1]:.2f}s, CPU {time.process_time() - start_cpu:.2f}s "
+                f"(load average {LOAD_AVERAGES[-1]:.1f})")
     return times
 
 

@@ -1,0 +1,82 @@
+"""The built-in demo: make the offline benchmark, prune a tiny base, train both stages, evaluate, plot.
+
+    python demo.py [--out demo_out] [--quick]
+
+Steps: `make_demo_data.py` writes a small M-BEIR-format benchmark (text→image, text→text, text→(image,text),
+image→text, image→image and composed (image,text)→image tasks over PIL-drawn scenes); `tiny_qwen2vl.py` writes a
+tiny Qwen2-VL (6 layers, random weights: it is NOT pretrained, nothing can be downloaded here); PUMA keeps its first
+3 layers; stage 1 (`configs/demo_stage1.yaml`: NLI-style pairs, InfoNCE + distillation from the shared-weight
+full-depth teacher, LoRA) and stage 2 (`configs/demo_stage2.yaml`: M-BEIR-format training set, MAC-Loss) run through
+`train.py`; `eval_puma.py` scores the untrained pruned model and the trained one on every task's local pool.
+Writes `OUT/results.md` and training-curve plots `OUT/curves_stage{1,2}.png`.
+"""
+
+import argparse
+import os
+import time
+
+from eval_puma import evaluate_mbeir, plot_training_curves, summarize
+from make_demo_data import make_demo_benchmark
+from modeling_puma import PumaForEmbedding
+from tiny_qwen2vl import build_tiny_qwen2vl
+from train import main as train_main
+from train import make_parser
+
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_stage(config: str, *overrides: str):
+    args = make_parser().parse_args_and_config(["--config", os.path.join(ROOT, "configs", config), *overrides])
+    return train_main(*args)
+
+
+def recall_table(before: list[dict], after: list[dict]) -> str:
+    lines = ["| task | metric | untrained | trained |", "|---|---|---|---|"]
+    for untrained, trained in zip(before + [summarize(before)], after + [summarize(after)]):
+        lines.append(f"| {trained['label']} | {trained['metric'].replace('recall@', 'Recall@')} | "
+                     f"{untrained['score']:.1f} | {trained['score']:.1f} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="demo_out")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps (a smoke run, not a result)")
+    args = parser.parse_args()
+    start = time.time()
+    data, base = os.path.join(args.out, "data"), os.path.join(args.out, "tiny-qwen2vl")
+    stage1, stage2 = os.path.join(args.out, "stage1"), os.path.join(args.out, "stage2")
+    sizes = dict(num_train=60, num_test=4, num_nli=32, image_size=48) if args.quick else dict(num_train=2880, num_nli=256)
+    quick = ["--max_steps", "2"] if args.quick else []
+
+    print("1/5 writing the demo benchmark and the tiny random base model", flush=True)
+    make_demo_benchmark(data, seed=0, **sizes)
+    if not os.path.isfile(os.path.join(base, "config.json")):
+        build_tiny_qwen2vl(base)
+
+    print("2/5 evaluating the untrained pruned model (first 3 of 6 layers)", flush=True)
+    untrained = PumaForEmbedding.from_pretrained(base, num_layers=3)
+    before = evaluate_mbeir(untrained, data, show_progress_bar=False)
+
+    print("3/5 stage 1: NLI pairs, InfoNCE + distillation from the shared-weight teacher", flush=True)
+    run_stage("demo_stage1.yaml", "--model_name_or_path", base, "--teacher_model", base,
+              "--nli_file", os.path.join(data, "nli_demo.csv"), "--output_dir", stage1, *quick)
+
+    print("4/5 stage 2: M-BEIR-format training set, MAC-Loss, from stage 1's merged model", flush=True)
+    run_stage("demo_stage2.yaml", "--model_name_or_path", stage1, "--mbeir_root", data, "--output_dir", stage2, *quick)
+
+    print("5/5 evaluating the trained model", flush=True)
+    after = evaluate_mbeir(PumaForEmbedding.from_pretrained(stage2), data, show_progress_bar=False)
+    table = recall_table(before, after)
+    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    for name, folder in (("stage1", stage1), ("stage2", stage2)):
+        plot_training_curves(os.path.join(folder, "trainer_state.json"), os.path.join(args.out, f"curves_{name}.png"))
+    print(f"\nDemo benchmark, local pools (tiny random base, so only the trained column means anything):\n\n{table}\n")
+    print(f"results: {os.path.join(args.out, 'results.md')}; curves: {os.path.join(args.out, 'curves_stage*.png')}; "
+          f"{time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""demo.py end to end at smoke size: benchmark, base, both stages, evaluation, table and curves."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytest.importorskip("faiss", reason="the demo evaluates with faiss")
+pytest.importorskip("matplotlib", reason="the demo plots training curves")
+
+
+def test_quick_demo_runs_every_step_and_writes_its_outputs(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--out", str(out), "--quick"], cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    table = (out / "results.md").read_text()
+    for task in ("DemoCaptionToImage", "DemoParaphrase", "DemoCaptionToTitledImage", "DemoImageToCaption",
+                 "DemoSameScene", "DemoComposed", "average (6 tasks)"):
+        assert task in table
+    assert (out / "curves_stage1.png").stat().st_size > 0 and (out / "curves_stage2.png").stat().st_size > 0
+    assert (out / "stage2" / "config.json").is_file()
