@@ -389,8 +389,9 @@ class PumaForEmbedding(PumaPreTrainedModel):
                 embeddings = embeddings[:, :truncate_dim]
             if normalize:
                 embeddings = F.normalize(embeddings, p=2, dim=-1)
+            embeddings = embeddings.cpu()  # one device-to-host copy per batch
             for row, index in enumerate(batch):
-                results[index] = embeddings[row].cpu()
+                results[index] = embeddings[row]
         stacked = torch.stack(results)
         if single:
             stacked = stacked[0]

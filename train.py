@@ -9,6 +9,8 @@
     python train.py --config configs/puma_stage2_mbeir.yaml --max_steps 10 --output_dir /tmp/try
     # fill the teacher cache for a dataset (teacher: cached), then train without running the teacher
     python train.py --config configs/puma_stage1_nli.yaml --teacher cached --teacher_cache cache/nli --precompute_teacher
+    # push the final model as a complete Hub repository (card, handler, sentence-transformers files)
+    python train.py --config configs/puma_stage2_mbeir.yaml --push_to_hub --hub_model_id you/puma-7b
 """
 
 import json
@@ -46,6 +48,7 @@ class ScriptArguments:
     max_text_tokens: int | None = field(default=None, metadata={"help": "Override the model's text truncation (release: 450)."})
     train_embedding_token: bool = field(default=True, metadata={"help": "Train the embedding token's input row with LoRA."})
     precompute_teacher: bool = field(default=False, metadata={"help": "Fill teacher_cache with the teacher's embeddings, then train."})
+    license: str | None = field(default=None, metadata={"help": "License for the model card on --push_to_hub (default: the base's)."})
     seed_data: int = field(default=0, metadata={"help": "Seed of the per-epoch positive, instruction and negative draws."})
 
 
@@ -131,6 +134,10 @@ def main(script_args: ScriptArguments, training_args: PumaTrainingArguments, mod
                 del full
             teacher = CachedTeacher(training_args.teacher_cache, fingerprint)
 
+    # The Trainer's own push would upload output_dir only; hub_puma pushes the complete repository (card, handler,
+    # sentence-transformers files) after the final merged save, so the Trainer must not open a Hub repo at start.
+    push, training_args.push_to_hub = training_args.push_to_hub, False
+
     peft_config = lora_config(model_args, model, script_args.train_embedding_token)
     if peft_config is not None:
         from peft import get_peft_model
@@ -145,8 +152,13 @@ def main(script_args: ScriptArguments, training_args: PumaTrainingArguments, mod
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():  # the log history, for training curves (eval_puma.py curves)
         trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
+    if push and trainer.is_world_process_zero():
+        from hub_puma import push_to_hub
+
+        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+        push_to_hub(trainer.accelerator.unwrap_model(trainer.model), repo_id, token=training_args.hub_token,
+                    private=training_args.hub_private_repo, base_model=model_args.model_name_or_path,
+                    license=script_args.license)
     return trainer
 
 

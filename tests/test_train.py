@@ -112,3 +112,46 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_loss(tiny_checkp
     assert expected.keys() == got.keys()
     assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6
     assert _last_step_loss(killed) == pytest.approx(_last_step_loss(straight), abs=1e-6)
+
+
+def test_precompute_teacher_fills_the_cache_that_training_then_reads(tiny_checkpoint, demo_data, tmp_path):
+    from train import main, make_parser
+    from trainer_puma import CachedTeacher
+
+    cache = str(tmp_path / "cache")
+    trainer = main(*make_parser().parse_args_and_config([
+        "--config", os.path.join(ROOT, "configs", "demo_stage1.yaml"), "--model_name_or_path", tiny_checkpoint,
+        "--teacher", "cached", "--teacher_cache", cache, "--precompute_teacher", "true",
+        "--nli_file", os.path.join(demo_data, "nli_demo.csv"), "--output_dir", str(tmp_path / "out"),
+        "--max_steps", "1", "--per_device_train_batch_size", "8"]))
+    assert isinstance(trainer.teacher, CachedTeacher) and len(trainer.teacher.index) == 2 * 48  # sent0 + sent1 rows
+    fingerprint = json.loads(open(os.path.join(cache, "fingerprint.json")).read())
+    assert set(fingerprint) == {"teacher_checkpoint", "prompt_template", "pixel_limits", "data_files"}
+    # a changed pixel limit makes the cache stale: the run refuses it at start-up
+    with pytest.raises(ValueError, match="stale"):
+        main(*make_parser().parse_args_and_config([
+            "--config", os.path.join(ROOT, "configs", "demo_stage1.yaml"), "--model_name_or_path", tiny_checkpoint,
+            "--teacher", "cached", "--teacher_cache", cache, "--max_pixels", "6272",
+            "--nli_file", os.path.join(demo_data, "nli_demo.csv"), "--output_dir", str(tmp_path / "out2"),
+            "--max_steps", "1"]))
+
+
+def test_push_to_hub_uploads_the_complete_hub_folder(tiny_checkpoint, demo_data, tmp_path, monkeypatch):
+    import hub_puma
+    from train import main, make_parser
+
+    sent = {}
+    monkeypatch.setattr(hub_puma, "_check_hub_reachable", lambda endpoint, repo_id, **kw: None)
+    monkeypatch.setattr(hub_puma.HfApi, "create_repo", lambda self, repo_id, **kw: sent.setdefault("repo", repo_id))
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        sent["files"] = {p for p in os.listdir(folder_path)}
+        return "commit"
+
+    monkeypatch.setattr(hub_puma.HfApi, "upload_folder", upload_folder)
+    main(*make_parser().parse_args_and_config(stage2_args(
+        tiny_checkpoint, demo_data, str(tmp_path / "out"), "--max_steps", "1", "--num_layers", "2",
+        "--push_to_hub", "true", "--hub_model_id", "someone/puma-demo", "--license", "apache-2.0")))
+    assert sent["repo"] == "someone/puma-demo"
+    assert {"README.md", "handler.py", "modeling_puma.py", "configuration_puma.py", "model.safetensors",
+            "modules.json", "config.json"} <= sent["files"]
