@@ -8,14 +8,15 @@ tiny Qwen2-VL (6 layers, random weights: it is NOT pretrained, nothing can be do
 3 layers; stage 1 (`configs/demo_stage1.yaml`: NLI-style pairs, InfoNCE + distillation from the shared-weight
 full-depth teacher, LoRA) and stage 2 (`configs/demo_stage2.yaml`: M-BEIR-format training set, MAC-Loss) run through
 `train.py`; `eval_puma.py` scores the untrained pruned model and the trained one on every task's local pool.
-Writes `OUT/results.md` and training-curve plots `OUT/curves_stage{1,2}.png`.
+Writes `OUT/results.md`, the trained model's full evaluation with per-task bar charts in `OUT/eval/`, and
+training-curve plots `OUT/curves_stage{1,2}.png`.
 """
 
 import argparse
 import os
 import time
 
-from eval_puma import evaluate_mbeir, plot_training_curves, summarize
+from eval_puma import evaluate_mbeir, plot_training_curves, summarize, write_results
 from make_demo_data import make_demo_benchmark
 from modeling_puma import PumaForEmbedding
 from tiny_qwen2vl import build_tiny_qwen2vl
@@ -68,6 +69,7 @@ def main():
 
     print("5/5 evaluating the trained model", flush=True)
     after = evaluate_mbeir(PumaForEmbedding.from_pretrained(stage2), data, show_progress_bar=False)
+    write_results(after, os.path.join(args.out, "eval"), "local")  # the full table, JSON and per-task bar charts
     table = recall_table(before, after)
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")

@@ -23,3 +23,4 @@ def test_quick_demo_runs_every_step_and_writes_its_outputs(tmp_path):
         assert task in table
     assert (out / "curves_stage1.png").stat().st_size > 0 and (out / "curves_stage2.png").stat().st_size > 0
     assert (out / "stage2" / "config.json").is_file()
+    assert (out / "eval" / "results_local.md").is_file() and list((out / "eval" / "plots").glob("*.png"))
