@@ -152,13 +152,8 @@ def main(script_args: ScriptArguments, training_args: PumaTrainingArguments, mod
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():  # the log history, for training curves (eval_puma.py curves)
         trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
-    if push and trainer.is_world_process_zero():
-        from hub_puma import push_to_hub
-
-        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
-        push_to_hub(trainer.accelerator.unwrap_model(trainer.model), repo_id, token=training_args.hub_token,
-                    private=training_args.hub_private_repo, base_model=model_args.model_name_or_path,
-                    license=script_args.license)
+    if push:
+        trainer.push_to_hub(base_model=model_args.model_name_or_path, license=script_args.license)
     return trainer
 
 

@@ -474,5 +474,22 @@ class PumaTrainer(Trainer):
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
 
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None,
+                    revision=None, **kwargs):
+        """Pushes the final model as a complete Hub repository (`hub_puma.push_to_hub`: weights, remote code,
+        processor, model card, endpoint handler, sentence-transformers files) to `args.hub_model_id`."""
+        if not self.is_world_process_zero():
+            return None
+        from hub_puma import push_to_hub  # the Hub packaging module sits beside this one; imported only when pushing
+
+        model = self.accelerator.unwrap_model(self.model)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        return push_to_hub(model, repo_id, token=token or self.args.hub_token, private=self.args.hub_private_repo,
+                           revision=revision or getattr(self.args, "hub_revision", None), commit_message=commit_message,
+                           **kwargs)
+
+
 __all__ = ["CachedTeacher", "PumaTrainer", "PumaTrainingArguments", "SeparateTeacher", "SharedWeightTeacher",
            "parameter_groups", "precompute_teacher_cache", "split_features", "teacher_fingerprint"]

@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -80,6 +79,29 @@ def test_two_cpu_processes_gather_negatives_across_ranks(tiny_checkpoint, demo_d
     assert [entry["num_candidates"] for entry in history if "num_candidates" in entry] == [8.0, 8.0]
 
 
+KILL_AFTER_STEP_4 = """
+import os, signal, sys
+import train
+from transformers import TrainerCallback
+
+
+class KillAfterStep4(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 4:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KilledTrainer(train.PumaTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(KillAfterStep4())
+
+
+train.PumaTrainer = KilledTrainer
+train.main(*train.make_parser().parse_args_and_config(sys.argv[1:]))
+"""
+
+
 def _weights(folder):
     return load_file(os.path.join(folder, "model.safetensors"))
 
@@ -97,13 +119,14 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_loss(tiny_checkp
     assert done.wait(timeout=600) == 0, done.stdout.read()[-3000:]
 
     killed = str(tmp_path / "killed")
-    process = run_train(stage2_args(tiny_checkpoint, demo_data, killed, *common))
-    deadline = time.time() + 600
-    while not os.path.isfile(os.path.join(killed, "checkpoint-4", "trainer_state.json")):
-        assert process.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    # The run kills itself (SIGKILL, no clean-up) right after writing its step-4 checkpoint, in the middle of the epoch.
+    wrapper = tmp_path / "killed_train.py"
+    wrapper.write_text(KILL_AFTER_STEP_4)
+    process = subprocess.run([sys.executable, str(wrapper), *stage2_args(tiny_checkpoint, demo_data, killed, *common)],
+                             cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"},
+                             capture_output=True, text=True, timeout=600)
+    assert process.returncode == -signal.SIGKILL, process.stdout[-2000:] + process.stderr[-2000:]
+    assert os.path.isdir(os.path.join(killed, "checkpoint-4"))
     assert not os.path.isfile(os.path.join(killed, "model.safetensors"))  # it really died before the end
     resumed = run_train(stage2_args(tiny_checkpoint, demo_data, killed, *common, "--resume_from_checkpoint", "true"))
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()[-3000:]
@@ -121,7 +144,7 @@ def test_precompute_teacher_fills_the_cache_that_training_then_reads(tiny_checkp
     cache = str(tmp_path / "cache")
     trainer = main(*make_parser().parse_args_and_config([
         "--config", os.path.join(ROOT, "configs", "demo_stage1.yaml"), "--model_name_or_path", tiny_checkpoint,
-        "--teacher", "cached", "--teacher_cache", cache, "--precompute_teacher", "true",
+        "--teacher_model", tiny_checkpoint, "--teacher", "cached", "--teacher_cache", cache, "--precompute_teacher", "true",
         "--nli_file", os.path.join(demo_data, "nli_demo.csv"), "--output_dir", str(tmp_path / "out"),
         "--max_steps", "1", "--per_device_train_batch_size", "8"]))
     assert isinstance(trainer.teacher, CachedTeacher) and len(trainer.teacher.index) == 2 * 48  # sent0 + sent1 rows
@@ -131,7 +154,7 @@ def test_precompute_teacher_fills_the_cache_that_training_then_reads(tiny_checkp
     with pytest.raises(ValueError, match="stale"):
         main(*make_parser().parse_args_and_config([
             "--config", os.path.join(ROOT, "configs", "demo_stage1.yaml"), "--model_name_or_path", tiny_checkpoint,
-            "--teacher", "cached", "--teacher_cache", cache, "--max_pixels", "6272",
+            "--teacher_model", tiny_checkpoint, "--teacher", "cached", "--teacher_cache", cache, "--max_pixels", "6272",
             "--nli_file", os.path.join(demo_data, "nli_demo.csv"), "--output_dir", str(tmp_path / "out2"),
             "--max_steps", "1"]))
 
