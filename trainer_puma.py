@@ -244,16 +244,22 @@ class CachedTeacher:
                 details = "; ".join(f"{key}: cache {stored.get(key)} != run {expected.get(key)}" for key in differing)
                 raise ValueError(f"The teacher cache {cache_dir} is stale ({details}). Recompute it with precompute_teacher_cache.")
         with open(os.path.join(cache_dir, "index.json"), encoding="utf-8") as f:
-            self.index = json.load(f)
+            index = json.load(f)
         shards = sorted(name for name in os.listdir(cache_dir) if name.startswith("embeddings-"))
-        self.shards = [load_file(os.path.join(cache_dir, name))["embeddings"] for name in shards]
+        shards = [load_file(os.path.join(cache_dir, name))["embeddings"] for name in shards]
+        # One table and one row number per id, so a batch is a single gather rather than a stack of slices.
+        offsets = [0]
+        for shard in shards[:-1]:
+            offsets.append(offsets[-1] + shard.shape[0])
+        self.embeddings = torch.cat(shards)
+        self.rows = {sample_id: offsets[shard] + row for sample_id, (shard, row) in index.items()}
 
     def embed(self, features: dict, ids: list[str]) -> torch.Tensor:
-        missing = [sample_id for sample_id in ids if sample_id not in self.index]
+        missing = [sample_id for sample_id in ids if sample_id not in self.rows]
         if missing:
             raise KeyError(f"The teacher cache lacks {len(missing)} ids of this batch, e.g. {missing[:5]}; it is incomplete.")
-        rows = torch.stack([self.shards[shard][row] for shard, row in (self.index[i] for i in ids)])
-        return rows.to(features["input_ids"].device)
+        rows = torch.tensor([self.rows[sample_id] for sample_id in ids])
+        return self.embeddings.index_select(0, rows).to(features["input_ids"].device)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -388,7 +394,8 @@ class PumaTrainer(Trainer):
             modality=inputs.get("modality"), negatives=embeddings.get("negative"),
             negative_modality=inputs.get("negative_modality"), teacher_negatives=teacher.get("negative"),
         )
-        if not torch.isfinite(outputs["loss"]) or not all(torch.isfinite(e).all() for e in embeddings.values()):
+        # A non-finite embedding makes the loss non-finite too, so the loss alone is checked (one sync per step).
+        if not torch.isfinite(outputs["loss"]):
             parts = {k: float(v.detach()) for k, v in outputs.items() if v.numel() == 1}
             raise FloatingPointError(f"Non-finite loss or embeddings at step {self.state.global_step}: {parts}.")
         self._track(outputs)
@@ -438,14 +445,14 @@ class PumaTrainer(Trainer):
     def _track(self, outputs: dict):
         for key, value in outputs.items():
             if key != "loss" and value.numel() == 1:
-                self._tracked[key].append(float(value))
+                self._tracked[key].append(value.detach())  # kept on device: converted once per log, not per step
         if isinstance(self.objective.contrastive, MACLoss):
             self._tracked["tau_hard"].append(self.objective.contrastive.tau_hard)
             self._tracked["tau_norm"].append(self.args.tau_norm)
 
     def log(self, logs: dict, start_time=None) -> None:
         if "loss" in logs and self._tracked:  # a training log: add the mean of each component since the last one
-            logs.update({key: round(sum(values) / len(values), 6) for key, values in self._tracked.items()})
+            logs.update({key: round(float(sum(values)) / len(values), 6) for key, values in self._tracked.items()})
             self._tracked.clear()
         super().log(logs, start_time)
 

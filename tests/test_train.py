@@ -147,7 +147,7 @@ def test_precompute_teacher_fills_the_cache_that_training_then_reads(tiny_checkp
         "--teacher_model", tiny_checkpoint, "--teacher", "cached", "--teacher_cache", cache, "--precompute_teacher", "true",
         "--nli_file", os.path.join(demo_data, "nli_demo.csv"), "--output_dir", str(tmp_path / "out"),
         "--max_steps", "1", "--per_device_train_batch_size", "8"]))
-    assert isinstance(trainer.teacher, CachedTeacher) and len(trainer.teacher.index) == 2 * 48  # sent0 + sent1 rows
+    assert isinstance(trainer.teacher, CachedTeacher) and len(trainer.teacher.rows) == 2 * 48  # sent0 + sent1 rows
     fingerprint = json.loads(open(os.path.join(cache, "fingerprint.json")).read())
     assert set(fingerprint) == {"teacher_checkpoint", "prompt_template", "pixel_limits", "data_files"}
     # a changed pixel limit makes the cache stale: the run refuses it at start-up
