@@ -17,12 +17,13 @@ M-BEIR is read in the format UniIR published (query files, candidate pools keyed
 """
 
 import csv
+import hashlib
 import io
 import json
 import logging
 import os
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 import torch
@@ -75,6 +76,60 @@ def content_modality(text: str | None, image) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Rules shared by training and evaluation (one definition each)
+# ----------------------------------------------------------------------------------------------------------------
+def dataset_id(item_id: str) -> str:
+    """The M-BEIR dataset id of a query or candidate id: `"9:1234"` -> `"9"`."""
+    return str(item_id).split(":")[0]
+
+
+def join_path(root, path: str | None) -> str | None:
+    """`path` resolved against `root`; `None` and an absent root leave it as it is."""
+    if path is None or root is None:
+        return path
+    return os.path.join(root, path)
+
+
+def repeated_ids(ids: list[str]) -> list[str]:
+    """The ids that occur more than once in `ids`, sorted."""
+    return sorted(item for item, count in Counter(ids).items() if count > 1)
+
+
+def own_dataset_positives(qid: str, positives: list[str]) -> list[str]:
+    """The positives that must be in the pool: those of the query's own dataset, or all when it has none there.
+
+    OVEN and InfoSeek queries list positives of the other dataset too, which a task's pool may lack (UniIR's rule).
+    """
+    own = [did for did in positives if dataset_id(did) == dataset_id(qid)]
+    return own or list(positives)
+
+
+def file_fingerprint(path, blocks: int = 64, block_size: int = 4096) -> str:
+    """SHA-256 of a file's size and content: the whole file up to `blocks * block_size` bytes, else `blocks` evenly
+    spaced blocks of it (a retrained checkpoint keeps every file size, and hashing gigabytes would take minutes)."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(f"size={size}".encode())
+    with open(path, "rb") as f:
+        if size <= blocks * block_size:
+            digest.update(f.read())
+        else:
+            for i in range(blocks):
+                f.seek((size - block_size) * i // (blocks - 1))
+                digest.update(f.read(block_size))
+    return digest.hexdigest()
+
+
+def checkpoint_fingerprint(name: str) -> dict[str, str]:
+    """What identifies a checkpoint's weights: `{file: file_fingerprint}` of `config.json` and every safetensors file
+    of a local folder; a Hub repository id stands for itself (pin `revision` for reproducible caches)."""
+    name = os.fspath(name)
+    if not os.path.isdir(name):
+        return {"name": name}
+    files = ["config.json"] + sorted(f for f in os.listdir(name) if f.endswith(".safetensors"))
+    return {f: file_fingerprint(os.path.join(name, f)) for f in files if os.path.isfile(os.path.join(name, f))}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # M-BEIR files
 # ----------------------------------------------------------------------------------------------------------------
 def read_jsonl(path) -> list[dict]:
@@ -112,15 +167,6 @@ def _id_list(value, path, line_number: int, field: str) -> list[str]:
     return [str(item) for item in value]
 
 
-def _duplicates(ids: list[str]) -> list[str]:
-    seen, duplicates = set(), []
-    for item in ids:
-        if item in seen:
-            duplicates.append(item)
-        seen.add(item)
-    return duplicates
-
-
 def load_mbeir_queries(path) -> list[dict]:
     """M-BEIR query records: `qid` (`"dataset_id:n"`), `query_txt`, `query_img_path`, `query_modality`,
     `pos_cand_list`, `neg_cand_list`, `task_id`.
@@ -147,9 +193,9 @@ def load_mbeir_queries(path) -> list[dict]:
             "neg_cand_list": _id_list(record.get("neg_cand_list"), path, line_number, "neg_cand_list"),
             "task_id": int(task_id) if task_id is not None else None,
         })
-    duplicates = _duplicates([query["qid"] for query in queries])
+    duplicates = repeated_ids([query["qid"] for query in queries])
     if duplicates:
-        raise ValueError(f"{path} has {len(duplicates)} duplicate qids, e.g. {sorted(set(duplicates))[:_SHOWN_IDS]}; "
+        raise ValueError(f"{path} has {len(duplicates)} duplicate qids, e.g. {duplicates[:_SHOWN_IDS]}; "
                          "query ids must be unique (they key qrels and caches).")
     return queries
 
@@ -197,18 +243,8 @@ def load_query_instructions(path) -> dict[tuple[str, str, str], list[str]]:
     return instructions
 
 
-def _dataset_id(qid: str) -> str:
-    return qid.split(":")[0]
-
-
 def _candidate_input(candidate: dict, image_root) -> dict:
-    return {"text": candidate["txt"], "image": _join(image_root, candidate["img_path"])}
-
-
-def _join(root, path: str | None) -> str | None:
-    if path is None or root is None:
-        return path
-    return os.path.join(root, path)
+    return {"text": candidate["txt"], "image": join_path(image_root, candidate["img_path"])}
 
 
 class _SkipLog:
@@ -282,7 +318,7 @@ class MBEIRTrainDataset(Dataset):
             candidate = self.pool.get(did)
             if candidate is None:
                 dropped.add(f"{kind} ids absent from the pool", did)
-            elif not self._has_image(_join(self.image_root, candidate["img_path"])):
+            elif not self._has_image(join_path(self.image_root, candidate["img_path"])):
                 dropped.add(f"{kind}s whose image file is missing", did)
             else:
                 usable.append(did)
@@ -294,13 +330,13 @@ class MBEIRTrainDataset(Dataset):
         examples = []
         for query in tqdm(queries, desc="Checking M-BEIR queries", disable=len(queries) < _PROGRESS_MIN_ITEMS):
             qid = query["qid"]
-            image = _join(self.image_root, query["query_img_path"])
+            image = join_path(self.image_root, query["query_img_path"])
             if not self._has_image(image):
                 skipped.add("queries whose image file is missing", qid)
                 continue
             positives = []
             for did in self._usable_candidates(query["pos_cand_list"], "positive", dropped):
-                key = (_dataset_id(qid), query["query_modality"], self.pool[did]["modality"])
+                key = (dataset_id(qid), query["query_modality"], self.pool[did]["modality"])
                 if key in self.instructions:
                     positives.append(did)
                 else:
@@ -346,7 +382,7 @@ class MBEIRTrainDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         positive_id = positives[int(rng.integers(len(positives)))]
         positive = self.pool[positive_id]
-        prompts = self.instructions[(_dataset_id(qid), query_modality, positive["modality"])]
+        prompts = self.instructions[(dataset_id(qid), query_modality, positive["modality"])]
         instruction_index = int(rng.integers(len(prompts)))
         negative_ids = [negatives[i] for i in _draw_indices(rng, len(negatives), self.num_hard_negatives)]
         return {
@@ -385,9 +421,8 @@ def mbeir_eval_queries(queries: list[dict], pool: dict[str, dict], instructions:
     for query in queries:
         qid = query["qid"]
         in_pool = [did for did in query["pos_cand_list"] if did in pool]
-        own = [did for did in in_pool if _dataset_id(did) == _dataset_id(qid)]
-        target = pool[(own or in_pool)[0]]["modality"] if in_pool else None
-        prompts = instructions.get((_dataset_id(qid), query["query_modality"], target)) if target else None
+        target = pool[own_dataset_positives(qid, in_pool)[0]]["modality"] if in_pool else None
+        prompts = instructions.get((dataset_id(qid), query["query_modality"], target)) if target else None
         instruction = None
         if not target:
             missing.add("queries with no positive in the pool", qid)
@@ -518,7 +553,7 @@ class ColumnPairDataset(Dataset):
 
     def _image(self, image):
         if isinstance(image, str):
-            return _join(self.image_root, image) if image.strip() else None
+            return join_path(self.image_root, image) if image.strip() else None
         return image
 
     def _negatives(self, row: dict, row_id: str) -> list[dict]:

@@ -36,14 +36,14 @@ import math
 import os
 import re
 import sys
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from data_puma import load_mbeir_pool, load_mbeir_queries, load_query_instructions, mbeir_eval_queries
+from data_puma import (checkpoint_fingerprint, dataset_id, join_path, load_mbeir_pool, load_mbeir_queries,
+                       load_query_instructions, mbeir_eval_queries, own_dataset_positives, repeated_ids)
 from modeling_puma import IMAGE_SUFFIXES, QWEN2_VL_MODEL_TYPES, PumaForEmbedding
 
 
@@ -184,7 +184,7 @@ def load_benchmark(root) -> Benchmark:
                                    entry["local_pool_file"], entry["query_modality"], entry["cand_modality"], metric_k))
     names = [task.name for task in tasks]
     if len(set(names)) != len(names):
-        raise ValueError(f"{table_file} names tasks more than once: {_repeats(names)}.")
+        raise ValueError(f"{table_file} names tasks more than once: {repeated_ids(names)}.")
     return Benchmark(root, tuple(tasks), os.path.join(root, table.get("union_test_pool_file", MBEIR_GLOBAL_POOL)),
                      os.path.join(root, table.get("instructions_file", MBEIR_INSTRUCTIONS)),
                      os.path.normpath(os.path.join(root, table.get("image_root", "."))), table_file)
@@ -218,14 +218,6 @@ def load_pool(path: str, what: str) -> dict[str, dict]:
     return pool
 
 
-def _repeats(ids: list[str]) -> list[str]:
-    return sorted(item for item, count in Counter(ids).items() if count > 1)
-
-
-def _dataset_id(item_id: str) -> str:
-    return item_id.split(":")[0]
-
-
 def _violation(kind: str, ids: list[str]) -> str:
     return f"{len(ids)} {kind}, e.g. {ids[:_SHOWN_IDS]}"
 
@@ -247,8 +239,7 @@ def check_task(task: RetrievalTask, queries: list[dict], pool: dict[str, dict], 
         if query["query_modality"] != task.query_modality:
             wrong_query.append(f"{qid} ({query['query_modality']})")
         positives = query["pos_cand_list"]
-        own = [did for did in positives if _dataset_id(did) == _dataset_id(qid)]
-        absent += [f"{qid}->{did}" for did in (own or positives) if did not in pool]
+        absent += [f"{qid}->{did}" for did in own_dataset_positives(qid, positives) if did not in pool]
         relevant[qid] = [did for did in positives if did in pool]
         if not positives:
             no_positive.append(qid)
@@ -280,7 +271,7 @@ def load_task_queries(benchmark: Benchmark, task: RetrievalTask, pool: dict[str,
     queries = load_mbeir_queries(_require_file(query_path, f"Task {task.name} query file"))
     relevant = check_task(task, queries, pool, local, query_path, pool_path)
     eval_queries = mbeir_eval_queries(queries, pool, instructions, seed=seed)
-    without = [f"{q['query_id']} {(_dataset_id(q['query_id']), q['query_modality'], q['modality'])}"
+    without = [f"{q['query_id']} {(dataset_id(q['query_id']), q['query_modality'], q['modality'])}"
                for q in eval_queries if q["instruction"] is None]
     if without:
         kind = f"queries without an instruction in {benchmark.instructions_file} for (dataset id, query modality, " \
@@ -302,30 +293,14 @@ def _partial_state():
 
 def model_fingerprint(model: PumaForEmbedding) -> str:
     """Hash of what determines the model's embeddings: its configuration (kept layers, prompts, pixel limits),
-    dtype and attention, and, for a local checkpoint folder, its config.json and each weight file's size and sampled
-    blocks of its bytes (a retrained checkpoint keeps every size, and reading whole files would take minutes)."""
+    dtype and attention, and, for a local checkpoint folder, the content of its files
+    (`data_puma.checkpoint_fingerprint`)."""
     digest = hashlib.sha256()
     digest.update(model.config.to_json_string(use_diff=False).encode())
     digest.update(f"{model.dtype}|{model.config._attn_implementation}".encode())
-    folder = model.name_or_path
-    if os.path.isdir(folder):
-        with open(os.path.join(folder, "config.json"), "rb") as f:
-            digest.update(f.read())
-        for name in sorted(os.listdir(folder)):
-            if name.endswith(".safetensors"):
-                path = os.path.join(folder, name)
-                digest.update(f"{name}:{os.path.getsize(path)}".encode())
-                _update_with_samples(digest, path)
+    if os.path.isdir(model.name_or_path):
+        digest.update(json.dumps(checkpoint_fingerprint(model.name_or_path), sort_keys=True).encode())
     return digest.hexdigest()
-
-
-def _update_with_samples(digest, path: str, blocks: int = 64, block_size: int = 4096) -> None:
-    """Feeds `blocks` evenly spaced blocks of the file to `digest`."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        for i in range(blocks):
-            f.seek(max(0, size - block_size) * i // (blocks - 1))
-            digest.update(f.read(block_size))
 
 
 def _items_fingerprint(ids: list[str], items: list[dict], instructions: list[str | None]) -> str:
@@ -383,14 +358,10 @@ def _encode_items(model: PumaForEmbedding, items: list[dict], instructions: list
         groups.setdefault(instruction, []).append(index)
     out = torch.empty(len(items), model.config.text_config.hidden_size)
     for instruction, indices in groups.items():
-        inputs = [{"text": items[i].get("text"), "image": _join(image_root, items[i].get("image"))} for i in indices]
+        inputs = [{"text": items[i].get("text"), "image": join_path(image_root, items[i].get("image"))} for i in indices]
         out[indices] = model.encode(inputs, instruction=instruction, is_query=is_query, batch_size=batch_size,
                                     show_progress_bar=False)
     return out
-
-
-def _join(root: str | None, path: str | None) -> str | None:
-    return path if path is None or root is None else os.path.join(root, path)
 
 
 def encode_cached(model: PumaForEmbedding, items: list[dict], ids: list[str], cache_dir=None, *, name: str = "items",
@@ -419,7 +390,7 @@ def encode_cached(model: PumaForEmbedding, items: list[dict], ids: list[str], ca
     if not items:
         raise ValueError(f"{name}: there are no items to encode.")
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{name}: ids must be unique, got repeats {_repeats(ids)[:_SHOWN_IDS]}.")
+        raise ValueError(f"{name}: ids must be unique, got repeats {repeated_ids(ids)[:_SHOWN_IDS]}.")
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}.")
     instructions = list(instructions) if instructions is not None else [None] * len(items)
@@ -840,7 +811,7 @@ def load_corpus(path) -> tuple[list[str], list[dict], str]:
     if not items:
         raise ValueError(f"Corpus {path} holds no image, .txt file or record to index.")
     if len(set(ids)) != len(ids):
-        raise ValueError(f"Corpus {path} repeats ids {_repeats(ids)[:_SHOWN_IDS]}.")
+        raise ValueError(f"Corpus {path} repeats ids {repeated_ids(ids)[:_SHOWN_IDS]}.")
     return ids, items, root
 
 

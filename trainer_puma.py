@@ -14,7 +14,6 @@ Teachers (the full-depth model whose embedding the pruned student distils):
 """
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from torch.utils.checkpoint import get_device_states, set_device_states
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
+from data_puma import checkpoint_fingerprint, file_fingerprint
 from losses_puma import DistillationObjective, HiddenStateDistillLoss, KLDistillLoss, MACLoss, build_loss, tau_hard_schedule
 from modeling_puma import PumaForEmbedding
 
@@ -157,30 +157,16 @@ class SharedWeightTeacher:
             return self.model(**features).raw_embeddings
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def teacher_fingerprint(teacher_path: str, config, data_files: list[str]) -> dict:
-    """What a cached teacher embedding depends on: teacher checkpoint, prompt template, pixel limits, data files."""
-    if os.path.isdir(teacher_path):
-        checkpoint = {"config.json": file_sha256(os.path.join(teacher_path, "config.json"))}
-        for name in sorted(os.listdir(teacher_path)):
-            if name.endswith(".safetensors"):
-                checkpoint[name] = os.path.getsize(os.path.join(teacher_path, name))
-    else:  # a Hub repository id: its name stands for it (pin `revision` for reproducible caches)
-        checkpoint = {"name": teacher_path}
+    """What a cached teacher embedding depends on: the teacher checkpoint's content, prompt template, pixel limits
+    and the data files' content (`data_puma.checkpoint_fingerprint` / `file_fingerprint`)."""
     prompt_fields = ("embedding_token", "system_prompt", "instruction_template", "user_suffix_template",
                      "modality_words", "assistant_template", "format_text", "max_text_tokens", "pooling")
     return {
-        "teacher_checkpoint": checkpoint,
+        "teacher_checkpoint": checkpoint_fingerprint(teacher_path),
         "prompt_template": {name: getattr(config, name) for name in prompt_fields},
         "pixel_limits": {"min_pixels": config.min_pixels, "max_pixels": config.max_pixels},
-        "data_files": {os.path.basename(path): file_sha256(path) for path in data_files},
+        "data_files": {os.path.basename(path): file_fingerprint(path) for path in data_files},
     }
 
 

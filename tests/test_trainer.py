@@ -167,6 +167,25 @@ def test_a_stale_or_incomplete_cache_is_a_clear_error(tiny_checkpoint, images, t
         cache.embed({"input_ids": torch.zeros(2, 3)}, ["q0", "q99"])
 
 
+def test_a_retrained_teacher_of_the_same_file_sizes_makes_the_cache_stale(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_checkpoint, teacher)
+    config = PumaForEmbedding.from_pretrained(tiny_checkpoint).config
+    before = teacher_fingerprint(str(teacher), config, [])
+    weights = load_file(str(teacher / "model.safetensors"))
+    weights = {key: value + 1e-3 if key.endswith("norm.weight") else value for key, value in weights.items()}
+    size = (teacher / "model.safetensors").stat().st_size
+    save_file(weights, str(teacher / "model.safetensors"), metadata={"format": "pt"})
+    assert (teacher / "model.safetensors").stat().st_size == size  # same shapes, same size: only content differs
+    after = teacher_fingerprint(str(teacher), config, [])
+    assert after["teacher_checkpoint"]["model.safetensors"] != before["teacher_checkpoint"]["model.safetensors"]
+    assert after["teacher_checkpoint"]["config.json"] == before["teacher_checkpoint"]["config.json"]
+
+
 @pytest.mark.parametrize("objective", [
     dict(loss="mac", tau_norm=0.05),
     dict(loss="infonce", distill="mse", distill_weight=0.1, contrastive_weight=0.9, kl_weight=0.3, teacher="cached"),
