@@ -1,112 +1,260 @@
 # Copyright 2026 The PUMA contributors. Licensed under the Apache License, Version 2.0.
-"""PUMA configuration: a Qwen2-VL configuration plus the kept decoder layers, the embedding token and the prompts."""
+"""PUMA configuration: a Qwen-VL family configuration (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) pruned to the kept decoder
+layers, plus the prompt and pooling recipe of the embedder."""
 
-from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLConfig
+import copy
+
+import transformers
+from transformers import AutoConfig, PretrainedConfig
 
 
+# The Qwen-VL families PUMA prunes: transformers' own configuration, backbone and processor class of each.
+FAMILIES = {
+    "qwen2_vl": {"config": "Qwen2VLConfig", "model": "Qwen2VLModel", "processor": "Qwen2VLProcessor",
+                 "generation": "Qwen2VLForConditionalGeneration"},
+    "qwen2_5_vl": {"config": "Qwen2_5_VLConfig", "model": "Qwen2_5_VLModel", "processor": "Qwen2_5_VLProcessor",
+                   "generation": "Qwen2_5_VLForConditionalGeneration"},
+    "qwen3_vl": {"config": "Qwen3VLConfig", "model": "Qwen3VLModel", "processor": "Qwen3VLProcessor",
+                 "generation": "Qwen3VLForConditionalGeneration"},
+}
 POOLING_MODES = ("token", "last", "mean")
+INSTRUCTION_PLACEMENTS = ("user", "system")
+MODALITIES = ("image", "text", "image,text")
 
-# Release prompt format (JiuTian-VL/PUMA `ret_oneword.py`): the user turn is the optional image, the text, and
-# "Summarize above <modality> in one word: "; the assistant turn is the embedding token followed by ".".
-DEFAULT_MODALITY_WORDS = {"image": "image", "text": "sentence", "image,text": "image and sentence"}
+# Prompt, image and pooling recipes. Each preset gives the values of the recipe fields of `PumaConfig`; a field
+# passed explicitly overrides its preset value.
+#
+# "puma": the release (JiuTian-VL/PUMA `src/training/ret_oneword.py`, `src/utils.py`): the family's default system
+#   turn; the user turn is the image, then `format_string(instruction) + "\n" + text` passed through `format_string`
+#   and truncated to 450 tokens, then "\nSummarize above <modality> in one word: "; the assistant turn is "[RET].";
+#   images are resized by qwen-vl-utils' `fetch_image` into [4, 300] x 28^2 pixels; the embedding is the final-norm
+#   hidden state at the added [RET] token.
+# "qwen3_vl_embedding": Qwen3-VL-Embedding (Qwen/Qwen3-VL-Embedding-2B/8B; QwenLM/Qwen3-VL-Embedding
+#   `src/models/qwen3_vl_embedding.py`): the instruction, stripped and ended with a full stop unless it ends with
+#   punctuation, is the system turn (default "Represent the user's input."); the input is the user turn (image, then
+#   text); the generation prompt "<|im_start|>assistant\n" closes the prompt (the tokenizer may append its own end
+#   token); images are resized by `fetch_image` into [4, 1800] x 32^2 pixels and not again by the processor; the
+#   embedding is the last token's final-norm hidden state, L2-normalised, truncatable to Matryoshka sizes >= 64.
+# "gme": GME (Alibaba-NLP/gme-Qwen2-VL-2B/7B-Instruct `gme_inference.py`): the instruction is the system turn (default
+#   and candidates: "You are a helpful assistant."); the input is the user turn (image, then text); the assistant turn
+#   is "<|endoftext|>"; images are resized by `fetch_image` into [4, 16384] x 28^2 pixels, then by the processor into
+#   [256, 1280] x 28^2; every token, image tokens included, gets the sequential position 0..L-1 (GME runs the text
+#   decoder with `position_ids=None`, so no 3-D M-RoPE); the embedding is the last token's final-norm hidden state.
+PRESETS = {
+    "puma": {
+        "pooling": "token",
+        "embedding_token": "[RET]",
+        "system_prompt": "You are a helpful assistant.",
+        "instruction_placement": "user",
+        "instruction_template": "{instruction}\n{text}",
+        "punctuate_instruction": False,
+        "user_suffix_template": "\nSummarize above {modality} in one word: ",
+        "modality_words": {"image": "image", "text": "sentence", "image,text": "image and sentence"},
+        "assistant_template": "{embedding_token}.<|im_end|>\n",
+        "format_text": True,
+        "max_text_tokens": 450,
+        "min_pixels": 4 * 28 * 28,
+        "max_pixels": 300 * 28 * 28,
+        "processor_min_pixels": None,
+        "processor_max_pixels": None,
+        "position_mode": "mrope",
+        "matryoshka_dims": None,
+    },
+    "qwen3_vl_embedding": {
+        "pooling": "last",
+        "embedding_token": None,
+        "system_prompt": "Represent the user's input.",
+        "instruction_placement": "system",
+        "instruction_template": "{instruction}\n{text}",
+        "punctuate_instruction": True,
+        "user_suffix_template": "",
+        "modality_words": {"image": "image", "text": "text", "image,text": "image and text"},
+        "assistant_template": "",
+        "format_text": False,
+        "max_text_tokens": 8192,
+        "min_pixels": 4 * 32 * 32,
+        "max_pixels": 1800 * 32 * 32,
+        "processor_min_pixels": None,
+        "processor_max_pixels": None,
+        "position_mode": "mrope",
+        "matryoshka_dims": "powers of two from 64",
+    },
+    "gme": {
+        "pooling": "last",
+        "embedding_token": None,
+        "system_prompt": "You are a helpful assistant.",
+        "instruction_placement": "system",
+        "instruction_template": "{instruction}\n{text}",
+        "punctuate_instruction": False,
+        "user_suffix_template": "",
+        "modality_words": {"image": "image", "text": "text", "image,text": "image and text"},
+        "assistant_template": "<|endoftext|>",
+        "format_text": False,
+        "max_text_tokens": 1800,
+        "min_pixels": 4 * 28 * 28,
+        "max_pixels": 16384 * 28 * 28,
+        "processor_min_pixels": 256 * 28 * 28,
+        "processor_max_pixels": 1280 * 28 * 28,
+        "position_mode": "sequential",
+        "matryoshka_dims": None,
+    },
+}
+RECIPE_FIELDS = tuple(PRESETS["puma"])
+POSITION_MODES = ("mrope", "sequential")
 
 
-class PumaConfig(Qwen2VLConfig):
+def preset_defaults(preset: str, base_model_type: str, hidden_size: int) -> dict:
+    """The recipe field values of `preset` for a base of family `base_model_type` and width `hidden_size`."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is not one of {sorted(PRESETS)}.")
+    values = copy.deepcopy(PRESETS[preset])
+    if preset == "puma" and base_model_type == "qwen3_vl":
+        values["system_prompt"] = None  # Qwen3-VL's chat template has no default system turn
+    if values["matryoshka_dims"] == "powers of two from 64":
+        values["matryoshka_dims"] = [2**i for i in range(6, 16) if 2**i < hidden_size] + [hidden_size]
+    return values
+
+
+_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def _sub_config_declaration():
+    """The class attribute declaring `text_config`/`vision_config` as sub-configurations resolved by `model_type`:
+    `sub_configs_defaults` on transformers 5, `sub_configs` on 4.x."""
+    if _TRANSFORMERS_5:
+        from transformers.configuration_utils import SubConfigSpec
+
+        return "sub_configs_defaults", {
+            "text_config": SubConfigSpec(AutoConfig, model_type="qwen2_vl_text"),
+            "vision_config": SubConfigSpec(AutoConfig, model_type="qwen2_vl_vision"),
+        }
+    return "sub_configs", {"text_config": AutoConfig, "vision_config": AutoConfig}
+
+
+class PumaConfig(PretrainedConfig):
     r"""
-    Configuration of a [`PumaForEmbedding`]: a Qwen2-VL configuration whose `text_config.num_hidden_layers` is the
-    number of *kept* decoder layers, plus the PUMA fields below. Every Qwen2-VL field (`text_config`,
-    `vision_config`, `image_token_id`, ...) keeps its meaning.
+    Configuration of a [`PumaForEmbedding`]: the text and vision configurations of a Qwen-VL family model whose
+    `text_config.num_hidden_layers` is the number of *kept* decoder layers, plus the PUMA fields below.
 
     The class is written with an explicit `__init__` (rather than as a dataclass) so that the same file loads as
     remote code on transformers 4.57 and 5.x.
 
     Args:
+        base_model_type (`str`, *optional*, defaults to `"qwen2_vl"`):
+            The family of the base model: `"qwen2_vl"`, `"qwen2_5_vl"` or `"qwen3_vl"`. The backbone is that family's
+            own transformers model class, and the processor its own processor.
+        text_config (`dict` or `PretrainedConfig`, *optional*):
+            The family's text configuration (`model_type` `"<family>_text"`), with the kept depth.
+        vision_config (`dict` or `PretrainedConfig`, *optional*):
+            The family's vision configuration. For Qwen3-VL, `deepstack_visual_indexes` lists only the vision blocks
+            whose features are still injected (see [`PumaConfig.from_base_config`]).
+        image_token_id, video_token_id, vision_start_token_id, vision_end_token_id (`int`, *optional*):
+            The family's special token ids.
         kept_layers (`list[int]`, *optional*):
             Indices, in the numbering of the base (unpruned) model, of the decoder layers kept, sorted and unique.
             Layer `kept_layers[i]` of the base model is layer `i` of this model. Defaults to all
             `text_config.num_hidden_layers` layers.
         base_num_hidden_layers (`int`, *optional*):
             Depth of the base model the layers were taken from. Defaults to `max(kept_layers) + 1` or the text depth.
-        embedding_token (`str`, *optional*, defaults to `"[RET]"`):
-            Added token whose final-norm hidden state is the embedding.
-        embedding_token_id (`int`, *optional*):
-            Its id in the tokenizer saved with the model. Set when the token is added.
-        pooling (`str`, *optional*, defaults to `"token"`):
+        trained_depths (`list[int]`, *optional*):
+            Depths (numbers of first layers) this model was trained to embed at, deepest last; `None` for a model
+            trained at its full depth only.
+        preset (`str`, *optional*, defaults to `"puma"`):
+            The prompt and pooling recipe: `"puma"` (the release), `"qwen3_vl_embedding"` or `"gme"` (see `PRESETS`).
+            It sets the defaults of every field below; a field passed explicitly overrides it.
+        pooling (`str`, *optional*):
             `"token"`: hidden state at the embedding token; `"last"`: at the last non-padding token; `"mean"`: mean
             over non-padding tokens.
+        embedding_token (`str`, *optional*):
+            Added token whose final-norm hidden state is the embedding (`"[RET]"` for `"puma"`; `None` without one).
+        embedding_token_id (`int`, *optional*):
+            Its id in the tokenizer saved with the model. Set when the token is added.
         normalize (`bool`, *optional*, defaults to `True`):
             L2-normalise the embeddings returned by `forward`.
         matryoshka_dims (`list[int]`, *optional*):
-            Embedding sizes the model was trained to support when truncated (informational; `encode` accepts any
-            `truncate_dim` up to the hidden size).
-        system_prompt (`str`, *optional*, defaults to `"You are a helpful assistant."`):
-            System turn of every prompt (Qwen2-VL's chat-template default). `None` drops the system turn.
-        instruction_template (`str`, *optional*, defaults to `"{instruction}\n{text}"`):
-            How a query instruction is joined to the query text.
-        user_suffix_template (`str`, *optional*, defaults to `"\nSummarize above {modality} in one word: "`):
+            Embedding sizes the model was trained to support when truncated.
+        system_prompt (`str`, *optional*):
+            System turn of prompts without an instruction there. `None` drops the system turn.
+        instruction_placement (`str`, *optional*):
+            Where a query instruction goes: `"user"` (before the text, through `instruction_template`) or
+            `"system"` (it replaces `system_prompt`).
+        instruction_template (`str`, *optional*):
+            How a user-turn instruction is joined to the text.
+        punctuate_instruction (`bool`, *optional*):
+            Strip the instruction and end it with a full stop unless it ends with punctuation (Qwen3-VL-Embedding).
+        user_suffix_template (`str`, *optional*):
             Appended to the user turn; `{modality}` is filled from `modality_words`.
         modality_words (`dict[str, str]`, *optional*):
             Word used for each input modality (`"image"`, `"text"`, `"image,text"`) in the suffix.
-        assistant_template (`str`, *optional*, defaults to `"{embedding_token}."`):
-            The assistant turn.
-        format_text (`bool`, *optional*, defaults to `True`):
-            Strip the text, capitalise its first letter and end it with a full stop, as the release does.
-        max_text_tokens (`int`, *optional*, defaults to 450):
-            Instruction plus text are truncated to this many tokens before the suffix, so the embedding token is
-            never cut off.
-        min_pixels (`int`, *optional*, defaults to `4 * 28 * 28`):
-            Lower bound on an image's pixel count after resizing.
-        max_pixels (`int`, *optional*, defaults to `300 * 28 * 28`):
-            Upper bound on an image's pixel count after resizing.
+        assistant_template (`str`, *optional*):
+            What follows `"<|im_start|>assistant\n"`; `{embedding_token}` is filled in. An empty string leaves the
+            assistant turn open (the generation prompt).
+        format_text (`bool`, *optional*):
+            The release's `format_string` on the instruction and on the text: strip, drop `"\r"` and surrounding
+            double quotes, capitalise the first letter, end with a full stop.
+        max_text_tokens (`int`, *optional*):
+            Instruction plus text are truncated to this many tokens before the suffix and assistant turn, so the
+            pooled position is never cut off.
+        min_pixels, max_pixels (`int`, *optional*):
+            Images are resized (PIL bicubic, each side a multiple of the vision patch size times the merge size) to
+            a pixel count in this range before the processor sees them, as qwen-vl-utils' `fetch_image` does.
+        processor_min_pixels, processor_max_pixels (`int`, *optional*):
+            If set, the processor resizes the images again into this range (GME); `None`: it does not resize.
+        position_mode (`str`, *optional*):
+            `"mrope"`: the family's 3-D multimodal rotary positions; `"sequential"`: position i for token i, image
+            tokens included (GME's and the release's inference).
 
     Example:
 
     ```python
     >>> from configuration_puma import PumaConfig
 
-    >>> config = PumaConfig(text_config={"num_hidden_layers": 3}, kept_layers=[0, 1, 27], base_num_hidden_layers=28)
-    >>> config.text_config.num_hidden_layers
-    3
+    >>> config = PumaConfig(text_config={"model_type": "qwen2_vl_text", "num_hidden_layers": 3},
+    ...                     kept_layers=[0, 1, 27], base_num_hidden_layers=28)
+    >>> config.text_config.num_hidden_layers, config.preset, config.pooling
+    (3, 'puma', 'token')
     ```"""
 
     model_type = "puma"
+    locals()[_sub_config_declaration()[0]] = _sub_config_declaration()[1]
 
     def __init__(
         self,
+        base_model_type: str = "qwen2_vl",
+        text_config=None,
+        vision_config=None,
+        image_token_id: int = 151655,
+        video_token_id: int = 151656,
+        vision_start_token_id: int = 151652,
+        vision_end_token_id: int = 151653,
         kept_layers: list[int] | None = None,
         base_num_hidden_layers: int | None = None,
-        embedding_token: str = "[RET]",
+        trained_depths: list[int] | None = None,
+        preset: str = "puma",
         embedding_token_id: int | None = None,
-        pooling: str = "token",
         normalize: bool = True,
-        matryoshka_dims: list[int] | None = None,
-        system_prompt: str | None = "You are a helpful assistant.",
-        instruction_template: str = "{instruction}\n{text}",
-        user_suffix_template: str = "\nSummarize above {modality} in one word: ",
-        modality_words: dict[str, str] | None = None,
-        assistant_template: str = "{embedding_token}.",
-        format_text: bool = True,
-        max_text_tokens: int = 450,
-        min_pixels: int = 4 * 28 * 28,
-        max_pixels: int = 300 * 28 * 28,
         **kwargs,
     ):
+        if base_model_type not in FAMILIES:
+            raise ValueError(f"base_model_type={base_model_type!r} is not one of {sorted(FAMILIES)}.")
+        self.base_model_type = base_model_type
+        self.text_config = _sub_config(text_config, base_model_type, "text_config")
+        self.vision_config = _sub_config(vision_config, base_model_type, "vision_config")
+        self.image_token_id = image_token_id
+        self.video_token_id = video_token_id
+        self.vision_start_token_id = vision_start_token_id
+        self.vision_end_token_id = vision_end_token_id
         self.kept_layers = list(kept_layers) if kept_layers is not None else None
         self.base_num_hidden_layers = base_num_hidden_layers
-        self.embedding_token = embedding_token
+        self.trained_depths = list(trained_depths) if trained_depths is not None else None
+        self.preset = preset
         self.embedding_token_id = embedding_token_id
-        self.pooling = pooling
         self.normalize = normalize
-        self.matryoshka_dims = list(matryoshka_dims) if matryoshka_dims is not None else None
-        self.system_prompt = system_prompt
-        self.instruction_template = instruction_template
-        self.user_suffix_template = user_suffix_template
-        self.modality_words = dict(modality_words) if modality_words is not None else dict(DEFAULT_MODALITY_WORDS)
-        self.assistant_template = assistant_template
-        self.format_text = format_text
-        self.max_text_tokens = max_text_tokens
-        self.min_pixels = min_pixels
-        self.max_pixels = max_pixels
+        defaults = preset_defaults(preset, base_model_type, self.text_config.hidden_size)
+        for name in RECIPE_FIELDS:
+            value = kwargs.pop(name) if name in kwargs else defaults[name]
+            setattr(self, name, list(value) if name == "matryoshka_dims" and value is not None else value)
+        kwargs.setdefault("tie_word_embeddings", False)  # an embedding model has no LM head to tie
         super().__init__(**kwargs)
 
         num_layers = self.text_config.num_hidden_layers
@@ -116,12 +264,34 @@ class PumaConfig(Qwen2VLConfig):
             self.base_num_hidden_layers = max(max(self.kept_layers) + 1, num_layers) if self.kept_layers else 0
         self.validate_puma()
 
+    # ------------------------------------------------------------------------------------------------------------
+    # The backbone's configuration
+    # ------------------------------------------------------------------------------------------------------------
+    def backbone_config(self) -> PretrainedConfig:
+        """The family configuration transformers' own backbone class is built from; it shares `text_config` and
+        `vision_config` with this configuration (so attention and dtype settings apply to both)."""
+        config_class = getattr(transformers, FAMILIES[self.base_model_type]["config"])
+        backbone = config_class(
+            text_config=self.text_config.to_dict(), vision_config=self.vision_config.to_dict(),
+            image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+            vision_start_token_id=self.vision_start_token_id, vision_end_token_id=self.vision_end_token_id,
+            tie_word_embeddings=False,
+        )
+        # the same objects, not copies (transformers 4.x's constructors copy a given instance's fields, or ignore it)
+        backbone.text_config, backbone.vision_config = self.text_config, self.vision_config
+        backbone._attn_implementation = self._attn_implementation
+        return backbone
+
     @classmethod
-    def from_qwen2_vl_config(cls, base_config, kept_layers: list[int], **puma_kwargs) -> "PumaConfig":
-        """Builds the configuration of `base_config` (a Qwen2-VL or PUMA configuration) pruned to `kept_layers`.
+    def from_base_config(cls, base_config, kept_layers: list[int], **puma_kwargs) -> "PumaConfig":
+        """The configuration of `base_config` (a Qwen-VL family or PUMA configuration) pruned to `kept_layers`.
 
         `kept_layers` is in the numbering of `base_config`'s own layers; for a PUMA `base_config` it is mapped back
-        to the original base model, so a PUMA checkpoint can be pruned further.
+        to the original base model, so a PUMA checkpoint can be pruned further. Qwen3-VL injects the features of
+        vision blocks `deepstack_visual_indexes[j]` into the hidden state after decoder layer j; pruned layer q keeps
+        the injection that followed its source layer `kept_layers[q]`, if any. Since the injected layers are the
+        first ones, the kept injections follow pruned layers 0, 1, ..., so the pruned model computes exactly the
+        base model's stream into layer k when it keeps the first k layers (and the unused mergers are dropped).
         """
         base_depth = base_config.text_config.num_hidden_layers
         validate_kept_layers(kept_layers, base_depth)
@@ -129,24 +299,35 @@ class PumaConfig(Qwen2VLConfig):
         text_config["num_hidden_layers"] = len(kept_layers)
         if getattr(base_config.text_config, "layer_types", None) is not None:
             text_config["layer_types"] = [base_config.text_config.layer_types[i] for i in kept_layers]
-        config_dict = base_config.to_dict()
-        config_dict.pop("model_type", None)
-        config_dict.pop("architectures", None)
-        config_dict.pop("auto_map", None)
-        config_dict["text_config"] = text_config
+        vision_config = base_config.vision_config.to_dict()
+        if "deepstack_visual_indexes" in vision_config:
+            indexes = list(vision_config["deepstack_visual_indexes"])
+            vision_config["deepstack_visual_indexes"] = [indexes[i] for i in kept_layers if i < len(indexes)]
         if isinstance(base_config, PumaConfig):
+            fields = {name: getattr(base_config, name) for name in RECIPE_FIELDS + ("preset", "normalize",
+                                                                                    "embedding_token_id")}
             original = [base_config.kept_layers[i] for i in kept_layers]
             base_depth = base_config.base_num_hidden_layers
+            base_model_type = base_config.base_model_type
         else:
-            original = list(kept_layers)
-            for key in ("kept_layers", "base_num_hidden_layers"):
-                config_dict.pop(key, None)
-        config_dict.update(puma_kwargs)
-        config_dict.update(kept_layers=original, base_num_hidden_layers=base_depth)
-        return cls(**config_dict)
+            fields, original = {}, list(kept_layers)
+            base_model_type = base_config.model_type
+        if "preset" in puma_kwargs and puma_kwargs["preset"] != fields.get("preset"):
+            fields = {}  # a new recipe: its own defaults, not the source's
+        fields.update(puma_kwargs)
+        return cls(
+            base_model_type=base_model_type, text_config=text_config, vision_config=vision_config,
+            image_token_id=base_config.image_token_id, video_token_id=base_config.video_token_id,
+            vision_start_token_id=base_config.vision_start_token_id,
+            vision_end_token_id=base_config.vision_end_token_id, kept_layers=original,
+            base_num_hidden_layers=base_depth, **fields,
+        )
 
+    # ------------------------------------------------------------------------------------------------------------
+    # Validation and serialisation
+    # ------------------------------------------------------------------------------------------------------------
     def validate_puma(self):
-        """Raises `ValueError` on a layer set, pooling mode or pixel range that cannot work."""
+        """Raises `ValueError` on a layer set, recipe or pixel range that cannot work."""
         validate_kept_layers(self.kept_layers, self.base_num_hidden_layers)
         if len(self.kept_layers) != self.text_config.num_hidden_layers:
             raise ValueError(
@@ -155,6 +336,18 @@ class PumaConfig(Qwen2VLConfig):
             )
         if self.pooling not in POOLING_MODES:
             raise ValueError(f"pooling={self.pooling!r} is not one of {POOLING_MODES}.")
+        if self.pooling == "token" and not self.embedding_token:
+            raise ValueError("pooling='token' needs an embedding_token.")
+        if self.position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode={self.position_mode!r} is not one of {POSITION_MODES}.")
+        if (self.processor_min_pixels is None) != (self.processor_max_pixels is None):
+            raise ValueError("Set processor_min_pixels and processor_max_pixels together (or neither).")
+        if self.processor_min_pixels is not None and not 0 < self.processor_min_pixels <= self.processor_max_pixels:
+            raise ValueError(f"Need 0 < processor_min_pixels <= processor_max_pixels, got {self.processor_min_pixels} "
+                             f"and {self.processor_max_pixels}.")
+        if self.instruction_placement not in INSTRUCTION_PLACEMENTS:
+            raise ValueError(f"instruction_placement={self.instruction_placement!r} is not one of "
+                             f"{INSTRUCTION_PLACEMENTS}.")
         if not (0 < self.min_pixels <= self.max_pixels):
             raise ValueError(f"Need 0 < min_pixels <= max_pixels, got min_pixels={self.min_pixels}, max_pixels={self.max_pixels}.")
         if self.max_text_tokens <= 0:
@@ -163,9 +356,49 @@ class PumaConfig(Qwen2VLConfig):
         for dim in self.matryoshka_dims or []:
             if not 0 < dim <= hidden_size:
                 raise ValueError(f"matryoshka_dims entry {dim} is outside 1..{hidden_size} (the hidden size).")
-        missing = {"image", "text", "image,text"} - set(self.modality_words)
+        for depth in self.trained_depths or []:
+            if not 0 < depth <= len(self.kept_layers):
+                raise ValueError(f"trained_depths entry {depth} is outside 1..{len(self.kept_layers)} (the kept depth).")
+        missing = set(MODALITIES) - set(self.modality_words)
         if missing:
             raise ValueError(f"modality_words lacks the modalities {sorted(missing)}.")
+
+    def to_dict(self) -> dict:
+        """The configuration as a dict; sub-configurations also carry the legacy `rope_scaling`/`rope_theta` keys,
+        so that a folder saved with transformers 5 (which writes `rope_parameters` only) loads on 4.57."""
+        output = super().to_dict()
+        for name in ("text_config", "vision_config"):
+            if isinstance(output.get(name), dict):
+                with_legacy_rope_keys(output[name])
+        return output
+
+
+def _sub_config(value, base_model_type: str, key: str) -> PretrainedConfig:
+    """The `text_config` or `vision_config` (`key`) of family `base_model_type` from a dict, an instance or `None`.
+
+    The class comes from the family configuration's own `sub_configs` (the `model_type` a dict carries differs across
+    transformers versions: 4.x names Qwen2-VL's vision configuration "qwen2_vl", 5.x "qwen2_vl_vision")."""
+    if isinstance(value, PretrainedConfig):
+        return value
+    value = {name: item for name, item in (value or {}).items() if name != "model_type"}
+    family_config = getattr(transformers, FAMILIES[base_model_type]["config"], None)
+    if family_config is None:
+        raise ValueError(f"This transformers {transformers.__version__} has no {FAMILIES[base_model_type]['config']}; "
+                         f"upgrade transformers to load a {base_model_type!r} model.")
+    return family_config.sub_configs[key](**value)
+
+
+def with_legacy_rope_keys(config: dict) -> dict:
+    """Adds transformers 4's `rope_scaling`/`rope_theta` to a sub-configuration dict that carries transformers 5's
+    `rope_parameters` only (4.57 reads the former, 5.x converts them back); returns the same dict."""
+    parameters = config.get("rope_parameters")
+    if not isinstance(parameters, dict):
+        return config
+    if "rope_theta" in parameters:
+        config.setdefault("rope_theta", parameters["rope_theta"])
+    if config.get("rope_scaling") is None:
+        config["rope_scaling"] = {key: value for key, value in parameters.items() if key != "rope_theta"}
+    return config
 
 
 def validate_kept_layers(kept_layers, base_depth: int) -> None:
@@ -183,4 +416,4 @@ def validate_kept_layers(kept_layers, base_depth: int) -> None:
         raise ValueError(f"kept_layers {kept_layers!r} must lie in 0..{base_depth - 1} (the base model has {base_depth} layers).")
 
 
-__all__ = ["PumaConfig", "validate_kept_layers"]
+__all__ = ["FAMILIES", "PRESETS", "PumaConfig", "preset_defaults", "validate_kept_layers", "with_legacy_rope_keys"]

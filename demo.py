@@ -3,7 +3,7 @@
     python demo.py [--out demo_out] [--quick]
 
 Steps: `make_demo_data.py` writes a small M-BEIR-format benchmark (text→image, text→text, text→(image,text),
-image→text, image→image and composed (image,text)→image tasks over PIL-drawn scenes); `tiny_qwen2vl.py` writes a
+image→text, image→image and composed (image,text)→image tasks over PIL-drawn scenes); `tiny_qwen_vl.py` writes a
 tiny Qwen2-VL (6 layers, random weights: it is NOT pretrained, nothing can be downloaded here); PUMA keeps its first
 3 layers; stage 1 (`configs/demo_stage1.yaml`: NLI-style pairs, InfoNCE + distillation from the shared-weight
 full-depth teacher, LoRA) and stage 2 (`configs/demo_stage2.yaml`: M-BEIR-format training set, MAC-Loss) run through
@@ -19,7 +19,7 @@ import time
 from eval_puma import evaluate_mbeir, plot_training_curves, summarize, write_results
 from make_demo_data import make_demo_benchmark
 from modeling_puma import PumaForEmbedding
-from tiny_qwen2vl import build_tiny_qwen2vl
+from tiny_qwen_vl import build_tiny_checkpoint
 from train import main as train_main
 from train import make_parser
 
@@ -54,7 +54,7 @@ def main():
     print("1/5 writing the demo benchmark and the tiny random base model", flush=True)
     make_demo_benchmark(data, seed=0, **sizes)
     if not os.path.isfile(os.path.join(base, "config.json")):
-        build_tiny_qwen2vl(base)
+        build_tiny_checkpoint(base)
 
     print("2/5 evaluating the untrained pruned model (first 3 of 6 layers)", flush=True)
     untrained = PumaForEmbedding.from_pretrained(base, num_layers=3)

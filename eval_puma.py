@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from data_puma import (checkpoint_fingerprint, dataset_id, join_path, load_mbeir_pool, load_mbeir_queries,
                        load_query_instructions, mbeir_eval_queries, own_dataset_positives, repeated_ids)
-from modeling_puma import IMAGE_SUFFIXES, QWEN2_VL_MODEL_TYPES, PumaForEmbedding
+from modeling_puma import IMAGE_SUFFIXES, SUPPORTED_MODEL_TYPES, PumaForEmbedding
 
 
 logger = logging.getLogger(__name__)
@@ -843,7 +843,7 @@ def load_model(path: str, dtype: str | None = None) -> PumaForEmbedding:
             raise ValueError(f"--model {path} is not a PUMA or Qwen2-VL checkpoint: it has no config.json.")
         with open(config_path, encoding="utf-8") as f:
             model_type = json.load(f).get("model_type")
-        if model_type not in QWEN2_VL_MODEL_TYPES:
+        if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"--model {path} is a {model_type!r} checkpoint, not a PUMA or Qwen2-VL one.")
     elif os.path.exists(path):
         raise ValueError(f"--model {path} is a file; pass a checkpoint folder or a Hub repository id.")

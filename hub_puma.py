@@ -5,8 +5,9 @@
   the two model files, the processor (with the embedding token), a model card, the Inference Endpoints handler and
   the Sentence Transformers files.
 - `push_to_hub(model, repo_id)` writes that folder to a temporary directory and uploads it.
-- `export_qwen2_vl(puma_dir, out_dir)` writes a plain `qwen2_vl` checkpoint of the kept layers that vanilla
-  transformers (and vLLM's pooling runner) load without remote code.
+- `export_plain_checkpoint(puma_dir, out_dir)` writes a plain checkpoint of the model's family (`qwen2_vl`,
+  `qwen2_5_vl`, `qwen3_vl`) with the kept layers, which vanilla transformers (and vLLM's pooling runner) load without
+  remote code.
 
     from modeling_puma import PumaForEmbedding
     from hub_puma import push_to_hub, save_hub_folder
@@ -17,7 +18,6 @@
 """
 
 import importlib.metadata
-import inspect
 import json
 import os
 import re
@@ -29,7 +29,7 @@ import transformers
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_session, try_to_load_from_cache
 
 from configuration_puma import PumaConfig
-from modeling_puma import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, build_prompt
+from modeling_puma import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, build_prompt, write_sentence_transformers_files
 
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -37,7 +37,6 @@ HUB_CARD_DIR = os.path.join(ROOT, "hub_card")
 CARD_TEMPLATE = os.path.join(HUB_CARD_DIR, "README.md.j2")
 EXPORT_CARD_TEMPLATE = os.path.join(HUB_CARD_DIR, "export_README.md.j2")
 VLLM_TEMPLATE = os.path.join(HUB_CARD_DIR, "vllm.md.j2")
-ST_MODULE_FILE = os.path.join(HUB_CARD_DIR, "custom_st.py")
 HANDLER_FILE = os.path.join(ROOT, "handler.py")
 
 REQUIRED_TAGS = ["sentence-transformers", "feature-extraction", "multimodal", "retrieval", "qwen2-vl", "puma"]
@@ -45,11 +44,9 @@ EXAMPLE_QUERY = "A dog catching a frisbee on the beach"
 EXAMPLE_INSTRUCTION = "Find an image that matches the given caption."
 DEFAULT_EVAL_DATASET = "TIGER-Lab/M-BEIR"
 PAPER_URL = "https://arxiv.org/abs/2507.08064"
-# What the handler imports beyond the two model files; Inference Endpoints installs it from the repository.
-ENDPOINT_REQUIREMENTS = "transformers>=4.57,<6\npillow>=10\n"
-# Oldest Sentence Transformers whose `Transformer` takes `modality_config` and exposes `sentence_transformers.base`.
-SENTENCE_TRANSFORMERS_REQUIREMENT = ">=6.0"
-ST_MODALITIES = ("text", "image", "image+text", "message")
+# What the remote code and the handler import beyond torch; Inference Endpoints installs it from the repository.
+# torchvision: the Qwen-VL processors of transformers 5 need it.
+ENDPOINT_REQUIREMENTS = "transformers>=4.57,<6\ntorchvision\npillow>=10\n"
 HUB_PROBE_TIMEOUT_S = 5.0
 
 
@@ -87,18 +84,29 @@ def save_hub_folder(model, out_dir, *, card_data=None, eval_results=None, base_m
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir!r} is not empty; write the Hub folder to a new or empty folder so that no "
                               "stale file is published with it.")
-    os.makedirs(out_dir, exist_ok=True)
     repo_id = repo_id or os.path.basename(os.path.abspath(out_dir))
+    # The card is built first: a refusal (no license, bad metadata) leaves no folder behind.
     card = build_model_card(model, card_data=card_data, eval_results=eval_results, base_model=base_model,
                             datasets=datasets, license=license, repo_id=repo_id, prompts=prompts,
                             eval_dataset=eval_dataset)
-
-    model.save_pretrained(out_dir)
-    shutil.copy(HANDLER_FILE, os.path.join(out_dir, "handler.py"))
-    with open(os.path.join(out_dir, "requirements.txt"), "w", encoding="utf-8") as f:
-        f.write(ENDPOINT_REQUIREMENTS)
-    write_sentence_transformers_files(out_dir, prompts)
-    card.save(os.path.join(out_dir, "README.md"))
+    created = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        model.save_pretrained(out_dir)
+        shutil.copy(HANDLER_FILE, os.path.join(out_dir, "handler.py"))
+        with open(os.path.join(out_dir, "requirements.txt"), "w", encoding="utf-8") as f:
+            f.write(ENDPOINT_REQUIREMENTS)
+        write_sentence_transformers_files(out_dir, prompts)
+        card.save(os.path.join(out_dir, "README.md"))
+    except BaseException:
+        # a half-written repository must not be published later: leave the folder as it was
+        if created:
+            shutil.rmtree(out_dir)
+        else:
+            for name in os.listdir(out_dir):
+                path = os.path.join(out_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        raise
     return out_dir
 
 
@@ -136,50 +144,6 @@ def _check_hub_reachable(endpoint: str, repo_id: str, timeout: float = HUB_PROBE
             f"({type(err).__name__}: {err}). Check the network, or write the repository with save_hub_folder() and "
             "upload that folder later."
         ) from err
-
-
-def write_sentence_transformers_files(out_dir: str, prompts: dict[str, str] | None = None) -> None:
-    """Writes the files `SentenceTransformer(out_dir, trust_remote_code=True)` loads (Sentence Transformers >= 6).
-
-    Module 0 is `custom_st.PumaTransformer`, Sentence Transformers' `Transformer` with PUMA's prompt building; its
-    `modality_config` reads `raw_embeddings` from the model's forward for every modality ("message" is listed so that
-    batches mixing texts and images are accepted). Module 1 L2-normalises, like `PumaForEmbedding.encode`.
-    """
-    shutil.copy(ST_MODULE_FILE, os.path.join(out_dir, "custom_st.py"))
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "custom_st.PumaTransformer"},
-        {"idx": 1, "name": "1", "path": "1_Normalize",
-         "type": "sentence_transformers.base.modules.normalize.Normalize"},
-    ]
-    transformer_config = {
-        "transformer_task": "feature-extraction",
-        "modality_config": {name: {"method": "forward", "method_output_name": "raw_embeddings"}
-                            for name in ST_MODALITIES},
-        "module_output_name": "sentence_embedding",
-        "unpad_inputs": False,  # Qwen2-VL's M-RoPE positions need padded batches
-    }
-    versions = {"transformers": transformers.__version__, "pytorch": _installed_version("torch")}
-    if (st_version := _installed_version("sentence-transformers")) is not None:
-        versions["sentence_transformers"] = st_version
-    model_config = {
-        "__version__": versions,
-        "model_type": "SentenceTransformer",
-        "prompts": dict(prompts or {}),
-        "default_prompt_name": None,
-        "similarity_fn_name": "cosine",
-        "requirements": {
-            "sentence-transformers": {
-                "specifier": SENTENCE_TRANSFORMERS_REQUIREMENT,
-                "reason": "custom_st.py extends the Transformer module of Sentence Transformers 6.",
-            },
-        },
-    }
-    _write_json(os.path.join(out_dir, "modules.json"), modules)
-    _write_json(os.path.join(out_dir, "sentence_bert_config.json"), transformer_config)
-    _write_json(os.path.join(out_dir, "config_sentence_transformers.json"), model_config)
-    os.makedirs(os.path.join(out_dir, "1_Normalize"), exist_ok=True)
-    _write_json(os.path.join(out_dir, "1_Normalize", "config.json"),
-                {"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -299,24 +263,37 @@ def _is_hub_id(name: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Plain Qwen2-VL export
+# Export to the plain family checkpoint
 # --------------------------------------------------------------------------------------------------------------------
-def export_qwen2_vl(puma_dir, out_dir, *, repo_id=None, base_model=None, license=None) -> str:
-    """Writes the PUMA checkpoint in `puma_dir` as a plain `qwen2_vl` checkpoint into the new or empty `out_dir`.
+# The key layout each family's Hub checkpoints use, which every transformers class of the family loads on 4.57 and
+# 5.x: Qwen2-VL and Qwen2.5-VL are published in the transformers <= 4.51 layout, Qwen3-VL in the >= 4.52 one.
+EXPORT_LAYOUT = {"qwen2_vl": "old", "qwen2_5_vl": "old", "qwen3_vl": "new"}
+FAMILY_TAGS = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
 
-    The config is PUMA's Qwen2-VL config (kept layers already renumbered: `text_config.num_hidden_layers = k`,
-    `layer_types` sliced) with `architectures = ["Qwen2VLForConditionalGeneration"]` and no `auto_map`; `lm_head` is
-    tied to the input embeddings (the next-token head of a pruned model is unused, and tying stores nothing), so
-    `Qwen2VLForConditionalGeneration.from_pretrained(out_dir)` loads without missing weights. The weights are copied
-    unchanged (PUMA saves Qwen2-VL's own key layout). The processor keeps the embedding token and carries PUMA's
-    `min_pixels`/`max_pixels`, so the plain processor resizes images as PUMA does. The embedding is the final-norm
-    hidden state (`model.model(...).last_hidden_state`) at the embedding token; README.md says how to serve it.
+
+def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None, license=None) -> str:
+    """Writes the PUMA checkpoint in `puma_dir` as a plain checkpoint of its family (`qwen2_vl`, `qwen2_5_vl` or
+    `qwen3_vl`) into the new or empty `out_dir`, loadable without remote code by `AutoModel`, the family's `*Model` and
+    `*ForConditionalGeneration` on transformers 4.57 and 5.x.
+
+    The config is the family's (kept layers renumbered: `text_config.num_hidden_layers = k`, `layer_types` and
+    Qwen3-VL's `deepstack_visual_indexes` sliced; legacy rope keys kept for transformers 4.57) with
+    `architectures = ["<Family>ForConditionalGeneration"]` and no `auto_map`. The weights are written in the key
+    layout of the family's Hub checkpoints (`EXPORT_LAYOUT`); `lm_head` is tied to the input embeddings (the
+    next-token head of a pruned model is unused, and tying stores nothing), so every class loads without missing
+    weights. The processor keeps the embedding token and resizes images into the recipe's pixel range (`size` and
+    `min_pixels`/`max_pixels`, for both transformers majors). README.md gives the transformers and vLLM recipes.
 
     Args:
         repo_id (`str`, *optional*): the id shown in the README's code. Default: the folder name.
         base_model (`str`, *optional*): Hub id of the PUMA repository exported, for the README's metadata.
         license (`str`, *optional*): license id. Default: the license in `puma_dir`'s model card.
     """
+    from safetensors.torch import load_file, save_file
+
+    from configuration_puma import FAMILIES, with_legacy_rope_keys
+    from modeling_puma import load_processor, make_tokenizer_config_portable, processor_kwargs
+
     puma_dir, out_dir = os.fspath(puma_dir), os.fspath(out_dir)
     with open(os.path.join(puma_dir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
@@ -325,28 +302,45 @@ def export_qwen2_vl(puma_dir, out_dir, *, repo_id=None, base_model=None, license
                          "(model_type 'puma').")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir!r} is not empty; export to a new or empty folder.")
+    puma_config = PumaConfig.from_pretrained(puma_dir)
+    family, layout = puma_config.base_model_type, EXPORT_LAYOUT[puma_config.base_model_type]
+    generation_class = FAMILIES[family]["generation"]
     os.makedirs(out_dir, exist_ok=True)
-    puma_config = PumaConfig.from_dict(config)
 
-    qwen_config = {key: value for key, value in config.items() if key not in _puma_field_names() and key != "auto_map"}
-    qwen_config.update(model_type="qwen2_vl", architectures=["Qwen2VLForConditionalGeneration"],
-                       tie_word_embeddings=True)
-    if "tie_word_embeddings" in qwen_config.get("text_config", {}):
-        qwen_config["text_config"]["tie_word_embeddings"] = True
-    _write_json(os.path.join(out_dir, "config.json"), qwen_config)
+    backbone = puma_config.backbone_config()
+    family_config = backbone.to_dict()
+    for name in ("text_config", "vision_config"):
+        with_legacy_rope_keys(family_config[name])
+        family_config[name].pop("dtype", None)
+    family_config["text_config"]["tie_word_embeddings"] = True
+    family_config.update(model_type=family, architectures=[generation_class], tie_word_embeddings=True,
+                         dtype=config.get("dtype") or config.get("torch_dtype"))
+    family_config.pop("transformers_version", None)
+    _write_json(os.path.join(out_dir, "config.json"), family_config)
 
-    for name in _weight_files(puma_dir):
-        shutil.copy(os.path.join(puma_dir, name), os.path.join(out_dir, name))
+    files = _weight_files(puma_dir)
+    weight_map = {}
+    for name in files:
+        if name == SAFE_WEIGHTS_INDEX_NAME:
+            continue
+        tensors = {_export_key(key, layout): value for key, value in load_file(os.path.join(puma_dir, name)).items()}
+        save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in tensors})
+    if SAFE_WEIGHTS_INDEX_NAME in files:
+        _write_json(os.path.join(out_dir, SAFE_WEIGHTS_INDEX_NAME), {"metadata": {}, "weight_map": weight_map})
 
-    # trust_remote_code=False: the processor is stock; it keeps transformers from asking about the folder's model code
-    processor = transformers.Qwen2VLProcessor.from_pretrained(
-        puma_dir, trust_remote_code=False,
-        size={"shortest_edge": puma_config.min_pixels, "longest_edge": puma_config.max_pixels})
+    processor = load_processor(puma_dir, puma_config)
+    bounds = processor_kwargs(puma_config).get("size") or {"shortest_edge": puma_config.min_pixels,
+                                                           "longest_edge": puma_config.max_pixels}
     for image_processor in (processor.image_processor, getattr(processor, "video_processor", None)):
-        # transformers 4 reads min_pixels/max_pixels in preference to size; 5 reads size: set both
-        if image_processor is not None and hasattr(image_processor, "max_pixels"):
-            image_processor.min_pixels, image_processor.max_pixels = puma_config.min_pixels, puma_config.max_pixels
+        if image_processor is None:
+            continue
+        # transformers 5 reads `size`, transformers 4 `min_pixels`/`max_pixels` before `size`: set both
+        image_processor.size = dict(bounds)
+        if hasattr(image_processor, "min_pixels"):
+            image_processor.min_pixels, image_processor.max_pixels = bounds["shortest_edge"], bounds["longest_edge"]
     processor.save_pretrained(out_dir)
+    make_tokenizer_config_portable(os.path.join(out_dir, "tokenizer_config.json"))
 
     repo_id = repo_id or os.path.basename(os.path.abspath(out_dir))
     puma_card = _base_card_data(puma_dir)
@@ -355,33 +349,57 @@ def export_qwen2_vl(puma_dir, out_dir, *, repo_id=None, base_model=None, license
         license=license or getattr(puma_card, "license", None),
         library_name="transformers",
         pipeline_tag="feature-extraction",
-        tags=["multimodal", "retrieval", "qwen2-vl", "puma", "vllm"],
+        tags=["multimodal", "retrieval", FAMILY_TAGS[family], "puma", "vllm"],
     )
     examples = [("text", EXAMPLE_QUERY, None), ("image", None, "photo.jpg"),
                 ("image and text", "A red car", "photo.jpg")]
     prompts = []
     for kind, text, image in examples:
-        prompt = _cut_after_embedding_token(build_prompt(puma_config, text, image is not None), puma_config)
+        prompt = _cut_after_pooled_token(build_prompt(puma_config, text, image is not None), puma_config)
         prompts.append({"kind": kind, "text": prompt, "code": _py(prompt), "image": image and _py(image)})
+    vision = puma_config.vision_config
     ModelCard.from_template(
         data,
         template_path=EXPORT_CARD_TEMPLATE,
         repo_id=repo_id,
         repo_id_code=_py(repo_id),
         paper_url=PAPER_URL,
+        family=family,
+        generation_class=generation_class,
         num_kept=len(puma_config.kept_layers),
         base_depth=puma_config.base_num_hidden_layers,
+        pooling=puma_config.pooling,
         embedding_token=puma_config.embedding_token,
         embedding_token_id=puma_config.embedding_token_id,
+        sequential_positions=puma_config.position_mode == "sequential",
+        factor=vision.patch_size * vision.spatial_merge_size,
+        min_pixels=puma_config.min_pixels,
+        max_pixels=puma_config.max_pixels,
+        processor_resize=puma_config.processor_min_pixels is not None,
         prompts=prompts,
-        vllm_section=_render(VLLM_TEMPLATE, embedding_token=puma_config.embedding_token, export_dir=repo_id),
+        vllm_section=_render(VLLM_TEMPLATE, embedding_token=puma_config.embedding_token, export_dir=repo_id,
+                             pooling=puma_config.pooling, family=family,
+                             sequential_positions=puma_config.position_mode == "sequential"),
     ).save(os.path.join(out_dir, "README.md"))
     return out_dir
 
 
-def _cut_after_embedding_token(prompt: str, config: PumaConfig) -> str:
-    """The prompt up to and including its last embedding token: under causal attention the hidden state there does
-    not depend on what follows, so a last-token pooler reads exactly PUMA's embedding."""
+def _export_key(key: str, layout: str) -> str:
+    """A PUMA tensor name (`model.language_model.*`, `model.visual.*`) in the family's Hub layout."""
+    if layout == "old":
+        if key.startswith("model.language_model."):
+            return "model." + key[len("model.language_model."):]
+        if key.startswith("model.visual."):
+            return key[len("model."):]
+    return key
+
+
+def _cut_after_pooled_token(prompt: str, config: PumaConfig) -> str:
+    """The prompt up to and including its pooled token: under causal attention the hidden state there does not
+    depend on what follows, so a last-token pooler reads exactly PUMA's embedding. Recipes pooling at the last
+    token are unchanged."""
+    if config.pooling != "token":
+        return prompt
     return prompt[: prompt.rindex(config.embedding_token) + len(config.embedding_token)]
 
 
@@ -396,8 +414,11 @@ def _weight_files(folder: str) -> list[str]:
 
 
 def _puma_field_names() -> set[str]:
-    """The `PumaConfig` fields a plain Qwen2-VL config does not have."""
-    return set(inspect.signature(PumaConfig.__init__).parameters) - {"self", "kwargs"}
+    """The `PumaConfig` fields a plain family config does not have."""
+    from configuration_puma import RECIPE_FIELDS
+
+    return {"base_model_type", "kept_layers", "base_num_hidden_layers", "trained_depths", "preset",
+            "embedding_token_id", "normalize", *RECIPE_FIELDS}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -439,4 +460,4 @@ def _slug(metric: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", metric.lower().replace("@", "_at_")).strip("_")
 
 
-__all__ = ["build_model_card", "export_qwen2_vl", "push_to_hub", "save_hub_folder", "write_sentence_transformers_files"]
+__all__ = ["build_model_card", "export_plain_checkpoint", "push_to_hub", "save_hub_folder", "write_sentence_transformers_files"]

@@ -1,36 +1,39 @@
 # Copyright 2026 The PUMA contributors. Licensed under the Apache License, Version 2.0.
-"""PUMA: a layer-pruned Qwen2-VL universal multimodal embedding model (arXiv 2507.08064).
+"""PUMA: layer-pruned Qwen-VL universal multimodal embedding models (arXiv 2507.08064).
 
-`PumaForEmbedding` is the vision tower plus the kept decoder layers of a Qwen2-VL model, composed from transformers'
-own `Qwen2VLModel`; the embedding is the final-norm hidden state at an added embedding token, L2-normalised.
-`PumaForEmbedding.from_pretrained` prunes any Qwen2-VL checkpoint at load time, reading only the kept tensors.
+`PumaForEmbedding` is the vision tower plus the kept decoder layers of a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model (or of
+an embedder trained on one, such as GME or Qwen3-VL-Embedding), composed from the family's own transformers model
+class; the embedding is the final-norm hidden state at the pooled position (an added embedding token, or the last
+token), L2-normalised. `PumaForEmbedding.from_pretrained` prunes any such checkpoint at load time through transformers'
+own `from_pretrained`, without downloading the shards that hold only dropped layers.
 
 This file and `configuration_puma.py` are the remote code of a PUMA Hub repository: they import only each other,
-torch, transformers, the standard library, numpy and PIL.
+torch, transformers, the standard library, numpy and PIL (sentence-transformers optionally, for its module class).
 """
 
 import contextlib
 import importlib
+import inspect
 import json
-import math
 import os
 import re
+import tempfile
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import transformers
-from torch import nn
-from transformers import PreTrainedModel, Qwen2VLProcessor
-from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+from transformers import PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
 
 if __package__:
-    from .configuration_puma import PumaConfig, validate_kept_layers
+    from .configuration_puma import FAMILIES, PRESETS, PumaConfig, validate_kept_layers
 else:  # imported as a top-level module (a checkout or a pip install) rather than as Hub remote code
     _configuration = importlib.import_module("configuration_puma")
+    FAMILIES, PRESETS = _configuration.FAMILIES, _configuration.PRESETS
     PumaConfig, validate_kept_layers = _configuration.PumaConfig, _configuration.validate_kept_layers
 
 
@@ -38,23 +41,21 @@ logger = logging.get_logger(__name__)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-QWEN2_VL_MODEL_TYPES = ("qwen2_vl", "puma")
+SUPPORTED_MODEL_TYPES = (*FAMILIES, "puma")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+URL_PREFIXES = ("http://", "https://", "ftp://", "s3://", "gs://", "hf://")
 # Keyword arguments of `from_pretrained` that `AutoModel` forwards and that need no action here.
 _IGNORED_LOAD_KWARGS = {"_from_auto", "_from_pipeline", "trust_remote_code", "adapter_kwargs", "code_revision",
-                        "low_cpu_mem_usage", "use_safetensors", "_commit_hash", "proxies"}
+                        "low_cpu_mem_usage", "use_safetensors", "_commit_hash", "proxies", "key_mapping"}
+_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "revision", "token", "subfolder")
-
-# Checkpoint key layouts. Qwen2-VL checkpoints published with transformers <= 4.51 (Qwen/Qwen2-VL-2B-Instruct,
-# -7B-Instruct) name the LLM `model.*` and the vision tower `visual.*`; later saves, and PUMA's, use the in-memory
-# layout of `Qwen2VLModel` under `model.`: `model.language_model.*` and `model.visual.*`.
-_OLD_LAYOUT_RULES = ((re.compile(r"^visual\."), "model.visual."),
-                     (re.compile(r"^model\.(layers|embed_tokens|norm)\."), r"model.language_model.\1."))
-_LAYER_KEY = re.compile(r"^model\.language_model\.layers\.(\d+)\.(.*)$")
-_EMBED_KEY = "model.language_model.embed_tokens.weight"
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
+# Target of the checkpoint tensors a pruned model does not use (dropped layers and mergers, the LM head); the model
+# ignores them as unexpected keys, and transformers never materialises them.
+_DROPPED = "puma_dropped"
+# Names in the repositories of trained embedders that identify their recipe (see `detect_preset`).
+_PRESET_NAME_PATTERNS = (("qwen3_vl_embedding", re.compile(r"qwen3[-_]?vl[-_]?embedding", re.I)),
+                         ("gme", re.compile(r"(^|[/_-])gme[-_]", re.I)))
+_PRESET_MARKER_FILES = (("gme", "gme_inference.py"),)
 
 
 @dataclass
@@ -70,14 +71,18 @@ class PumaEmbeddingOutput(ModelOutput):
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
             Final-norm hidden states of every position; returned with `output_hidden_states=True`.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
-            Hidden states of the embedding layer and of each kept decoder layer; returned with
-            `output_hidden_states=True`.
+            The backbone's hidden states (embedding output and each kept decoder layer's output, without the final
+            norm); returned with `output_hidden_states=True`.
+        depth_embeddings (`dict[int, torch.FloatTensor]`, *optional*):
+            For each depth d of `output_depths`, the pooled final-norm hidden state of the model truncated after its
+            first d layers, each of shape `(batch_size, hidden_size)`, before normalisation.
     """
 
     embeddings: torch.FloatTensor | None = None
     raw_embeddings: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    depth_embeddings: dict[int, torch.FloatTensor] | None = None
 
 
 class PumaPreTrainedModel(PreTrainedModel):
@@ -86,21 +91,34 @@ class PumaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"]
+    _no_split_modules = ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "Qwen2_5_VLDecoderLayer",
+                         "Qwen2_5_VLVisionBlock", "Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"]
     _skip_keys_device_placement = ["past_key_values"]
+    _keys_to_ignore_on_load_unexpected = [rf"{_DROPPED}\."]
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
     _supports_sdpa = True
 
+    def _init_weights(self, module):
+        # The backbone's own initialisation covers every module this model holds (random weights only matter for a
+        # model built from a config, never for a loaded one).
+        return self.model._init_weights(module)
+
 
 class PumaForEmbedding(PumaPreTrainedModel):
-    """Vision tower + kept decoder layers + final norm of Qwen2-VL; the embedding is read at the embedding token."""
+    """Vision tower + kept decoder layers + final norm of a Qwen-VL family model; the embedding is read at the
+    pooled position of `config.pooling`."""
 
     def __init__(self, config: PumaConfig):
         super().__init__(config)
-        self.model = Qwen2VLModel(config)
+        family = FAMILIES[config.base_model_type]
+        model_class = getattr(transformers, family["model"], None)
+        if model_class is None:
+            raise ValueError(f"transformers {transformers.__version__} has no {family['model']}; upgrade transformers "
+                             f"to use a {config.base_model_type!r} model.")
+        self.model = model_class(config.backbone_config())
         self.processor = None  # set by `from_pretrained` or `set_processor`; used by `encode`
-        self._backbone_takes_mm_token_type_ids = "mm_token_type_ids" in _forward_parameters(self.model)
+        self._backbone_inputs = set(inspect.signature(self.model.forward).parameters)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -122,6 +140,7 @@ class PumaForEmbedding(PumaPreTrainedModel):
         video_grid_thw: torch.LongTensor | None = None,
         mm_token_type_ids: torch.IntTensor | None = None,
         output_hidden_states: bool | None = None,
+        output_depths: list[int] | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> PumaEmbeddingOutput | tuple:
@@ -132,44 +151,87 @@ class PumaForEmbedding(PumaPreTrainedModel):
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids; each row must
                 contain the embedding token when `config.pooling == "token"`.
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 for real tokens.
-            pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw: as returned by the Qwen2-VL processor.
+            pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw: as returned by the family's processor.
             mm_token_type_ids (`torch.IntTensor`, *optional*): 0 text, 1 image, 2 video per token. Computed from
                 `input_ids` when absent; transformers versions that do not take it ignore it.
+            output_depths (`list[int]`, *optional*): also return the pooled embedding after the first d layers for
+                each d (`depth_embeddings`), from this one forward pass.
         """
         if input_ids is None:
-            raise ValueError("PumaForEmbedding.forward needs input_ids (the embedding token is located through them).")
+            raise ValueError("PumaForEmbedding.forward needs input_ids (the pooled position is located through them).")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        output_hidden_states = bool(output_hidden_states)
         return_dict = return_dict if return_dict is not None else True
+        depths = self._check_depths(output_depths)
 
         backbone_inputs = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw,
                            "pixel_values_videos": pixel_values_videos, "video_grid_thw": video_grid_thw}
-        if self._backbone_takes_mm_token_type_ids:
-            if mm_token_type_ids is None:
-                mm_token_type_ids = self._mm_token_type_ids(input_ids)
-            backbone_inputs["mm_token_type_ids"] = mm_token_type_ids
+        if "mm_token_type_ids" in self._backbone_inputs:
+            backbone_inputs["mm_token_type_ids"] = (mm_token_type_ids if mm_token_type_ids is not None
+                                                    else self._mm_token_type_ids(input_ids))
+        if self.config.position_mode == "sequential" and "position_ids" not in kwargs:
+            # Position i for token i in all three rotary sections, image tokens included (GME's inference).
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            kwargs["position_ids"] = positions.view(1, 1, -1).expand(3, input_ids.shape[0], -1)
 
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            use_cache=False,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **backbone_inputs,
-            **kwargs,
-        )
+        with self._capture_layer_inputs(depths) as captured:
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+                output_hidden_states=bool(output_hidden_states),
+                return_dict=True,
+                **backbone_inputs,
+                **kwargs,
+            )
         hidden = outputs.last_hidden_state
         raw = self.pool(hidden, input_ids, attention_mask)
         embeddings = F.normalize(raw, p=2, dim=-1) if self.config.normalize else raw
+
+        depth_embeddings = None
+        if depths:
+            norm = self.model.language_model.norm
+            depth_embeddings = {depth: raw if depth == self.num_layers
+                                else self.pool(norm(captured[depth]), input_ids, attention_mask)
+                                for depth in depths}
 
         result = PumaEmbeddingOutput(
             embeddings=embeddings,
             raw_embeddings=raw,
             last_hidden_state=hidden if output_hidden_states else None,
             hidden_states=outputs.hidden_states if output_hidden_states else None,
+            depth_embeddings=depth_embeddings,
         )
         return result if return_dict else result.to_tuple()
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.text_config.num_hidden_layers
+
+    def _check_depths(self, depths) -> list[int]:
+        depths = sorted(set(depths or []))
+        bad = [d for d in depths if isinstance(d, bool) or not isinstance(d, int) or not 0 < d <= self.num_layers]
+        if bad:
+            raise ValueError(f"output_depths {bad} are outside 1..{self.num_layers} (the model's layers).")
+        return depths
+
+    @contextlib.contextmanager
+    def _capture_layer_inputs(self, depths: list[int]):
+        """Records the hidden state entering decoder layer d for each depth d < the model's depth: the residual
+        stream after d layers, including any visual feature injected after layer d - 1 (Qwen3-VL's DeepStack), so
+        its final norm is exactly the embedding of the model truncated to d layers."""
+        captured, handles = {}, []
+        layers = self.model.language_model.layers
+        for depth in depths:
+            if depth < len(layers):
+                def hook(module, args, kwargs, depth=depth):
+                    captured[depth] = args[0] if args else kwargs["hidden_states"]
+                handles.append(layers[depth].register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _mm_token_type_ids(self, input_ids: torch.LongTensor) -> torch.IntTensor:
         """0 for text, 1 for image placeholder, 2 for video placeholder tokens; shape of `input_ids`."""
@@ -186,6 +248,7 @@ class PumaForEmbedding(PumaPreTrainedModel):
             return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         if self.config.pooling == "last":
+            # the last position whose mask is 1, whichever side the padding is on
             index = (attention_mask.bool() * (positions + 1)).argmax(dim=1)
             return hidden[batch, index]
         token_id = self.config.embedding_token_id
@@ -212,6 +275,7 @@ class PumaForEmbedding(PumaPreTrainedModel):
         *model_args,
         num_layers: int | None = None,
         kept_layers: list[int] | None = None,
+        preset: str | None = None,
         config: PumaConfig | None = None,
         processor=None,
         dtype=None,
@@ -220,14 +284,17 @@ class PumaForEmbedding(PumaPreTrainedModel):
         attn_implementation: str | None = None,
         **kwargs,
     ) -> "PumaForEmbedding":
-        """Loads a stock Qwen2-VL or a PUMA checkpoint, keeping only the requested decoder layers.
+        """Loads a Qwen2-VL, Qwen2.5-VL, Qwen3-VL or PUMA checkpoint, keeping only the requested decoder layers.
 
         Args:
             pretrained_model_name_or_path: a local folder or a Hub repository id.
             num_layers (`int`, *optional*): keep the first `num_layers` decoder layers of the checkpoint.
             kept_layers (`list[int]`, *optional*): keep these layers, numbered as in the original base model.
                 Without either, all the checkpoint's layers are kept (for a stock checkpoint: the full-depth teacher).
-            processor (*optional*): a Qwen2-VL processor to use instead of the one saved with the checkpoint.
+            preset (`str`, *optional*): the prompt and pooling recipe, `"puma"`, `"qwen3_vl_embedding"` or `"gme"`.
+                Default: a PUMA checkpoint's own; for a stock checkpoint, detected from its name or files
+                (`detect_preset`), else `"puma"`.
+            processor (*optional*): the family's processor to use instead of the one saved with the checkpoint.
             dtype / torch_dtype: `torch.dtype`, its name, or `"auto"` (the checkpoint's). Default: float32 on CPU,
                 bfloat16 on GPU.
             device_map: a device (`"cpu"`, `"cuda:0"`, `0`, `torch.device`), `{"": device}`, or `"auto"`.
@@ -235,8 +302,9 @@ class PumaForEmbedding(PumaPreTrainedModel):
             kwargs: Hub arguments (`revision`, `token`, `cache_dir`, ...) and overrides of PUMA config fields
                 (`pooling`, `normalize`, `max_pixels`, ...).
 
-        Only safetensors weights are read, and only the tensors of kept layers: dropped layers and `lm_head` are never
-        materialised.
+        The weights are loaded by transformers' own `from_pretrained` of the pruned configuration, with a key mapping
+        that renumbers the kept layers (and Qwen3-VL's kept DeepStack mergers) and sets aside the rest; only
+        safetensors are read, and shards holding only dropped tensors are neither downloaded nor opened.
         """
         if model_args:
             raise TypeError(f"PumaForEmbedding.from_pretrained takes no extra positional arguments, got {model_args!r}.")
@@ -247,40 +315,56 @@ class PumaForEmbedding(PumaPreTrainedModel):
             kwargs.pop(key, None)
         name = str(pretrained_model_name_or_path)
 
-        source_config = _load_source_config(name, hub_kwargs)
-        if config is not None and list(config.kept_layers) != list(source_config.kept_layers) and kept_layers is None \
-                and num_layers is None:
+        source_config = load_source_config(name, hub_kwargs)
+        is_puma = isinstance(source_config, PumaConfig)
+        if config is not None and is_puma and kept_layers is None and num_layers is None \
+                and list(config.kept_layers) != list(source_config.kept_layers):
             # AutoModel applies a `kept_layers=` keyword to the loaded config; honour it as a pruning request.
             kept_layers = list(config.kept_layers)
         local_layers = _select_local_layers(source_config, num_layers, kept_layers)
 
-        puma_overrides = {key: kwargs.pop(key) for key in list(kwargs) if _is_puma_field(key)}
+        puma_overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in _puma_field_names()}
         if kwargs:
             raise TypeError(f"PumaForEmbedding.from_pretrained got unexpected keyword arguments {sorted(kwargs)}.")
-        if config is not None and isinstance(source_config, PumaConfig):
+        if config is not None and is_puma:
             puma_overrides = {**_puma_fields(config), **puma_overrides}
-        target = PumaConfig.from_qwen2_vl_config(source_config, local_layers, **puma_overrides)
+        if preset is None and not is_puma:
+            preset = detect_preset(name, hub_kwargs)
+        if preset is not None:
+            puma_overrides.setdefault("preset", preset)
+        target = PumaConfig.from_base_config(source_config, local_layers, **puma_overrides)
 
-        processor = processor if processor is not None else _load_processor(name, hub_kwargs, source_config)
+        processor = processor if processor is not None else load_processor(name, source_config, hub_kwargs)
         added_token_rows = None
         if processor is not None:
-            added_token_rows = _ensure_embedding_token(processor, target, is_puma=isinstance(source_config, PumaConfig))
+            added_token_rows = _ensure_embedding_token(processor, target, is_puma=is_puma)
 
         device = _resolve_device(device_map)
         torch_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, device, source_config)
-        target._attn_implementation = _resolve_attn_implementation(attn_implementation, device, torch_dtype)
-        for sub in (target, target.text_config, target.vision_config):
-            sub.dtype = torch_dtype
-        target._name_or_path = name
+        attn_implementation = _resolve_attn_implementation(attn_implementation, device, torch_dtype)
+        target.dtype = torch_dtype
 
-        with torch.device(device), _default_dtype(torch_dtype), _no_init_weights():
-            model = cls(target)
-        # Qwen2-VL's backbone may carry a stale dtype in sub-configs on some versions; make every float tensor agree.
-        if any(p.dtype != torch_dtype for p in model.parameters() if p.is_floating_point()):
-            model.to(torch_dtype)
-
-        source_to_target = _source_layer_map(local_layers)
-        _load_kept_tensors(model, name, hub_kwargs, source_to_target)
+        is_kept = _is_kept_key_function(source_config, local_layers)
+        weights = _checkpoint_weights(name, hub_kwargs, is_kept)
+        mapping = _key_mapping(source_config, local_layers, weights.has_model_prefix)
+        load_kwargs = {"config": target, "key_mapping": mapping, "dtype": torch_dtype,
+                       "attn_implementation": attn_implementation}
+        if device.type != "cpu":
+            load_kwargs["device_map"] = {"": device}
+        if _TRANSFORMERS_5:
+            # transformers 5 loads a checkpoint tensor under its own name when its mapped name is not a parameter and
+            # its own name is one (a dropped layer 1 of a checkpoint whose layer 2 becomes layer 1): hand it the kept
+            # tensors only, as the lazy memory-mapped safetensors slices its own loader reads from files.
+            with contextlib.ExitStack() as files:
+                model = super().from_pretrained(None, state_dict=weights.lazy_state_dict(is_kept, files),
+                                                **load_kwargs)
+        else:
+            # transformers 4 reads the files itself: a folder with the pruned config and links to the needed files
+            with tempfile.TemporaryDirectory(prefix="puma-load-") as view:
+                weights.write_view(view, target)
+                model = super().from_pretrained(view, **load_kwargs)
+        model.config._name_or_path = name
+        model.name_or_path = name
         if added_token_rows is not None:
             model._init_embedding_token_row(*added_token_rows)
         model.processor = processor
@@ -293,12 +377,14 @@ class PumaForEmbedding(PumaPreTrainedModel):
         The mean keeps the new row inside the distribution the first layer was trained on, unlike the arbitrary
         padding row the release left in place; the row stays trainable and is saved.
         """
+        if token_id >= self.get_input_embeddings().weight.shape[0]:
+            self.resize_token_embeddings(token_id + 1)  # transformers' own resize (a checkpoint without spare rows)
         weight = self.get_input_embeddings().weight
         with torch.no_grad():
             weight[token_id] = weight[:num_trained_rows].float().mean(dim=0).to(weight.dtype)
 
     def set_processor(self, processor):
-        """Attaches a Qwen2-VL processor (adding the embedding token to its tokenizer if absent)."""
+        """Attaches the family's processor (whose tokenizer must already know the embedding token, if any)."""
         added = _ensure_embedding_token(processor, self.config, is_puma=True)
         if added is not None:
             raise ValueError(
@@ -308,10 +394,17 @@ class PumaForEmbedding(PumaPreTrainedModel):
         self.processor = processor
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Saves weights, config, the two model files (through `auto_map`) and the processor."""
+        """Saves weights (in this model's own key layout), config, the two model files (through `auto_map`), the
+        processor, and the Sentence Transformers files, so the folder loads with `AutoModel` (transformers 4.57 and
+        5.x) and with `SentenceTransformer` (both with `trust_remote_code=True`)."""
+        if "save_original_format" in inspect.signature(super().save_pretrained).parameters:
+            # transformers 5 would otherwise undo the load-time key mapping (renumbered layers) when saving
+            kwargs.setdefault("save_original_format", False)
         super().save_pretrained(save_directory, *args, **kwargs)
-        if self.processor is not None:
+        if self.processor is not None and kwargs.get("is_main_process", True):
             self.processor.save_pretrained(save_directory)
+            make_tokenizer_config_portable(os.path.join(save_directory, "tokenizer_config.json"))
+            write_sentence_transformers_files(save_directory)
 
     # ------------------------------------------------------------------------------------------------------------
     # Encoding
@@ -333,10 +426,12 @@ class PumaForEmbedding(PumaPreTrainedModel):
         """Embeds texts, images and image+text pairs.
 
         Args:
-            inputs: a list whose items are a `str` (text), a `PIL.Image.Image`, an image path (`os.PathLike`, or a
-                `str` ending in an image suffix such as `.jpg`), or a dict `{"text": ..., "image": ...}`. A single item
-                is embedded on its own and returns a 1-D result.
-            instruction: task instruction put before the text of queries (used only with `is_query=True`).
+            inputs: a list whose items are a `str`, a `PIL.Image.Image`, an image path (`os.PathLike`), or a dict
+                `{"text": ..., "image": ...}`. A `str` naming an existing file is that image, whatever its name; a
+                `str` that looks like an image path (ends in `.jpg`, `.png`, ...) but names no file raises
+                `FileNotFoundError`; any other `str` is text. `{"text": ...}` is always text. URLs are not fetched.
+                A single item is embedded on its own and returns a 1-D result.
+            instruction: task instruction of queries (used only with `is_query=True`); where it goes is the recipe's.
             is_query: whether the inputs are queries (instructions apply) or candidates.
             batch_size: inputs per forward pass; inputs are sorted by length into batches, order is restored.
             truncate_dim: keep the first `truncate_dim` dimensions (Matryoshka), renormalised if `normalize`.
@@ -404,83 +499,316 @@ class PumaForEmbedding(PumaPreTrainedModel):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prompts and processor features (shared by `encode` and the training collator)
+# Prompts and processor features (shared by `encode`, the training collator and the Sentence Transformers module)
 # ----------------------------------------------------------------------------------------------------------------
+def format_string(text: str | None) -> str:
+    """The release's `format_string` (JiuTian-VL/PUMA `src/utils.py`, UniIR): drop `"\\r"`, strip whitespace and
+    surrounding double quotes, capitalise the first letter and end with a full stop unless it ends with `.`, `?`
+    or `!`."""
+    text = (text or "").replace("\r", "").strip().strip('"')
+    if text:
+        text = text[0].upper() + text[1:]
+        text = text if text[-1] in ".?!" else text + "."
+    return text
+
+
+def punctuate(instruction: str) -> str:
+    """Qwen3-VL-Embedding's instruction rule: strip, and end with a full stop unless the last character is
+    punctuation (any Unicode category P)."""
+    instruction = instruction.strip()
+    if instruction and not unicodedata.category(instruction[-1]).startswith("P"):
+        instruction += "."
+    return instruction
+
+
 def build_prompt(config: PumaConfig, text: str | None, has_image: bool, instruction: str | None = None,
                  tokenizer=None) -> str:
-    """The chat prompt of one input: system turn, user turn (image, instruction + text, suffix), assistant turn.
+    """The chat prompt of one input: system turn, user turn (image, then instruction and text, then suffix),
+    assistant turn, as `config`'s recipe says.
 
-    Reproduces the release's format (Qwen2-VL chat template, `format_string`, truncation of instruction + text to
-    `config.max_text_tokens` tokens of `tokenizer` before the suffix, so the embedding token is never cut off).
+    With the release recipe this is `ret_oneword.py`'s prompt: `format_string(format_string(instruction) + "\\n" +
+    text)`, truncated to `config.max_text_tokens` tokens of `tokenizer` before the suffix, so the embedding token is
+    never cut off. With `instruction_placement="system"` the instruction replaces the system prompt.
     """
-    text = (text or "").strip()
+    text = text or ""
+    system = config.system_prompt
     if instruction:
-        text = config.instruction_template.format(instruction=instruction.strip(), text=text).strip()
-    if text:
-        if config.format_text:
-            text = _format_text(text)
-        if tokenizer is not None:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) > config.max_text_tokens:
-                text = tokenizer.decode(ids[: config.max_text_tokens])
+        if config.punctuate_instruction:
+            instruction = punctuate(instruction)
+        if config.instruction_placement == "system":
+            system = instruction
+        else:
+            if config.format_text:
+                instruction = format_string(instruction)
+            text = config.instruction_template.format(instruction=instruction.strip(), text=text)
+    if config.format_text:
+        text = format_string(text)
+    if text and tokenizer is not None:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > config.max_text_tokens:
+            text = tokenizer.decode(ids[: config.max_text_tokens])
     if not has_image and not text:
         raise ValueError("An input has neither text nor image.")
     modality = "image,text" if has_image and text else ("image" if has_image else "text")
     vision = "<|vision_start|><|image_pad|><|vision_end|>" if has_image else ""
     user = vision + text + config.user_suffix_template.format(modality=config.modality_words[modality])
     assistant = config.assistant_template.format(embedding_token=config.embedding_token)
-    system = f"<|im_start|>system\n{config.system_prompt}<|im_end|>\n" if config.system_prompt is not None else ""
-    return f"{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant}<|im_end|>\n"
+    system = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
+    return f"{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant}"
 
 
-def pixel_limit_kwargs(config: PumaConfig) -> dict:
-    """Processor keywords applying `config.min_pixels`/`max_pixels`: `size` on transformers 5; transformers 4's image
-    processors read the explicit `min_pixels`/`max_pixels` in preference to `size["longest_edge"]`."""
-    limits = {"size": {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}}
+def resize_image(image, config: PumaConfig):
+    """`image` resized with PIL bicubic so that each side is a multiple of the vision patch size times the merge
+    size and its pixel count lies in `[config.min_pixels, config.max_pixels]` (qwen-vl-utils' `fetch_image`)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    from PIL import Image
+
+    vision = config.vision_config
+    factor = vision.patch_size * vision.spatial_merge_size
+    height, width = smart_resize(image.height, image.width, factor=factor, min_pixels=config.min_pixels,
+                                 max_pixels=config.max_pixels)
+    if (height, width) == (image.height, image.width):
+        return image
+    return image.resize((width, height), resample=Image.BICUBIC)
+
+
+def processor_kwargs(config: PumaConfig) -> dict:
+    """Processor keywords of the recipe: no resize after `resize_image`, or a second one into the processor pixel
+    range (`size` on transformers 5; transformers 4's image processors read `min_pixels`/`max_pixels`)."""
+    if config.processor_min_pixels is None:
+        return {"do_resize": False}
+    low, high = config.processor_min_pixels, config.processor_max_pixels
+    limits = {"size": {"shortest_edge": low, "longest_edge": high}}
     if int(transformers.__version__.split(".")[0]) < 5:
-        limits.update(min_pixels=config.min_pixels, max_pixels=config.max_pixels)
+        limits.update(min_pixels=low, max_pixels=high)
     return limits
 
 
 def featurize(processor, config: PumaConfig, prompts: list[str], images: list) -> dict:
     """Right-padded processor features of `prompts`; `images[i]` is the RGB image of prompt i or `None`."""
-    present = [image for image in images if image is not None]
+    present = [resize_image(image, config) for image in images if image is not None]
     return processor(text=prompts, images=present or None, padding=True, padding_side="right", return_tensors="pt",
-                     **pixel_limit_kwargs(config))
+                     **processor_kwargs(config))
 
 
 def _estimate_length(config: PumaConfig, prompt: str, image) -> int:
     """Token count of a prompt for length bucketing: characters stand in for text tokens, patches for image tokens."""
     length = len(prompt) // 4
     if image is not None:
+        factor = config.vision_config.patch_size * config.vision_config.spatial_merge_size
         pixels = min(max(image.width * image.height, config.min_pixels), config.max_pixels)
-        length += pixels // (28 * 28)
+        length += pixels // (factor * factor)
     return length
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sentence Transformers
+# ----------------------------------------------------------------------------------------------------------------
+ST_MODALITIES = ("text", "image", "image+text", "message")
+ST_REQUIREMENT = ">=6.0"
+
+try:  # optional: the module class Sentence Transformers loads from a PUMA folder
+    from sentence_transformers.base.modality import is_message_dict
+    from sentence_transformers.sentence_transformer.modules import Transformer as _SentenceTransformersTransformer
+except ImportError:
+    _SentenceTransformersTransformer = None
+
+if _SentenceTransformersTransformer is not None:
+
+    class PumaSentenceTransformer(_SentenceTransformersTransformer):
+        """Sentence Transformers' `Transformer` whose inputs are PUMA prompts: texts, images (PIL or paths) and
+        `{"text", "image"}` dicts. Loading, the forward pass (through `modality_config`, reading
+        `raw_embeddings`) and saving are Sentence Transformers' own; only `preprocess` builds the recipe's prompt,
+        which a chat template cannot (instruction placement, modality suffix, truncation before the pooled token).
+        A `prompt` (from `encode(prompt=...)` or a named entry of `prompts`, as `encode_query` uses) is the query
+        instruction."""
+
+        def preprocess(self, inputs, prompt: str | None = None, **kwargs) -> dict:
+            # `task`, `processing_kwargs` and `max_length` are ignored: prompt length and pixels are config fields.
+            for index, item in enumerate(inputs):
+                if is_message_dict(item) or (isinstance(item, list) and item and is_message_dict(item[0])):
+                    raise ValueError(
+                        f"inputs[{index}] is a chat message; PUMA builds its own prompt from texts, images and "
+                        "{'text': ..., 'image': ...} dicts."
+                    )
+            config = self.model.config
+            examples = [parse_input(item, index) for index, item in enumerate(inputs)]
+            prompts = [build_prompt(config, text, image is not None, prompt or None, self.processor.tokenizer)
+                       for text, image in examples]
+            features = dict(featurize(self.processor, config, prompts, [image for _, image in examples]))
+            present = {"image" for _, image in examples if image is not None} | {"text" for text, _ in examples if text}
+            features["modality"] = tuple(sorted(present)) if len(present) > 1 else present.pop()
+            return features
+
+
+def write_sentence_transformers_files(out_dir: str, prompts: dict[str, str] | None = None) -> None:
+    """Writes the files `SentenceTransformer(out_dir, trust_remote_code=True)` loads (Sentence Transformers >= 6).
+
+    Module 0 is `modeling_puma.PumaSentenceTransformer` (in this file, which travels with the model); its
+    `modality_config` reads `raw_embeddings` from the model's forward for every modality ("message" is listed so that
+    batches mixing texts and images are accepted). Module 1 L2-normalises, like `PumaForEmbedding.encode`.
+    """
+    import importlib.metadata
+
+    def version(distribution):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "modeling_puma.PumaSentenceTransformer"},
+        {"idx": 1, "name": "1", "path": "1_Normalize",
+         "type": "sentence_transformers.base.modules.normalize.Normalize"},
+    ]
+    transformer_config = {
+        "transformer_task": "feature-extraction",
+        "modality_config": {name: {"method": "forward", "method_output_name": "raw_embeddings"}
+                            for name in ST_MODALITIES},
+        "module_output_name": "sentence_embedding",
+        "unpad_inputs": False,  # the families' 3-D rotary positions need padded batches
+    }
+    versions = {"transformers": transformers.__version__, "pytorch": version("torch")}
+    if (st_version := version("sentence-transformers")) is not None:
+        versions["sentence_transformers"] = st_version
+    model_config = {
+        "__version__": versions,
+        "model_type": "SentenceTransformer",
+        "prompts": dict(prompts or {}),
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+        "requirements": {
+            "sentence-transformers": {
+                "specifier": ST_REQUIREMENT,
+                "reason": "modeling_puma.PumaSentenceTransformer extends the Transformer module of Sentence "
+                          "Transformers 6.",
+            },
+        },
+    }
+    files = {"modules.json": modules, "sentence_bert_config.json": transformer_config,
+             "config_sentence_transformers.json": model_config,
+             os.path.join("1_Normalize", "config.json"): {"module_input_name": "sentence_embedding",
+                                                          "module_output_name": "sentence_embedding"}}
+    for relative, value in files.items():
+        path = os.path.join(out_dir, relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------------------
+def _is_url(item: str) -> bool:
+    return item.strip().lower().startswith(URL_PREFIXES)
+
+
+def _looks_like_image_path(item: str) -> bool:
+    """A one-line string ending in an image suffix: meant as an image path, whether or not the file exists."""
+    stripped = item.strip()
+    return "\n" not in stripped and len(stripped) < 4096 and stripped.lower().endswith(IMAGE_SUFFIXES)
+
+
+def parse_input(item, index: int = 0, max_image_pixels: int | None = None):
+    """`(text, image)` of one `encode` input; `image` is an RGB `PIL.Image` or `None` (see `encode` for the rules)."""
+    from PIL import Image
+
+    if item is None:
+        raise ValueError(f"inputs[{index}] is None.")
+    if isinstance(item, dict):
+        unknown = set(item) - {"text", "image"}
+        if unknown:
+            raise ValueError(f"inputs[{index}] has unknown keys {sorted(unknown)}; use 'text' and/or 'image'.")
+        text, image = item.get("text"), item.get("image")
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"inputs[{index}]['text'] must be a string, got {type(text).__name__}.")
+        if text is None and image is None:
+            raise ValueError(f"inputs[{index}] has neither 'text' nor 'image'.")
+        return (text, load_image(image, index, max_image_pixels) if image is not None else None)
+    if isinstance(item, (Image.Image, os.PathLike)):
+        return None, load_image(item, index, max_image_pixels)
+    if isinstance(item, str):
+        if not item.strip():
+            raise ValueError(f"inputs[{index}] is an empty string.")
+        if os.path.isfile(item) or _is_url(item) or _looks_like_image_path(item):
+            return None, load_image(item, index, max_image_pixels)
+        return item, None
+    raise ValueError(f"inputs[{index}] has unsupported type {type(item).__name__}; use str, PIL.Image, a path or a dict.")
+
+
+def load_image(image, index: int = 0, max_image_pixels: int | None = None):
+    """Opens, EXIF-rotates and converts an image to RGB, refusing URLs and missing, corrupt and oversized files."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    limit = max_image_pixels if max_image_pixels is not None else Image.MAX_IMAGE_PIXELS
+    if not isinstance(image, Image.Image):
+        if not isinstance(image, (str, os.PathLike)):
+            raise ValueError(f"inputs[{index}] image must be a PIL.Image or a path, got {type(image).__name__}.")
+        path = os.fspath(image)
+        if _is_url(path):
+            raise ValueError(f"inputs[{index}]: {path!r} is a URL; URLs are not fetched. Download the image first and "
+                             "pass its path or a PIL.Image.")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"inputs[{index}]: image file {path!r} does not exist (to embed this string as "
+                                    "text, pass {'text': ...}).")
+        try:
+            opened = Image.open(path)
+            _check_pixels(opened, limit, f"inputs[{index}] ({path})")
+            opened.load()
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise ValueError(f"inputs[{index}]: {path!r} is not a readable image ({err}); to embed this string as "
+                             "text, pass {'text': ...}.") from err
+        except Image.DecompressionBombError as err:
+            raise ValueError(f"inputs[{index}]: {path!r} exceeds the pixel limit ({err}).") from err
+        image = opened
+    else:
+        _check_pixels(image, limit, f"inputs[{index}]")
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "P"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def _check_pixels(image, limit: int | None, name: str) -> None:
+    if limit is not None and image.width * image.height > limit:
+        raise ValueError(
+            f"{name} has {image.width}x{image.height} = {image.width * image.height} pixels, over the limit of {limit} "
+            "(a possible decompression bomb); raise max_image_pixels to accept it."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading helpers
 # ----------------------------------------------------------------------------------------------------------------
-def _forward_parameters(module: nn.Module) -> set[str]:
-    """Parameter names of a module's `forward`: used to bridge transformers 4.57 and 5.x."""
-    import inspect
-
-    return set(inspect.signature(module.forward).parameters)
-
-
-def _is_puma_field(key: str) -> bool:
-    return key in _puma_field_names()
-
-
 def _puma_field_names() -> tuple[str, ...]:
-    import inspect
-
     return tuple(p for p in inspect.signature(PumaConfig.__init__).parameters
-                 if p not in ("self", "kwargs", "kept_layers", "base_num_hidden_layers", "embedding_token_id"))
+                 if p not in ("self", "kwargs", "kept_layers", "base_num_hidden_layers", "embedding_token_id",
+                              "base_model_type", "text_config", "vision_config", "image_token_id", "video_token_id",
+                              "vision_start_token_id", "vision_end_token_id", "preset")) \
+        + tuple(PRESETS["puma"])
 
 
 def _puma_fields(config: PumaConfig) -> dict:
-    return {key: getattr(config, key) for key in _puma_field_names() if hasattr(config, key)}
+    return {key: getattr(config, key) for key in _puma_field_names() + ("preset",) if hasattr(config, key)}
+
+
+def detect_preset(name: str, hub_kwargs: dict | None = None) -> str:
+    """The recipe of a stock checkpoint: `"qwen3_vl_embedding"` or `"gme"` when its name or files identify one of
+    those trained embedders (e.g. `Qwen/Qwen3-VL-Embedding-2B`, `Alibaba-NLP/gme-Qwen2-VL-2B-Instruct`, or a folder
+    holding GME's `gme_inference.py`), else `"puma"`. Pass `preset=` to `from_pretrained` to choose explicitly."""
+    for preset, pattern in _PRESET_NAME_PATTERNS:
+        if pattern.search(os.path.basename(os.path.normpath(name))) or pattern.search(name.replace("\\", "/")):
+            logger.info(f"'{name}' is a {preset} checkpoint by its name: using the {preset!r} recipe.")
+            return preset
+    for preset, filename in _PRESET_MARKER_FILES:
+        if _resolve_file(name, filename, hub_kwargs or {}, required=False) is not None:
+            logger.info(f"'{name}' holds {filename}: using the {preset!r} recipe.")
+            return preset
+    return "puma"
 
 
 def _resolve_file(name: str, filename: str, hub_kwargs: dict, required: bool = True) -> str | None:
@@ -510,24 +838,30 @@ def _resolve_file(name: str, filename: str, hub_kwargs: dict, required: bool = T
         ) from err
 
 
-def _load_source_config(name: str, hub_kwargs: dict):
-    """The checkpoint's configuration, as `PumaConfig` (PUMA checkpoints) or `Qwen2VLConfig` (stock Qwen2-VL)."""
-    from transformers import Qwen2VLConfig
-
-    with open(_resolve_file(name, "config.json", hub_kwargs), encoding="utf-8") as f:
-        config_dict = json.load(f)
+def load_source_config(name: str, hub_kwargs: dict | None = None):
+    """The checkpoint's configuration: `PumaConfig` for a PUMA checkpoint, else the family's own configuration."""
+    path = _resolve_file(name, "config.json", hub_kwargs or {})
+    with open(path, encoding="utf-8") as f:
+        try:
+            config_dict = json.load(f)
+        except json.JSONDecodeError as err:
+            raise OSError(f"{path} is not valid JSON ({err}).") from err
     model_type = config_dict.get("model_type")
-    if model_type not in QWEN2_VL_MODEL_TYPES:
+    if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
-            f"'{name}' is a {model_type!r} checkpoint; PumaForEmbedding loads Qwen2-VL (model_type 'qwen2_vl') "
-            "and PUMA (model_type 'puma') checkpoints."
+            f"'{name}' is a {model_type!r} checkpoint; PumaForEmbedding loads {', '.join(map(repr, FAMILIES))} and "
+            "PUMA ('puma') checkpoints."
         )
     for key in ("auto_map", "transformers_version", "architectures", "model_type"):
         config_dict.pop(key, None)
-    config_cls = PumaConfig if model_type == "puma" else Qwen2VLConfig
-    config = config_cls(**config_dict)
-    if model_type == "qwen2_vl":
-        config.kept_layers = list(range(config.text_config.num_hidden_layers))
+    if model_type == "puma":
+        return PumaConfig(**config_dict)
+    config_class = getattr(transformers, FAMILIES[model_type]["config"], None)
+    if config_class is None:
+        raise ValueError(f"'{name}' is a {model_type!r} checkpoint, which transformers {transformers.__version__} "
+                         "does not know; upgrade transformers.")
+    config = config_class(**config_dict)
+    config.kept_layers = list(range(config.text_config.num_hidden_layers))
     return config
 
 
@@ -542,34 +876,164 @@ def _select_local_layers(source_config, num_layers: int | None, kept_layers: lis
     if kept_layers is None:
         return list(range(depth))
     kept_layers = list(kept_layers)
-    validate_kept_layers(kept_layers, source_config.base_num_hidden_layers if hasattr(source_config, "base_num_hidden_layers") else depth)
+    validate_kept_layers(kept_layers, getattr(source_config, "base_num_hidden_layers", depth))
     absent = [layer for layer in kept_layers if layer not in available]
     if absent:
         raise ValueError(f"kept_layers {absent} are not in this checkpoint, which holds original layers {available}.")
     return [available.index(layer) for layer in kept_layers]
 
 
-def _source_layer_map(local_layers: list[int]) -> dict[int, int]:
-    return {source: target for target, source in enumerate(local_layers)}
+_LAYER_PREFIX = r"^(?:model\.language_model|model|language_model)\.layers\."
+_MERGER_PREFIX = r"^(?:model\.)?visual\.deepstack_merger_list\."
 
 
-def _load_processor(name: str, hub_kwargs: dict, config):
-    """The processor saved with the checkpoint, or `None` (with a log line) when it has none."""
-    # transformers 5 saves one processor_config.json; earlier versions (and the Hub's Qwen2-VL) preprocessor_config.json
+def _num_mergers(config) -> int:
+    return len(getattr(config.vision_config, "deepstack_visual_indexes", None) or [])
+
+
+def _key_mapping(source_config, local_layers: list[int], has_model_prefix: bool) -> dict[str, str]:
+    """transformers `key_mapping` from the checkpoint's tensor names to the pruned model's.
+
+    Every key layout real checkpoints use is read: the transformers <= 4.51 one (`model.layers.N`, `visual.*`, as
+    Qwen/Qwen2-VL-*-Instruct and Qwen2.5-VL are published), the >= 4.52 one (`model.language_model.*`,
+    `model.visual.*`: Qwen3-VL, PUMA) and a base model's (`language_model.*`, `visual.*`). Kept layer i becomes
+    layer `local_layers.index(i)`; Qwen3-VL's DeepStack merger j follows the layer it injects after; dropped layers,
+    mergers and the LM head go to `puma_dropped.*`, which the model ignores.
+
+    transformers 4.x applies the first matching pattern, 5.x applies every pattern in turn. The order below gives the
+    same result under both: patterns of dropped tensors come first (their targets match no later pattern), then
+    renames in increasing source index (a rename's target index is at most its source's, so it matches no later
+    pattern), then the layout patterns, which map an already mapped key to itself.
+    """
+    # transformers 4.x adds the `model.` prefix itself to a checkpoint whose keys lack it
+    prefix = "model." if has_model_prefix or _TRANSFORMERS_5 else ""
+    mapping = {}
+    for source_prefix, target_prefix, count, kept in (
+        (_LAYER_PREFIX, "language_model.layers.", source_config.text_config.num_hidden_layers, local_layers),
+        (_MERGER_PREFIX, "visual.deepstack_merger_list.", _num_mergers(source_config),
+         [i for i in local_layers if i < _num_mergers(source_config)]),
+    ):
+        target = {source: position for position, source in enumerate(kept)}
+        for index in range(count):
+            if index not in target:
+                mapping[source_prefix + rf"{index}\."] = f"{prefix}{_DROPPED}.{target_prefix}{index}."
+        for index in sorted(target):
+            mapping[source_prefix + rf"{index}\."] = f"{prefix}{target_prefix}{target[index]}."
+    mapping[r"^(?:model\.language_model|model|language_model)\.(embed_tokens|norm)\."] = rf"{prefix}language_model.\1."
+    mapping[r"^(?:model\.)?visual\."] = f"{prefix}visual."
+    mapping[r"^lm_head\."] = f"{prefix}{_DROPPED}.lm_head."
+    return mapping
+
+
+def _is_kept_key_function(source_config, local_layers: list[int]):
+    """A predicate on checkpoint tensor names: does the pruned model load this tensor?"""
+    layers, mergers = set(local_layers), {i for i in local_layers if i < _num_mergers(source_config)}
+    layer_pattern, merger_pattern = re.compile(_LAYER_PREFIX + r"(\d+)\."), re.compile(_MERGER_PREFIX + r"(\d+)\.")
+
+    def is_kept(key: str) -> bool:
+        if key.startswith("lm_head."):
+            return False
+        for pattern, kept in ((layer_pattern, layers), (merger_pattern, mergers)):
+            match = pattern.match(key)
+            if match is not None:
+                return int(match.group(1)) in kept
+        return True
+
+    return is_kept
+
+
+class _CheckpointWeights:
+    """The safetensors files of a checkpoint that hold kept tensors, resolved (downloaded only if needed)."""
+
+    def __init__(self, name: str, files: dict[str, str], weight_map: dict[str, str] | None, has_model_prefix: bool):
+        self.name, self.files, self.weight_map, self.has_model_prefix = name, files, weight_map, has_model_prefix
+
+    def lazy_state_dict(self, is_kept, stack: contextlib.ExitStack) -> dict:
+        """`{name: lazy slice}` of the kept tensors, from memory-mapped files held open by `stack` (transformers 5's
+        own loader reads `safe_open(...).get_slice(name)` the same way, so tensors stay file-backed until cast)."""
+        from safetensors import safe_open
+
+        state_dict = {}
+        for path in self.files.values():
+            handle = stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+            state_dict.update({key: handle.get_slice(key) for key in handle.keys() if is_kept(key)})
+        return state_dict
+
+    def write_view(self, folder: str, config: PumaConfig) -> None:
+        """Writes a folder transformers loads from: the pruned config, links to the needed files and, for a
+        sharded checkpoint, an index restricted to them (so the shards of dropped layers are not looked for)."""
+        config.save_pretrained(folder)
+        for filename, path in self.files.items():
+            os.symlink(os.path.abspath(path), os.path.join(folder, filename))
+        if self.weight_map is not None:
+            with open(os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME), "w", encoding="utf-8") as f:
+                json.dump({"metadata": {}, "weight_map": self.weight_map}, f)
+
+
+def _checkpoint_weights(name: str, hub_kwargs: dict, is_kept) -> _CheckpointWeights:
+    """Finds the safetensors files holding kept tensors, checks each is a valid safetensors file, and resolves
+    them (a Hub repository's other shards are never downloaded)."""
+    index_path = _resolve_file(name, SAFE_WEIGHTS_INDEX_NAME, hub_kwargs, required=False)
+    if index_path is not None:
+        with open(index_path, encoding="utf-8") as f:
+            try:
+                weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise OSError(f"{index_path} is not a valid safetensors index ({type(err).__name__}: {err}).") from err
+        by_file = defaultdict(list)
+        for key, filename in weight_map.items():
+            by_file[filename].append(key)
+        needed = sorted(filename for filename, keys in by_file.items() if any(is_kept(key) for key in keys))
+        weight_map = {key: filename for key, filename in weight_map.items() if filename in needed}
+        keys = list(weight_map)
+    else:
+        if _resolve_file(name, SAFE_WEIGHTS_NAME, hub_kwargs, required=False) is None:
+            raise OSError(
+                f"'{name}' has no safetensors weights ({SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}); only "
+                "safetensors are loaded. Convert .bin weights with transformers' save_pretrained(..., "
+                "safe_serialization=True)."
+            )
+        needed, weight_map, keys = [SAFE_WEIGHTS_NAME], None, None
+    files = {filename: _resolve_file(name, filename, hub_kwargs) for filename in needed}
+    for filename, path in files.items():
+        file_keys = _safetensors_keys(path)
+        if keys is None:
+            keys = file_keys
+    return _CheckpointWeights(name, files, weight_map, any(key.startswith("model") for key in keys))
+
+
+def _safetensors_keys(path: str) -> list[str]:
+    """The tensor names of a safetensors file; a file that is not one is an `OSError` naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    except Exception as err:  # safetensors raises its own error type, or OverflowError/ValueError on garbage
+        raise OSError(f"{path} is not a valid safetensors file ({type(err).__name__}: {err}); the checkpoint is "
+                      "corrupt or incomplete: download or save it again.") from err
+
+
+def load_processor(name: str, config, hub_kwargs: dict | None = None):
+    """The family's own processor saved with the checkpoint `name` (a folder or Hub id) of configuration `config`, or
+    `None` (with a log line) when it has none."""
+    hub_kwargs = hub_kwargs or {}
+    # transformers 5 saves one processor_config.json; earlier versions (and the Hub's checkpoints) preprocessor_config.json
     if all(_resolve_file(name, f, hub_kwargs, required=False) is None
            for f in ("processor_config.json", "preprocessor_config.json")):
         logger.warning(f"'{name}' holds no processor files; encode() needs model.set_processor(...).")
         return None
+    family = config.base_model_type if isinstance(config, PumaConfig) else config.model_type
     kwargs = {key: value for key, value in hub_kwargs.items() if key != "force_download"}
-    # The Qwen2-VL family always uses this processor; AutoProcessor would consult the PUMA config (remote code).
     if int(transformers.__version__.split(".")[0]) >= 5:
         # transformers 5's tokenizer loader resolves the model config, which for PUMA is remote code: hand it over.
         kwargs["config"] = config
-    return Qwen2VLProcessor.from_pretrained(name, **kwargs)
+    # The family's own processor class; AutoProcessor would consult the PUMA config (remote code).
+    return getattr(transformers, FAMILIES[family]["processor"]).from_pretrained(name, **kwargs)
 
 
 def _ensure_embedding_token(processor, config: PumaConfig, is_puma: bool) -> tuple[int, int] | None:
-    """Makes the tokenizer know the embedding token and records its id in `config`.
+    """Makes the tokenizer know the embedding token (recipes pooling at one) and records its id in `config`.
 
     Returns `(token_id, rows_before)` when the token was added now (its input row needs initialising), else `None`.
     A PUMA checkpoint must already carry the token with the id its config names.
@@ -578,6 +1042,8 @@ def _ensure_embedding_token(processor, config: PumaConfig, is_puma: bool) -> tup
     if tokenizer is None:
         raise ValueError(f"The processor {type(processor).__name__} has no tokenizer.")
     token = config.embedding_token
+    if config.pooling != "token" or not token:
+        return None
     vocab = tokenizer.get_vocab()
     if token in vocab:
         token_id = vocab[token]
@@ -588,7 +1054,7 @@ def _ensure_embedding_token(processor, config: PumaConfig, is_puma: bool) -> tup
             )
         config.embedding_token_id = token_id
         return None
-    if is_puma:
+    if is_puma and config.embedding_token_id is not None:
         raise ValueError(
             f"The tokenizer lacks the embedding token {token!r} that this PUMA model was trained with; "
             "use the tokenizer saved with the model."
@@ -600,6 +1066,20 @@ def _ensure_embedding_token(processor, config: PumaConfig, is_puma: bool) -> tup
     if token_id >= config.text_config.vocab_size:
         config.text_config.vocab_size = token_id + 1
     return token_id, rows_before
+
+
+def make_tokenizer_config_portable(path: str) -> None:
+    """transformers 5 writes `extra_special_tokens` as a list, which transformers 4.57 cannot read (it expects a
+    mapping); the tokens are also in `added_tokens_decoder`, so the list is dropped."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if isinstance(config.get("extra_special_tokens"), list):
+        config.pop("extra_special_tokens")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+            f.write("\n")
 
 
 def _resolve_device(device_map) -> torch.device:
@@ -626,7 +1106,8 @@ def _resolve_dtype(dtype, device: torch.device, source_config) -> torch.dtype:
             return torch.float32
         return torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
     if dtype == "auto":
-        dtype = getattr(source_config, "dtype", None) or getattr(source_config, "torch_dtype", None) or torch.float32
+        dtype = getattr(source_config, "dtype", None) or getattr(source_config.text_config, "dtype", None) \
+            or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -647,205 +1128,10 @@ def _resolve_attn_implementation(requested: str | None, device: torch.device, dt
     return "sdpa"
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    """Creates parameters directly in `dtype`, so a bf16 load never holds a float32 copy."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def _no_init_weights():
-    """transformers' own context that skips random initialisation of weights about to be overwritten."""
-    try:
-        from transformers.initialization import no_init_weights  # transformers 5
-    except ImportError:
-        try:
-            from transformers.modeling_utils import no_init_weights  # transformers 4
-        except ImportError:
-            return contextlib.nullcontext()
-    return no_init_weights()
-
-
-def _checkpoint_files(name: str, hub_kwargs: dict) -> dict[str, list[str]]:
-    """Maps each safetensors file of the checkpoint to the tensor names it holds (via the shard index if any)."""
-    index_path = _resolve_file(name, SAFE_WEIGHTS_INDEX_NAME, hub_kwargs, required=False)
-    if index_path is not None:
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        files = defaultdict(list)
-        for key, filename in weight_map.items():
-            files[filename].append(key)
-        return dict(files)
-    if _resolve_file(name, SAFE_WEIGHTS_NAME, hub_kwargs, required=False) is None:
-        raise OSError(
-            f"'{name}' has no safetensors weights ({SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}); only safetensors "
-            "are loaded. Convert .bin weights with transformers' save_pretrained(..., safe_serialization=True)."
-        )
-    return {SAFE_WEIGHTS_NAME: None}
-
-
-def _target_key(key: str, source_to_target: dict[int, int]) -> str | None:
-    """The parameter name of checkpoint tensor `key` in `PumaForEmbedding`, or `None` if it is not kept."""
-    if key.startswith("lm_head."):
-        return None
-    for pattern, replacement in _OLD_LAYOUT_RULES:
-        key = pattern.sub(replacement, key)
-    match = _LAYER_KEY.match(key)
-    if match is None:
-        return key
-    layer = source_to_target.get(int(match.group(1)))
-    return None if layer is None else f"model.language_model.layers.{layer}.{match.group(2)}"
-
-
-def _read_safetensors_header(path: str) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_size))
-    header.pop("__metadata__", None)
-    return header, 8 + header_size
-
-
-def _read_tensor_into(f, info: dict, data_offset: int, out: torch.Tensor, key: str, path: str) -> None:
-    """Reads one safetensors tensor straight into `out` (or into its leading rows), casting if needed.
-
-    Reading with `readinto` into the destination's memory keeps peak memory at the kept bytes: mapping whole shards
-    would make every touched page of a shard resident while it is open.
-    """
-    dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-    shape = torch.Size(info["shape"])
-    if dtype is None:
-        raise ValueError(f"Tensor {key!r} in {path} has unsupported dtype {info['dtype']}.")
-    if shape != out.shape:
-        if key == _EMBED_KEY and shape[1:] == out.shape[1:] and shape[0] <= out.shape[0]:
-            out = out[: shape[0]]  # rows appended for the embedding token stay for the caller to fill
-        else:
-            raise ValueError(f"Tensor {key!r} in {path} has shape {tuple(shape)}, the model expects {tuple(out.shape)}.")
-    start, end = info["data_offsets"]
-    direct = out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous()
-    buffer = out if direct else torch.empty(shape, dtype=dtype)
-    f.seek(data_offset + start)
-    if end > start:
-        view = memoryview(buffer.view(-1).view(torch.uint8).numpy())
-        if f.readinto(view) != end - start:
-            raise OSError(f"{path} is truncated: tensor {key!r} could not be read in full.")
-    if not direct:
-        with torch.no_grad():
-            out.copy_(buffer)
-
-
-def _load_kept_tensors(model: "PumaForEmbedding", name: str, hub_kwargs: dict, source_to_target: dict[int, int]):
-    """Fills every parameter and persistent buffer of `model` from the checkpoint, reading only kept tensors."""
-    state = model.state_dict(keep_vars=True)
-    loaded, skipped_unknown = set(), []
-    for filename, keys in _checkpoint_files(name, hub_kwargs).items():
-        if keys is not None and all(_target_key(key, source_to_target) is None for key in keys):
-            continue  # a shard of dropped layers only: never opened, never downloaded
-        path = _resolve_file(name, filename, hub_kwargs)
-        header, data_offset = _read_safetensors_header(path)
-        keys = keys if keys is not None else list(header)
-        with open(path, "rb") as f:
-            for key in keys:
-                target = _target_key(key, source_to_target)
-                if target is None:
-                    continue
-                if target not in state:
-                    skipped_unknown.append(key)
-                    continue
-                if key not in header:
-                    raise OSError(f"The shard index of '{name}' lists {key!r} in {filename}, which lacks it.")
-                _read_tensor_into(f, header[key], data_offset, state[target].data, key, path)
-                loaded.add(target)
-    missing = [key for key in state if key not in loaded]
-    if missing:
-        raise OSError(f"The checkpoint '{name}' lacks tensors the model needs: {missing[:8]}{' ...' if len(missing) > 8 else ''}.")
-    if skipped_unknown:
-        logger.warning(f"Ignored {len(skipped_unknown)} checkpoint tensors unknown to Qwen2-VL: {skipped_unknown[:5]}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Input helpers
-# ----------------------------------------------------------------------------------------------------------------
-def _format_text(text: str) -> str:
-    """The release's `format_string`: capitalise the first letter and end with punctuation."""
-    text = text[0].upper() + text[1:]
-    return text if text[-1] in ".?!" else text + "."
-
-
-def _looks_like_image_path(item) -> bool:
-    if isinstance(item, os.PathLike):
-        return True
-    return isinstance(item, str) and not any(c.isspace() for c in item) and item.lower().endswith(IMAGE_SUFFIXES)
-
-
-def parse_input(item, index: int = 0, max_image_pixels: int | None = None):
-    """`(text, image)` of one `encode` input; `image` is an RGB `PIL.Image` or `None`."""
-    from PIL import Image
-
-    if item is None:
-        raise ValueError(f"inputs[{index}] is None.")
-    if isinstance(item, dict):
-        unknown = set(item) - {"text", "image"}
-        if unknown:
-            raise ValueError(f"inputs[{index}] has unknown keys {sorted(unknown)}; use 'text' and/or 'image'.")
-        text, image = item.get("text"), item.get("image")
-        if text is not None and not isinstance(text, str):
-            raise ValueError(f"inputs[{index}]['text'] must be a string, got {type(text).__name__}.")
-        if text is None and image is None:
-            raise ValueError(f"inputs[{index}] has neither 'text' nor 'image'.")
-        return (text, load_image(image, index, max_image_pixels) if image is not None else None)
-    if isinstance(item, Image.Image) or _looks_like_image_path(item):
-        return None, load_image(item, index, max_image_pixels)
-    if isinstance(item, str):
-        if not item.strip():
-            raise ValueError(f"inputs[{index}] is an empty string.")
-        return item, None
-    raise ValueError(f"inputs[{index}] has unsupported type {type(item).__name__}; use str, PIL.Image, a path or a dict.")
-
-
-def load_image(image, index: int = 0, max_image_pixels: int | None = None):
-    """Opens, EXIF-rotates and converts an image to RGB, refusing missing, corrupt and oversized files."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    limit = max_image_pixels if max_image_pixels is not None else Image.MAX_IMAGE_PIXELS
-    if not isinstance(image, Image.Image):
-        if not isinstance(image, (str, os.PathLike)):
-            raise ValueError(f"inputs[{index}] image must be a PIL.Image or a path, got {type(image).__name__}.")
-        path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"inputs[{index}]: image file {path!r} does not exist.")
-        try:
-            opened = Image.open(path)
-            _check_pixels(opened, limit, f"inputs[{index}] ({path})")
-            opened.load()
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise ValueError(f"inputs[{index}]: {path!r} is not a readable image ({err}).") from err
-        except Image.DecompressionBombError as err:
-            raise ValueError(f"inputs[{index}]: {path!r} exceeds the pixel limit ({err}).") from err
-        image = opened
-    else:
-        _check_pixels(image, limit, f"inputs[{index}]")
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "P"):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
-    return image.convert("RGB")
-
-
-def _check_pixels(image, limit: int | None, name: str) -> None:
-    if limit is not None and image.width * image.height > limit:
-        raise ValueError(
-            f"{name} has {image.width}x{image.height} = {image.width * image.height} pixels, over the limit of {limit} "
-            "(a possible decompression bomb); raise max_image_pixels to accept it."
-        )
-
-
 PumaConfig.register_for_auto_class()
 PumaForEmbedding.register_for_auto_class("AutoModel")
 
-__all__ = ["PumaEmbeddingOutput", "PumaForEmbedding", "PumaPreTrainedModel", "build_prompt", "featurize", "load_image",
-           "parse_input", "pixel_limit_kwargs"]
+__all__ = ["PumaEmbeddingOutput", "PumaForEmbedding", "PumaPreTrainedModel", "build_prompt", "detect_preset",
+           "featurize", "format_string", "load_image", "load_processor", "load_source_config",
+           "make_tokenizer_config_portable", "parse_input", "processor_kwargs", "resize_image",
+           "write_sentence_transformers_files"]

@@ -13,7 +13,7 @@ import os
 from PIL import Image, ImageDraw
 
 from modeling_puma import PumaForEmbedding
-from tiny_qwen2vl import build_tiny_qwen2vl
+from tiny_qwen_vl import build_tiny_checkpoint
 
 
 def shape_image(colour: str, shape: str, size: int = 96) -> Image.Image:
@@ -32,7 +32,7 @@ def main():
 
     base = os.path.join(args.out, "tiny-qwen2vl")
     if not os.path.isfile(os.path.join(base, "config.json")):
-        build_tiny_qwen2vl(base)
+        build_tiny_checkpoint(base)
     model = PumaForEmbedding.from_pretrained(base, num_layers=args.num_layers)
     pruned = os.path.join(args.out, f"puma-tiny-k{args.num_layers}")
     model.save_pretrained(pruned)

@@ -26,7 +26,7 @@ import torch
 from common import check, log, markdown_table, time_interleaved
 from eval_puma import _import_faiss, encode_cached, search_index, torch_search
 from modeling_puma import PumaForEmbedding
-from tiny_qwen2vl import build_tiny_qwen2vl
+from tiny_qwen_vl import build_tiny_checkpoint
 
 
 WORDS = ("the a photo of dog cat man woman red blue green small large two three running sitting on in at with near "
@@ -51,7 +51,7 @@ def padded_tokens(lengths: list[int], batch_size: int) -> int:
 def bench_encoding(args) -> None:
     with tempfile.TemporaryDirectory() as folder:
         log("building the tiny random Qwen2-VL checkpoint")
-        checkpoint = build_tiny_qwen2vl(folder, "old", 1, seed=0)
+        checkpoint = build_tiny_checkpoint(folder, "qwen2_vl", "old", 1, seed=0)
         model = PumaForEmbedding.from_pretrained(checkpoint, num_layers=args.layers)
     pool = make_pool(random.Random(0), args.pool_size, args.long_every)
     ids = [f"0:{i}" for i in range(len(pool))]

@@ -26,9 +26,9 @@ sys.path.insert(0, ROOT)
 def checkpoint_for(shape: str) -> str:
     path = f"/tmp/bench_data/qwen2vl-{shape}"
     if not os.path.isfile(os.path.join(path, "config.json")):
-        from tiny_qwen2vl import main as build
+        from tiny_qwen_vl import main as build
 
-        sys.argv = ["tiny_qwen2vl.py", path, "--shape", shape, "--shards", "2"]
+        sys.argv = ["tiny_qwen_vl.py", path, "--shape", shape, "--shards", "2"]
         build()
     return path
 

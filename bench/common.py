@@ -29,7 +29,7 @@ def ensure_checkpoint(path: str) -> str:
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     log(f"generating a random 2B-shape checkpoint in {path} (~4.4 GB, about a minute)")
-    subprocess.run([sys.executable, os.path.join(ROOT, "tiny_qwen2vl.py"), path, "--shape", "2b", "--layout", "old",
+    subprocess.run([sys.executable, os.path.join(ROOT, "tiny_qwen_vl.py"), path, "--shape", "2b", "--layout", "old",
                     "--shards", "4", "--dtype", "bfloat16"], check=True, stdout=sys.stderr)
     return path
 

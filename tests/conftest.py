@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Qwen2-VL checkpoints written offline in both key layouts, single and sharded."""
+"""Shared fixtures: tiny random Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints written offline in the key layouts
+real checkpoints use, single file and sharded."""
 
 import os
 import sys
@@ -11,20 +12,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tiny_qwen2vl import build_tiny_qwen2vl  # noqa: E402
+from tiny_qwen_vl import build_tiny_checkpoint  # noqa: E402
 
 
 TINY_DEPTH = 6
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
-    """`{(layout, num_shards): folder}` for the same random weights (seed 0) in every layout."""
+    """`{(layout, num_shards): folder}` of one random Qwen2-VL (seed 0) in the old and new key layouts."""
     root = tmp_path_factory.mktemp("qwen2vl")
     folders = {}
     for layout in ("old", "new"):
         for shards in (1, 3):
-            folders[(layout, shards)] = build_tiny_qwen2vl(str(root / f"{layout}-{shards}"), layout, shards, seed=0)
+            folders[(layout, shards)] = build_tiny_checkpoint(str(root / f"{layout}-{shards}"), "qwen2_vl", layout,
+                                                              shards, seed=0)
     return folders
 
 
@@ -32,6 +35,16 @@ def tiny_checkpoints(tmp_path_factory):
 def tiny_checkpoint(tiny_checkpoints):
     """The layout Qwen/Qwen2-VL-2B-Instruct is published in: transformers <= 4.51 keys, one file."""
     return tiny_checkpoints[("old", 1)]
+
+
+@pytest.fixture(scope="session")
+def family_checkpoints(tmp_path_factory, tiny_checkpoint):
+    """`{family: folder}`: a tiny random checkpoint of each family in the layout its Hub checkpoints use."""
+    root = tmp_path_factory.mktemp("families")
+    folders = {"qwen2_vl": tiny_checkpoint}
+    for family in FAMILIES[1:]:
+        folders[family] = build_tiny_checkpoint(str(root / family), family, seed=0)
+    return folders
 
 
 @pytest.fixture

@@ -23,7 +23,8 @@ import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, metadata_load
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 from PIL import Image, ImageDraw
-from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 import hub_puma
 from conftest import ROOT
@@ -38,7 +39,7 @@ EVAL_RESULTS = {"WebQA (qt -> ct)": {"Recall@5": 81.2, "Recall@10": 90.1}, "NIGH
 HUB_FILES = {
     "README.md", "config.json", "model.safetensors", "configuration_puma.py", "modeling_puma.py", "chat_template.jinja",
     "tokenizer.json", "tokenizer_config.json", "handler.py", "requirements.txt",
-    "custom_st.py", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
     "1_Normalize/config.json",
 }
 # Processor files the installed transformers writes: one processor_config.json (5.x), or one file per component (4.x).
@@ -84,7 +85,7 @@ def endpoint(hub_folder):
 
 @pytest.fixture(scope="module")
 def exported(hub_folder, tmp_path_factory):
-    return Path(hub_puma.export_qwen2_vl(hub_folder, tmp_path_factory.mktemp("export") / "puma-tiny-qwen2vl"))
+    return Path(hub_puma.export_plain_checkpoint(hub_folder, tmp_path_factory.mktemp("export") / "puma-tiny-qwen2vl"))
 
 
 def every_kind(image):
@@ -132,7 +133,7 @@ def test_hub_folder_is_a_complete_trust_remote_code_repository(hub_folder, puma)
     assert config["auto_map"] == {"AutoConfig": "configuration_puma.PumaConfig",
                                   "AutoModel": "modeling_puma.PumaForEmbedding"}
     assert (hub_folder / "handler.py").read_bytes() == Path(ROOT, "handler.py").read_bytes()
-    assert (hub_folder / "custom_st.py").read_bytes() == Path(ROOT, "hub_card", "custom_st.py").read_bytes()
+    assert json.loads((hub_folder / "modules.json").read_text())[0]["type"] == "modeling_puma.PumaSentenceTransformer"
     tokenizer = AutoTokenizer.from_pretrained(hub_folder)
     assert tokenizer.convert_tokens_to_ids("[RET]") == config["embedding_token_id"] == puma.config.embedding_token_id
     st_config = json.loads((hub_folder / "config_sentence_transformers.json").read_text())
@@ -152,7 +153,7 @@ FRESH_LOAD_SCRIPT = textwrap.dedent(
     """
     import sys
     # The project must not be importable, only the Hub folder's own files.
-    for name in ("modeling_puma", "configuration_puma", "hub_puma", "tiny_qwen2vl"):
+    for name in ("modeling_puma", "configuration_puma", "hub_puma", "tiny_qwen_vl"):
         sys.modules[name] = None
     import numpy as np
     from PIL import Image
@@ -254,9 +255,19 @@ def test_license_and_base_model_are_inherited_from_the_base_card(tiny_checkpoint
     assert second["license"] == "apache-2.0" and second["base_model"] == "Qwen/Qwen2-VL-2B-Instruct"
 
 
-def test_unknown_license_must_be_given(puma, tmp_path):
+def test_unknown_license_must_be_given_and_the_refusal_leaves_no_folder(puma, tmp_path):
     with pytest.raises(ValueError, match=r"license of the base checkpoint .* is unknown.*pass license="):
         hub_puma.save_hub_folder(puma, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"is unknown"):
+        hub_puma.save_hub_folder(puma, tmp_path / "empty")
+    assert (tmp_path / "empty").is_dir() and not list((tmp_path / "empty").iterdir())
+
+
+def test_hub_requirements_name_what_the_remote_code_needs(hub_folder):
+    requirements = (hub_folder / "requirements.txt").read_text().split()
+    assert {"torchvision", "pillow>=10"} <= set(requirements) and any(r.startswith("transformers") for r in requirements)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -442,20 +453,33 @@ def test_export_is_a_plain_qwen2_vl_checkpoint(exported, puma):
     assert config["model_type"] == "qwen2_vl" and config["architectures"] == ["Qwen2VLForConditionalGeneration"]
     assert "auto_map" not in config and not set(config) & hub_puma._puma_field_names()
     assert config["text_config"]["num_hidden_layers"] == 3 and len(config["text_config"]["layer_types"]) == 3
+    assert config["text_config"]["rope_scaling"]["mrope_section"] == [2, 3, 3]  # transformers 4.57 reads these
+    keys = set(load_file(exported / "model.safetensors"))
+    assert "model.layers.0.mlp.up_proj.weight" in keys and "visual.merger.mlp.0.weight" in keys  # the Hub's layout
     tokenizer = AutoTokenizer.from_pretrained(exported)
     assert tokenizer.convert_tokens_to_ids("[RET]") == puma.config.embedding_token_id
+    processor = json.loads((exported / _processor_file(exported)).read_text())
+    image_config = processor.get("image_processor", processor)
+    assert image_config["size"] == {"shortest_edge": puma.config.min_pixels, "longest_edge": puma.config.max_pixels}
 
 
-def test_export_loads_in_vanilla_transformers_and_equals_raw_embeddings(exported, puma, photo_image):
-    model, info = Qwen2VLForConditionalGeneration.from_pretrained(exported, dtype=torch.float32,
-                                                                  output_loading_info=True)
+def _processor_file(folder):
+    return "processor_config.json" if (folder / "processor_config.json").exists() else "preprocessor_config.json"
+
+
+@pytest.mark.parametrize("class_name", ["AutoModel", "Qwen2VLModel", "Qwen2VLForConditionalGeneration"])
+def test_export_loads_in_every_class_and_equals_raw_embeddings(exported, puma, photo_image, class_name, capsys):
+    import transformers
+
+    model, info = getattr(transformers, class_name).from_pretrained(exported, dtype=torch.float32,
+                                                                      output_loading_info=True)
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    base = model.model if hasattr(model, "lm_head") else model
     examples = [parse_input(item, i) for i, item in enumerate(every_kind(photo_image))]
     prompts = [puma.build_prompt(text, image is not None) for text, image in examples]
     features = featurize(puma.processor, puma.config, prompts, [image for _, image in examples])
     with torch.no_grad():
-        hidden = model.eval().model(**features).last_hidden_state
+        hidden = base.eval()(**features).last_hidden_state
         expected = puma(**features).raw_embeddings
     token = features["input_ids"] == puma.config.embedding_token_id
     position = (token * torch.arange(token.shape[1])).argmax(dim=1)
@@ -478,4 +502,10 @@ def test_export_card_code_reproduces_puma_embeddings(exported, puma, photo, phot
 
 def test_export_refuses_a_non_puma_checkpoint(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"'qwen2_vl' checkpoint, not a PUMA one"):
-        hub_puma.export_qwen2_vl(tiny_checkpoint, tmp_path / "out")
+        hub_puma.export_plain_checkpoint(tiny_checkpoint, tmp_path / "out")
+
+
+def test_export_prints_no_model_type_warning(hub_folder, tmp_path, capfd):
+    hub_puma.export_plain_checkpoint(hub_folder, tmp_path / "out")
+    captured = capfd.readouterr()
+    assert "to instantiate a model of type" not in captured.out + captured.err

@@ -1,4 +1,5 @@
-"""PumaForEmbedding against transformers' own Qwen2-VL, on tiny random checkpoints built offline."""
+"""PumaForEmbedding against transformers' own Qwen2-VL, on tiny random checkpoints built offline: pruning, encoding,
+prompts, saving and bad input. Qwen2.5-VL, Qwen3-VL and the trained-embedder recipes are in test_families.py."""
 
 import json
 import os
@@ -10,9 +11,9 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import Qwen2VLForConditionalGeneration
 
 from conftest import ROOT, TINY_DEPTH
 from modeling_puma import PumaForEmbedding
@@ -37,22 +38,37 @@ def features_for(model, inputs, instruction=None):
 
 
 def oracle(checkpoint, model, features, depth_after):
-    """transformers' Qwen2VLModel at full depth: final norm of the hidden state after `depth_after` layers, read at
-    the embedding token. The embedding token's row is copied from `model`, the only weight PUMA adds. It is loaded
-    through the class real checkpoints name (`architectures`), which knows both key layouts."""
-    full = Qwen2VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).model.eval()
+    """transformers' own full-depth model of the checkpoint's family: the final norm of the hidden state that enters
+    layer `depth_after` (after it, for the last layer), read at the pooled position. The embedding token's row is
+    copied from `model`, the only weight PUMA adds. It is loaded through the class the checkpoint names
+    (`architectures`), which knows the checkpoint's key layout."""
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        architecture = json.load(f)["architectures"][0]
+    full = getattr(transformers, architecture).from_pretrained(checkpoint, dtype=torch.float32).model.eval()
     token_id = model.config.embedding_token_id
+    features = dict(features)
+    if "mm_token_type_ids" in full.forward.__code__.co_varnames and "mm_token_type_ids" not in features:
+        features["mm_token_type_ids"] = model._mm_token_type_ids(features["input_ids"])
+    captured = {}
+    layers = full.language_model.layers
+    if depth_after < len(layers):
+        layers[depth_after].register_forward_pre_hook(
+            lambda module, args, kwargs: captured.update(hidden=args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True)
     with torch.no_grad():
-        embed = full.get_input_embeddings()
-        if token_id >= embed.weight.shape[0]:
-            full.resize_token_embeddings(token_id + 1)
+        if model.config.pooling == "token":
             embed = full.get_input_embeddings()
-        embed.weight[token_id] = model.get_input_embeddings().weight[token_id]
-        out = full(**features, output_hidden_states=True)
-        depth = full.config.text_config.num_hidden_layers
-        hidden = out.last_hidden_state if depth_after == depth else full.language_model.norm(out.hidden_states[depth_after])
+            if token_id >= embed.weight.shape[0]:
+                full.resize_token_embeddings(token_id + 1)
+                embed = full.get_input_embeddings()
+            embed.weight[token_id] = model.get_input_embeddings().weight[token_id]
+        out = full(**features)
+        hidden = full.language_model.norm(captured["hidden"]) if captured else out.last_hidden_state
     rows = torch.arange(hidden.shape[0])
-    position = (features["input_ids"] == token_id).int().argmax(dim=1)
+    if model.config.pooling == "token":
+        position = (features["input_ids"] == token_id).int().argmax(dim=1)
+    else:
+        position = features["attention_mask"].sum(dim=1) - 1
     return hidden[rows, position]
 
 
@@ -160,7 +176,7 @@ def test_query_instruction_changes_queries_only(tiny_checkpoint):
     assert torch.allclose(plain, candidate)
     assert (plain - query).abs().max() > 1e-3
     prompt = model.build_prompt("a dog", True, "find an image")
-    assert "<|vision_start|><|image_pad|><|vision_end|>Find an image\na dog.\nSummarize above image and sentence in one word: <|im_end|>" in prompt
+    assert "<|vision_start|><|image_pad|><|vision_end|>Find an image.\na dog.\nSummarize above image and sentence in one word: <|im_end|>" in prompt
     assert prompt.endswith("<|im_start|>assistant\n[RET].<|im_end|>\n")
 
 
@@ -173,6 +189,44 @@ def test_prompt_equals_the_release_chat_template_rendering(tiny_checkpoint):
         messages = [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": "[RET]."}]}]
         rendered = model.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
         assert model.build_prompt(text or None, has_image) == rendered
+
+
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+ASSISTANT = "<|im_start|>assistant\n[RET].<|im_end|>\n"
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+@pytest.mark.parametrize("text,has_image,instruction,expected", [
+    ("a dog on a beach", False, None,
+     SYSTEM + "<|im_start|>user\nA dog on a beach.\nSummarize above sentence in one word: <|im_end|>\n" + ASSISTANT),
+    ('  "What is this?"\r\n', False, None,
+     SYSTEM + "<|im_start|>user\nWhat is this?\nSummarize above sentence in one word: <|im_end|>\n" + ASSISTANT),
+    ("a dog on a beach", False, '"retrieve an image of the caption"',
+     SYSTEM + "<|im_start|>user\nRetrieve an image of the caption.\na dog on a beach.\n"
+              "Summarize above sentence in one word: <|im_end|>\n" + ASSISTANT),
+    (None, True, None,
+     SYSTEM + "<|im_start|>user\n" + IMAGE + "\nSummarize above image in one word: <|im_end|>\n" + ASSISTANT),
+    ("a red car", True, None,
+     SYSTEM + "<|im_start|>user\n" + IMAGE + "A red car.\nSummarize above image and sentence in one word: <|im_end|>\n"
+     + ASSISTANT),
+    (None, True, "find a similar photo!",
+     SYSTEM + "<|im_start|>user\n" + IMAGE + "Find a similar photo!\nSummarize above image and sentence in one word: "
+              "<|im_end|>\n" + ASSISTANT),
+])
+def test_release_prompts_written_out_by_hand(tiny_checkpoint, text, has_image, instruction, expected):
+    # The release: format_string(format_string(instruction) + "\n" + text), quotes and "\r" removed, full stops added.
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=1)
+    assert model.build_prompt(text, has_image, instruction) == expected
+
+
+def test_release_prompt_of_an_over_long_text_is_cut_before_the_suffix(tiny_checkpoint):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=1, max_text_tokens=4)
+    words = "two women are walking in the park"
+    ids = model.processor.tokenizer("Two women are walking in the park.", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 4
+    kept = model.processor.tokenizer.decode(ids[:4])
+    assert model.build_prompt(words, False) == (
+        SYSTEM + "<|im_start|>user\n" + kept + "\nSummarize above sentence in one word: <|im_end|>\n" + ASSISTANT)
 
 
 def test_long_text_is_truncated_without_losing_the_embedding_token(tiny_checkpoint):
@@ -311,7 +365,7 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
     """
     import sys
     # The project must not be importable: block its modules even if it is pip-installed.
-    for name in ("modeling_puma", "configuration_puma", "tiny_qwen2vl"):
+    for name in ("modeling_puma", "configuration_puma", "tiny_qwen_vl"):
         sys.modules[name] = None
     import numpy as np
     from PIL import Image
@@ -348,15 +402,21 @@ def test_trust_remote_code_round_trip_in_a_fresh_process(tiny_checkpoint, images
 def test_hub_files_import_only_each_other_and_allowed_libraries():
     import ast
 
-    allowed = {"torch", "transformers", "numpy", "PIL", "tqdm", "huggingface_hub", "flash_attn"} | set(sys.stdlib_module_names)
+    allowed = {"torch", "transformers", "numpy", "PIL", "tqdm", "huggingface_hub", "safetensors", "flash_attn"} \
+        | set(sys.stdlib_module_names)
+    optional = {"sentence_transformers"}  # only inside try/except ImportError
+
     for filename in ("configuration_puma.py", "modeling_puma.py"):
         tree = ast.parse(open(os.path.join(ROOT, filename)).read())
+        guarded = {id(node) for block in ast.walk(tree) if isinstance(block, ast.Try)
+                   and any(isinstance(h.type, ast.Name) and h.type.id == "ImportError" for h in block.handlers)
+                   for statement in block.body for node in ast.walk(statement)}
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 0:
-                assert node.module.split(".")[0] in allowed, (filename, node.module)
-            elif isinstance(node, ast.Import):
-                for alias in node.names:
-                    assert alias.name.split(".")[0] in allowed, (filename, alias.name)
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else \
+                [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                root = name.split(".")[0]
+                assert root in allowed or (root in optional and id(node) in guarded), (filename, name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
