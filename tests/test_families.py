@@ -1,0 +1,285 @@
+"""The Qwen-VL family: Qwen2.5-VL and Qwen3-VL (with DeepStack) against transformers' own full models, and the
+trained-embedder recipes (Qwen3-VL-Embedding, GME) against a reimplementation of their documented inference steps."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY_DEPTH
+from modeling_puma import PumaForEmbedding, load_image
+from test_modeling import features_for, inputs_of_every_kind, oracle
+from tiny_qwen_vl import build_tiny_checkpoint
+
+
+TOL = 1e-5
+
+
+@pytest.mark.parametrize("family,k", [
+    ("qwen2_5_vl", 2), ("qwen2_5_vl", TINY_DEPTH),
+    # the tiny Qwen3-VL injects DeepStack features after layers 0, 1 and 2: k below, at and above that count
+    ("qwen3_vl", 1), ("qwen3_vl", 2), ("qwen3_vl", 3), ("qwen3_vl", 4), ("qwen3_vl", TINY_DEPTH),
+])
+def test_pruned_family_model_matches_its_own_full_model_after_k_layers(family_checkpoints, images, family, k):
+    # Given a stock checkpoint of the family, in the key layout its Hub checkpoints use
+    checkpoint = family_checkpoints[family]
+    # When it is pruned to k layers and run on a right-padded batch of text, image and image+text inputs
+    model = PumaForEmbedding.from_pretrained(checkpoint, num_layers=k)
+    assert type(model.model).__name__ == {"qwen2_5_vl": "Qwen2_5_VLModel", "qwen3_vl": "Qwen3VLModel"}[family]
+    features = features_for(model, inputs_of_every_kind(images))
+    assert (features["attention_mask"][:, -1] == 0).any()  # some rows are padded on the right
+    with torch.no_grad():
+        raw = model(**features).raw_embeddings
+    # Then its embedding is the full model's final-norm hidden state entering layer k (after DeepStack injection)
+    assert (raw - oracle(checkpoint, model, features, k)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, TINY_DEPTH])
+def test_qwen3_unused_deepstack_mergers_are_neither_loaded_nor_left_without_gradient(family_checkpoints, images, k):
+    model = PumaForEmbedding.from_pretrained(family_checkpoints["qwen3_vl"], num_layers=k)
+    mergers = model.model.visual.deepstack_merger_list
+    assert len(mergers) == min(k, 3) and model.config.vision_config.deepstack_visual_indexes == [0, 1, 2][:k]
+    assert not any("deepstack_merger_list.3" in name or f"deepstack_merger_list.{min(k, 3)}." in name
+                   for name in model.state_dict())
+    # Every parameter takes part in an image batch's loss, as DDP needs (it fails on unused parameters)
+    model.train()
+    features = features_for(model, [images[0], {"text": "a red circle", "image": images[1]}])
+    model(**features).embeddings.sum().backward()
+    unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused
+
+
+def _qwen3_checkpoint_with_layers(source, layers, out_dir):
+    """A stock Qwen3-VL checkpoint holding only `layers` of `source`, renumbered, with the DeepStack mergers of the
+    kept injected layers renumbered alike, for transformers to load as the reference."""
+    shutil.copytree(source, out_dir)
+    tensors = load_file(os.path.join(source, "model.safetensors"))
+    config = json.load(open(os.path.join(source, "config.json")))
+    indexes = config["vision_config"]["deepstack_visual_indexes"]
+    kept_mergers = [i for i in layers if i < len(indexes)]
+    out = {}
+    for key, value in tensors.items():
+        for prefix, kept in (("model.language_model.layers.", layers), ("model.visual.deepstack_merger_list.", kept_mergers)):
+            if key.startswith(prefix):
+                index, rest = key[len(prefix):].split(".", 1)
+                if int(index) in kept:
+                    out[f"{prefix}{kept.index(int(index))}.{rest}"] = value
+                break
+        else:
+            out[key] = value
+    save_file(out, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    config["text_config"]["num_hidden_layers"] = len(layers)
+    config["vision_config"]["deepstack_visual_indexes"] = [indexes[i] for i in kept_mergers]
+    json.dump(config, open(os.path.join(out_dir, "config.json"), "w"))
+    return out_dir
+
+
+def test_qwen3_non_contiguous_layers_keep_the_injections_of_their_own_layers(family_checkpoints, images, tmp_path):
+    layers = [0, 2, 5]  # injection 0 follows pruned layer 0, injection 2 pruned layer 1, layer 5 has none
+    model = PumaForEmbedding.from_pretrained(family_checkpoints["qwen3_vl"], kept_layers=layers)
+    assert model.config.vision_config.deepstack_visual_indexes == [0, 2]
+    reference = _qwen3_checkpoint_with_layers(family_checkpoints["qwen3_vl"], layers, str(tmp_path / "subset"))
+    features = features_for(model, inputs_of_every_kind(images))
+    with torch.no_grad():
+        raw = model(**features).raw_embeddings
+    assert (raw - oracle(reference, model, features, len(layers))).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_family_puma_checkpoint_saves_reloads_and_prunes_further(family_checkpoints, images, tmp_path, family):
+    inputs = inputs_of_every_kind(images)
+    model = PumaForEmbedding.from_pretrained(family_checkpoints[family], kept_layers=[0, 1, 3])
+    model.save_pretrained(tmp_path / "puma")
+    reloaded = PumaForEmbedding.from_pretrained(str(tmp_path / "puma"))
+    assert reloaded.config.base_model_type == family and type(reloaded.model) is type(model.model)
+    assert (reloaded.encode(inputs) - model.encode(inputs)).abs().max() <= TOL
+    further = PumaForEmbedding.from_pretrained(str(tmp_path / "puma"), kept_layers=[0, 3])
+    direct = PumaForEmbedding.from_pretrained(family_checkpoints[family], kept_layers=[0, 3])
+    assert (further.encode(inputs) - direct.encode(inputs)).abs().max() <= TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trained embedders: their own recipe at full depth
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def embedder_checkpoints(tmp_path_factory):
+    """Tiny random checkpoints laid out like Qwen/Qwen3-VL-Embedding-2B and Alibaba-NLP/gme-Qwen2-VL-2B-Instruct."""
+    root = tmp_path_factory.mktemp("embedders")
+    return {"qwen3_vl_embedding": build_tiny_checkpoint(str(root / "Qwen3-VL-Embedding-tiny"), "qwen3_vl",
+                                                        embedder="qwen3_vl_embedding", max_pixels=64 * 32 * 32),
+            "gme": build_tiny_checkpoint(str(root / "gme-Qwen2-VL-tiny"), "qwen2_vl", embedder="gme")}
+
+
+@pytest.fixture
+def photos():
+    """Images of odd sizes, so that every resize step matters."""
+    out = []
+    for size, colour in (((97, 61), (200, 20, 20)), ((45, 130), (20, 150, 40))):
+        image = Image.new("RGB", size, (250, 250, 250))
+        ImageDraw.Draw(image).ellipse([5, 5, size[0] - 7, size[1] - 9], fill=colour)
+        out.append(image)
+    return out
+
+
+def _last_token(hidden, attention_mask):
+    """The reference's pooling: the last position whose attention mask is 1 (flip + argmax)."""
+    column = attention_mask.shape[1] - attention_mask.flip(dims=[1]).argmax(dim=1) - 1
+    return hidden[torch.arange(hidden.shape[0]), column]
+
+
+def qwen3_vl_embedding_reference(checkpoint, inputs, instruction=None):
+    """Qwen3-VL-Embedding's inference (QwenLM/Qwen3-VL-Embedding `src/models/qwen3_vl_embedding.py`): a system turn
+    with the instruction (default "Represent the user's input."; "." added unless it ends with punctuation), a user
+    turn of images then texts, the processor's chat template with the generation prompt, qwen-vl-utils' `fetch_image`
+    (factor 32, [4, 1800] x 32^2 pixels) and `do_resize=False`, transformers' `Qwen3VLModel`, the last attended
+    token's hidden state, L2-normalised."""
+    import unicodedata
+
+    from qwen_vl_utils import fetch_image
+
+    processor = transformers.Qwen3VLProcessor.from_pretrained(checkpoint, padding_side="right")
+    # (through the generation class, which both transformers majors load this key layout into)
+    model = transformers.Qwen3VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).model.eval()
+    if instruction:
+        instruction = instruction.strip()
+        if not unicodedata.category(instruction[-1]).startswith("P"):
+            instruction += "."
+    texts, images = [], []
+    for item in inputs:
+        content = []
+        if item.get("image") is not None:
+            image = fetch_image({"image": item["image"], "min_pixels": 4 * 32 * 32, "max_pixels": 1800 * 32 * 32},
+                                image_patch_size=16)
+            images.append(image)
+            content.append({"type": "image", "image": image})
+        if item.get("text"):
+            content.append({"type": "text", "text": item["text"]})
+        conversation = [{"role": "system", "content": [{"type": "text", "text": instruction or "Represent the user's input."}]},
+                        {"role": "user", "content": content}]
+        texts.append(processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False))
+    batch = processor(text=texts, images=images or None, truncation=True, max_length=8192, padding=True,
+                      do_resize=False, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    return F.normalize(_last_token(hidden, batch["attention_mask"]), p=2, dim=-1), batch
+
+
+def gme_reference(checkpoint, inputs, instruction=None, is_query=True):
+    """GME's inference (Alibaba-NLP/gme-Qwen2-VL `gme_inference.py`): the hand-built prompt
+    `<|im_start|>system\\n{instruction}<|im_end|>\\n<|im_start|>user\\n{image}{text}<|im_end|>\\n<|im_start|>assistant\\n
+    <|endoftext|>` (instruction "You are a helpful assistant." for candidates or when none is given), `fetch_image`
+    (factor 28, [4, 16384] x 28^2) then the processor's own resize into [256, 1280] x 28^2, the text decoder run on
+    the input embeddings (image features scattered in) with `position_ids=None`, i.e. positions 0..L-1 for every
+    token, the last attended token, L2-normalised."""
+    from qwen_vl_utils import fetch_image
+
+    min_pixels, max_pixels = 256 * 28 * 28, 1280 * 28 * 28
+    processor = transformers.Qwen2VLProcessor.from_pretrained(checkpoint, min_pixels=min_pixels, max_pixels=max_pixels)
+    processor.tokenizer.padding_side = "right"
+    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).model.eval()
+    if not is_query or instruction is None:
+        instruction = "You are a helpful assistant."
+    texts, images = [], []
+    for item in inputs:
+        prompt = ""
+        if item.get("image") is not None:
+            prompt += "<|vision_start|><|image_pad|><|vision_end|>"
+            images.append(fetch_image({"image": item["image"], "min_pixels": 4 * 28 * 28,
+                                       "max_pixels": 16384 * 28 * 28}))
+        prompt += item.get("text") or ""
+        texts.append(f"<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
+                     "<|im_start|>assistant\n<|endoftext|>")
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    batch = processor(text=texts, images=images or None, padding=True, truncation=True, max_length=1800,
+                      return_tensors="pt", size=size, min_pixels=min_pixels, max_pixels=max_pixels)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        if images:
+            image_embeds = model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+            image_embeds = getattr(image_embeds, "pooler_output", image_embeds)
+            embeds[batch["input_ids"] == model.config.image_token_id] = image_embeds
+        length = batch["input_ids"].shape[1]
+        positions = torch.arange(length).view(1, 1, -1).expand(3, len(texts), -1)
+        hidden = model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                      position_ids=positions).last_hidden_state
+    return F.normalize(_last_token(hidden, batch["attention_mask"]), p=2, dim=-1), batch
+
+
+def test_qwen3_vl_embedding_at_full_depth_is_the_embedder_itself(embedder_checkpoints, photos):
+    pytest.importorskip("qwen_vl_utils", reason="the reference's image loading is qwen-vl-utils' fetch_image")
+    checkpoint = embedder_checkpoints["qwen3_vl_embedding"]
+    # Given the embedder's folder, its recipe is detected from its name
+    model = PumaForEmbedding.from_pretrained(checkpoint)
+    assert model.config.preset == "qwen3_vl_embedding" and model.config.pooling == "last"
+    assert model.config.embedding_token_id is None and "[RET]" not in model.processor.tokenizer.get_vocab()
+    inputs = [{"text": "a red circle on a white background"}, {"image": photos[0]},
+              {"text": "two blue squares", "image": photos[1]}]
+    references = {}
+    for instruction in (None, "Retrieve images that match the caption"):
+        expected, batch = references[instruction] = qwen3_vl_embedding_reference(checkpoint, inputs, instruction)
+        # the pooled token is the `<|endoftext|>` the tokenizer appends after the generation prompt
+        ends = batch["input_ids"][torch.arange(3), batch["attention_mask"].sum(1) - 1]
+        assert (ends == model.processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")).all()
+        got = model.encode(inputs, instruction=instruction, is_query=instruction is not None)
+        assert (got - expected).abs().max() <= TOL
+    # Matryoshka truncation as the embedder documents it: the first d dimensions, renormalised
+    truncated = F.normalize(references[None][0][:, :32], dim=-1)
+    assert (model.encode(inputs, truncate_dim=32) - truncated).abs().max() <= TOL
+
+
+def test_gme_at_full_depth_is_the_embedder_itself(embedder_checkpoints, photos):
+    pytest.importorskip("qwen_vl_utils", reason="the reference's image loading is qwen-vl-utils' fetch_image")
+    checkpoint = embedder_checkpoints["gme"]
+    model = PumaForEmbedding.from_pretrained(checkpoint)
+    assert model.config.preset == "gme" and model.config.position_mode == "sequential"
+    inputs = [{"text": "What kind of car is this?"}, {"image": photos[0]}, {"text": "A red circle.", "image": photos[1]}]
+    expected, _ = gme_reference(checkpoint, inputs, is_query=False)
+    assert (model.encode(inputs) - expected).abs().max() <= TOL
+    instruction = "Find an image that matches the given text."
+    expected, _ = gme_reference(checkpoint, inputs, instruction, is_query=True)
+    assert (model.encode(inputs, instruction=instruction, is_query=True) - expected).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("preset", ["qwen3_vl_embedding", "gme"])
+def test_a_pruned_embedder_keeps_its_recipe_and_its_full_depth_teacher(embedder_checkpoints, photos, tmp_path, preset):
+    checkpoint = embedder_checkpoints[preset]
+    pruned = PumaForEmbedding.from_pretrained(checkpoint, num_layers=2)
+    teacher = PumaForEmbedding.from_pretrained(checkpoint)
+    assert pruned.config.preset == teacher.config.preset == preset and pruned.config.kept_layers == [0, 1]
+    inputs = ["a red circle", photos[0]]
+    with torch.no_grad():
+        features = features_for(pruned, inputs)
+        full = teacher(**features, output_depths=[2])
+    # the teacher's embedding at depth 2 is the pruned model's: the same recipe, the same first layers
+    assert (full.depth_embeddings[2] - pruned(**features).raw_embeddings).abs().max() <= TOL
+    pruned.save_pretrained(tmp_path / "pruned")
+    reloaded = PumaForEmbedding.from_pretrained(str(tmp_path / "pruned"))
+    assert reloaded.config.preset == preset
+    assert (reloaded.encode(inputs) - pruned.encode(inputs)).abs().max() <= TOL
+
+
+def test_the_recipe_can_be_told_or_overridden(family_checkpoints, embedder_checkpoints):
+    told = PumaForEmbedding.from_pretrained(family_checkpoints["qwen3_vl"], num_layers=1, preset="qwen3_vl_embedding")
+    assert told.config.preset == "qwen3_vl_embedding" and told.config.pooling == "last"
+    release = PumaForEmbedding.from_pretrained(embedder_checkpoints["gme"], num_layers=1, preset="puma")
+    assert release.config.pooling == "token" and release.config.embedding_token_id is not None
+    with pytest.raises(ValueError, match=r"preset='nope' is not one of"):
+        PumaForEmbedding.from_pretrained(family_checkpoints["qwen3_vl"], num_layers=1, preset="nope")
+
+
+def test_output_depths_give_every_truncated_model_from_one_pass(family_checkpoints, images):
+    checkpoint = family_checkpoints["qwen3_vl"]
+    model = PumaForEmbedding.from_pretrained(checkpoint)
+    features = features_for(model, inputs_of_every_kind(images))
+    with torch.no_grad():
+        out = model(**features, output_depths=[1, 3, TINY_DEPTH])
+    for depth in (1, 3, TINY_DEPTH):
+        assert (out.depth_embeddings[depth] - oracle(checkpoint, model, features, depth)).abs().max() <= TOL
+    with pytest.raises(ValueError, match=r"output_depths \[7\] are outside 1\.\.6"):
+        model(**features, output_depths=[7])
