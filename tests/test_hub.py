@@ -509,3 +509,11 @@ def test_export_prints_no_model_type_warning(hub_folder, tmp_path, capfd):
     hub_puma.export_plain_checkpoint(hub_folder, tmp_path / "out")
     captured = capfd.readouterr()
     assert "to instantiate a model of type" not in captured.out + captured.err
+
+
+def test_a_plain_save_pretrained_folder_is_a_sentence_transformers_folder(puma, photo_image, tmp_path):
+    st = pytest.importorskip("sentence_transformers", reason="optional extra: pip install 'sentence-transformers>=6'")
+    puma.save_pretrained(tmp_path / "plain")
+    model = st.SentenceTransformer(str(tmp_path / "plain"), trust_remote_code=True, local_files_only=True)
+    inputs = every_kind(photo_image)
+    assert (model.encode(inputs, convert_to_tensor=True) - puma.encode(inputs)).abs().max() <= TOL

@@ -507,3 +507,188 @@ def test_forward_without_the_embedding_token_raises(tiny_checkpoint):
     ids = model.processor.tokenizer(["a red circle"], return_tensors="pt")
     with pytest.raises(ValueError, match=r"Rows \[0\] of input_ids lack the embedding token"):
         model(**ids)
+
+
+def test_an_existing_file_is_an_image_whatever_its_name_and_text_can_be_said_explicitly(tiny_checkpoint, images,
+                                                                                          tmp_path):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=1)
+    spaced = tmp_path / "My Pictures" / "my photo.JPG"
+    spaced.parent.mkdir()
+    images[0].save(spaced, format="PNG")
+    no_suffix = tmp_path / "scan"
+    images[0].save(no_suffix, format="PNG")
+    expected = model.encode([images[0]])
+    assert torch.allclose(model.encode([str(spaced)]), expected, atol=TOL)
+    assert torch.allclose(model.encode([str(no_suffix)]), expected, atol=TOL)
+    as_text = model.encode([{"text": str(spaced)}])
+    assert not torch.allclose(as_text, expected, atol=1e-3)
+    assert model.build_prompt(str(spaced), False).count("<|image_pad|>") == 0
+
+
+@pytest.mark.parametrize("item,error,match", [
+    ("/home/me/My Pictures/cat.jpg", FileNotFoundError, r"'/home/me/My Pictures/cat\.jpg' does not exist.*\{'text'"),
+    ("holiday.PNG", FileNotFoundError, r"'holiday\.PNG' does not exist"),
+    ("https://example.com/cat.jpg", ValueError, r"is a URL; URLs are not fetched\. Download the image first"),
+    ({"image": "http://example.com/a.png"}, ValueError, r"URLs are not fetched"),
+])
+def test_missing_image_paths_and_urls_raise(tiny_checkpoint, item, error, match):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=1)
+    with pytest.raises(error, match=match):
+        model.encode([item])
+
+
+def test_an_existing_file_that_is_not_an_image_says_how_to_embed_it_as_text(tiny_checkpoint, tmp_path):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=1)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    with pytest.raises(ValueError, match=r"notes\.txt' is not a readable image.*\{'text': \.\.\.\}"):
+        model.encode([str(notes)])
+
+
+@pytest.mark.parametrize("content", [b"\x00" * 4096, bytes(range(256)) * 64, b"\xff\xff\xff\xff\xff\xff\xff\x7f{}"])
+def test_a_corrupt_safetensors_file_is_named(tiny_checkpoint, tmp_path, content):
+    folder = tmp_path / "corrupt"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "model.safetensors").write_bytes(content)
+    with pytest.raises(OSError, match=r"corrupt/model\.safetensors is not a valid safetensors file"):
+        PumaForEmbedding.from_pretrained(str(folder), num_layers=1)
+
+
+def test_a_corrupt_shard_is_named(tiny_checkpoints, tmp_path):
+    folder = tmp_path / "sharded"
+    shutil.copytree(tiny_checkpoints[("new", 3)], folder)
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    shard.write_bytes(b"\x00" * 64)
+    with pytest.raises(OSError, match=rf"{shard.name} is not a valid safetensors file"):
+        PumaForEmbedding.from_pretrained(str(folder), num_layers=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A Hub repository: shards of dropped layers are never downloaded
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_hub(tmp_path):
+    """A loopback server answering the Hub's file endpoints (`/{repo}/resolve/{revision}/{path}`) for the folders
+    in `repos`, and recording every file requested."""
+    import hashlib
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    repos, requested = {}, []
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    class Handler(BaseHTTPRequestHandler):
+        def _file(self):
+            parts = self.path.split("?")[0].strip("/").split("/")
+            if len(parts) < 5 or parts[2] != "resolve" or "/".join(parts[:2]) not in repos:
+                return None, None
+            name = "/".join(parts[4:])
+            path = os.path.join(repos["/".join(parts[:2])], name)
+            return name, (path if os.path.isfile(path) else None)
+
+        def _tree(self, send_body):
+            """`/api/models/{repo}/tree/{revision}/{folder}`: the folder's listing, or the Hub's 404 for none."""
+            parts = self.path.split("?")[0].strip("/").split("/")
+            repo, folder = "/".join(parts[2:4]), "/".join(parts[6:])
+            path = os.path.join(repos.get(repo, "/nonexistent"), folder)
+            requested.append((self.command, f"tree:{folder}"))
+            if not os.path.isdir(path):
+                self.send_response(404)
+                self.send_header("X-Error-Code", "EntryNotFound")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = json.dumps([{"type": "file", "path": f"{folder}/{n}", "size": os.path.getsize(os.path.join(path, n))}
+                               for n in sorted(os.listdir(path))]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if send_body:
+                self.wfile.write(body)
+
+        def _answer(self, send_body):
+            if self.path.startswith("/api/models/"):
+                return self._tree(send_body)
+            name, path = self._file()
+            requested.append((self.command, name))
+            if path is None:
+                self.send_response(404)
+                self.send_header("X-Error-Code", "EntryNotFound" if name else "RepoNotFound")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = open(path, "rb").read()
+            self.send_response(200)
+            self.send_header("X-Repo-Commit", commit)
+            self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if send_body:
+                self.wfile.write(body)
+
+        def do_HEAD(self):
+            self._answer(False)
+
+        def do_GET(self):
+            self._answer(True)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", repos, requested
+    server.shutdown()
+    server.server_close()
+
+
+FAKE_HUB_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from modeling_puma import PumaForEmbedding
+
+    model = PumaForEmbedding.from_pretrained(sys.argv[1], **({"num_layers": int(sys.argv[2])} if len(sys.argv) > 2 else {}))
+    print("LAYERS", len(model.model.language_model.layers), model.encode(["a red circle"]).shape)
+    """
+)
+
+
+def test_a_hub_checkpoint_is_pruned_without_downloading_the_shards_of_dropped_layers(tiny_checkpoint, fake_hub,
+                                                                                     tmp_path):
+    # Given a Hub repository whose last shard holds only dropped layers (2..5) and the LM head
+    endpoint, repos, requested = fake_hub
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_checkpoint, repo)
+    tensors = load_file(repo / "model.safetensors")
+    os.remove(repo / "model.safetensors")
+    late = {k: v for k, v in tensors.items() if k.startswith("model.layers.") and int(k.split(".")[2]) >= 2}
+    late["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    early = {k: v for k, v in tensors.items() if k not in late}
+    save_file(early, repo / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    save_file(late, repo / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    weight_map = {**{k: "model-00001-of-00002.safetensors" for k in early},
+                  **{k: "model-00002-of-00002.safetensors" for k in late}}
+    (repo / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    repos["puma-org/qwen2-vl-tiny"] = str(repo)
+    (tmp_path / "load.py").write_text(FAKE_HUB_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1",
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=ROOT)
+
+    def load(*args):
+        result = subprocess.run([sys.executable, str(tmp_path / "load.py"), "puma-org/qwen2-vl-tiny", *args],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert "LAYERS" in result.stdout, result.stderr[-3000:]
+        return result.stdout
+
+    # When it is loaded from the Hub with two layers
+    assert "LAYERS 2 torch.Size([1, 64])" in load("2")
+    # Then the shard of dropped layers was never requested, and everything the model needs was
+    files = {name for _, name in requested}
+    assert "model-00002-of-00002.safetensors" not in files
+    assert {"config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors"} <= files
+    # and at full depth it is fetched
+    requested.clear()
+    assert "LAYERS 6" in load()
+    assert ("GET", "model-00002-of-00002.safetensors") in requested
