@@ -265,9 +265,10 @@ def _is_hub_id(name: str) -> bool:
 # --------------------------------------------------------------------------------------------------------------------
 # Export to the plain family checkpoint
 # --------------------------------------------------------------------------------------------------------------------
-# The key layout each family's Hub checkpoints use, which every transformers class of the family loads on 4.57 and
-# 5.x: Qwen2-VL and Qwen2.5-VL are published in the transformers <= 4.51 layout, Qwen3-VL in the >= 4.52 one.
-EXPORT_LAYOUT = {"qwen2_vl": "old", "qwen2_5_vl": "old", "qwen3_vl": "new"}
+# The key layout of each family that every transformers class of the family loads on 4.57 and 5.x: Qwen2-VL and
+# Qwen2.5-VL's Hub layout (transformers <= 4.51: `model.layers.*`, `visual.*`); for Qwen3-VL a base model's
+# (`language_model.*`, `visual.*`), since 4.57's `Qwen3VLModel` cannot read the `model.`-prefixed Hub layout.
+EXPORT_LAYOUT = {"qwen2_vl": "old", "qwen2_5_vl": "old", "qwen3_vl": "base"}
 FAMILY_TAGS = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
 
 
@@ -279,7 +280,7 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
     The config is the family's (kept layers renumbered: `text_config.num_hidden_layers = k`, `layer_types` and
     Qwen3-VL's `deepstack_visual_indexes` sliced; legacy rope keys kept for transformers 4.57) with
     `architectures = ["<Family>ForConditionalGeneration"]` and no `auto_map`. The weights are written in the key
-    layout of the family's Hub checkpoints (`EXPORT_LAYOUT`); `lm_head` is tied to the input embeddings (the
+    layout every class of the family reads on both majors (`EXPORT_LAYOUT`); `lm_head` is tied to the input embeddings (the
     next-token head of a pruned model is unused, and tying stores nothing), so every class loads without missing
     weights. The processor keeps the embedding token and resizes images into the recipe's pixel range (`size` and
     `min_pixels`/`max_pixels`, for both transformers majors). README.md gives the transformers and vLLM recipes.
@@ -386,11 +387,10 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
 
 def _export_key(key: str, layout: str) -> str:
     """A PUMA tensor name (`model.language_model.*`, `model.visual.*`) in the family's Hub layout."""
-    if layout == "old":
-        if key.startswith("model.language_model."):
-            return "model." + key[len("model.language_model."):]
-        if key.startswith("model.visual."):
-            return key[len("model."):]
+    if layout == "old" and key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    if layout in ("old", "base") and key.startswith("model."):
+        return key[len("model."):]
     return key
 
 

@@ -283,3 +283,36 @@ def test_output_depths_give_every_truncated_model_from_one_pass(family_checkpoin
         assert (out.depth_embeddings[depth] - oracle(checkpoint, model, features, depth)).abs().max() <= TOL
     with pytest.raises(ValueError, match=r"output_depths \[7\] are outside 1\.\.6"):
         model(**features, output_depths=[7])
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_family_export_loads_in_every_stock_class_and_equals_puma(family_checkpoints, images, tmp_path, family):
+    import hub_puma
+    from modeling_puma import featurize, parse_input
+
+    classes = {"qwen2_5_vl": ("Qwen2_5_VLModel", "Qwen2_5_VLForConditionalGeneration"),
+               "qwen3_vl": ("Qwen3VLModel", "Qwen3VLForConditionalGeneration")}[family]
+    model = PumaForEmbedding.from_pretrained(family_checkpoints[family], kept_layers=[0, 1, 4])
+    model.save_pretrained(tmp_path / "puma")
+    export = hub_puma.export_plain_checkpoint(tmp_path / "puma", tmp_path / "export", license="apache-2.0")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["model_type"] == family and config["architectures"] == [classes[1]]
+    assert config["text_config"]["num_hidden_layers"] == 3
+    inputs = inputs_of_every_kind(images)
+    examples = [parse_input(item, i) for i, item in enumerate(inputs)]
+    prompts = [model.build_prompt(text, image is not None) for text, image in examples]
+    features = featurize(model.processor, model.config, prompts, [image for _, image in examples])
+    with torch.no_grad():
+        expected = model(**features).raw_embeddings
+    if "mm_token_type_ids" not in features:
+        features["mm_token_type_ids"] = model._mm_token_type_ids(features["input_ids"])
+    token = features["input_ids"] == model.config.embedding_token_id
+    position = (token * torch.arange(token.shape[1])).argmax(dim=1)
+    for class_name in ("AutoModel", *classes):
+        loaded, info = getattr(transformers, class_name).from_pretrained(export, dtype=torch.float32,
+                                                                         output_loading_info=True)
+        assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), (class_name, info)
+        base = loaded.model if hasattr(loaded, "lm_head") else loaded
+        with torch.no_grad():
+            hidden = base.eval()(**features).last_hidden_state
+        assert (hidden[torch.arange(len(prompts)), position] - expected).abs().max() <= TOL, class_name
