@@ -381,7 +381,10 @@ class PumaForEmbedding(PumaPreTrainedModel):
             self.resize_token_embeddings(token_id + 1)  # transformers' own resize (a checkpoint without spare rows)
         weight = self.get_input_embeddings().weight
         with torch.no_grad():
-            weight[token_id] = weight[:num_trained_rows].float().mean(dim=0).to(weight.dtype)
+            # A matrix-vector product sums the rows without the float copy of the whole table that `.float().mean()`
+            # makes (0.9 GiB and seconds for a 2B model), accumulating in float32 inside the kernel.
+            ones = torch.ones(num_trained_rows, dtype=weight.dtype, device=weight.device)
+            weight[token_id] = ((ones @ weight[:num_trained_rows]).float() / num_trained_rows).to(weight.dtype)
 
     def set_processor(self, processor):
         """Attaches the family's processor (whose tokenizer must already know the embedding token, if any)."""

@@ -1,18 +1,20 @@
-"""Encoding benchmark of `PumaForEmbedding.encode` on a random checkpoint with Qwen2-VL-2B's shapes.
+"""Encoding benchmark of `PumaForEmbedding.encode` on a random checkpoint with the shapes of a family's Hub model
+(`--family`: Qwen2-VL-2B, Qwen2.5-VL-3B, Qwen3-VL-2B, Qwen3-VL-8B; see `common.CHECKPOINTS`).
 
 (a) Text throughput with k kept layers vs the full depth, against the FLOP-ideal speed-up (embedding, kept decoder
     layers and final norm at the workload's token lengths); goal: measured / ideal >= 0.9.
 (b) Length-bucketed batching (`encode` on the whole set) vs naive padded batching (`encode` on consecutive chunks of
     `batch_size` items, each one padded batch) on a mixed-length set, with k layers; goal: speed-up >= 1.3.
 (c) Image throughput (PIL images of three sizes) at two `config.max_pixels` caps, with k layers, against the
-    FLOP ratio of the vision tower plus the language model.
+    FLOP ratio of the vision tower plus the language model (Qwen2-VL only: the FLOP count is its vision tower's).
 Both models are held at once so that the timed passes can alternate between the settings compared (other processes
 on a shared machine then slow both alike); each setting is warmed up, and the best of `--repeats` passes is reported,
 in wall time (goals) and in process CPU time (all threads; far less inflated by other processes).
 
-    /work/venv/bin/python bench/bench_encode.py           # float32 on CPU, k=12 vs 28 (6-8 min on 2 cores, 14 GiB RAM)
-    /work/venv/bin/python bench/bench_encode.py --quick    # smoke run with tiny workloads
-    /work/venv/bin/python bench/bench_encode.py --device cuda --dtype bfloat16
+    python bench/bench_encode.py                           # Qwen2-VL-2B shape, float32 on CPU, k=12 vs 28
+    python bench/bench_encode.py --family qwen3_vl_2b      # Qwen3-VL-2B / Qwen3-VL-Embedding-2B shape
+    python bench/bench_encode.py --quick                   # smoke run with tiny workloads
+    python bench/bench_encode.py --device cuda --dtype bfloat16
 """
 
 import argparse
@@ -26,7 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import (check, ensure_checkpoint, load_note, log, markdown_table, text_flops_per_sequence,
+from common import (CHECKPOINTS, DEFAULT_DATA, check, ensure_checkpoint, load_note, log, markdown_table,
+                    text_flops_per_sequence,
                     time_interleaved, vision_flops_per_image)
 from modeling_puma import PumaForEmbedding
 
@@ -85,9 +88,39 @@ def image_flops(model, images, max_pixels: int, batch_size: int) -> tuple[float,
     return flops, sum(tokens)
 
 
+def print_text_tables(args, texts, lengths, mixed, mixed_lengths, t_text, t_bucket, cpu, pruned, depth, bs):
+    """Tables (a) and (b)."""
+    text_config = pruned.config.text_config
+    t_text, t_bucket = ({key: min(v) for key, v in t.items()} for t in (t_text, t_bucket))
+    cpu = {key: min(v) for key, v in cpu.items()}
+    flops = {k: sum(text_flops_per_sequence(text_config, k, n) for n in lengths) for k in t_text}
+    ideal = flops[depth] / flops[args.layers]
+    measured, measured_cpu = t_text[depth] / t_text[args.layers], cpu[depth] / cpu[args.layers]
+    setup = f"{args.dtype} on {args.device}, best of {args.repeats} interleaved passes"
+    print(f"\n### (a) Text throughput: {len(texts)} texts of {min(lengths)}-{max(lengths)} tokens "
+          f"(mean {sum(lengths) / len(lengths):.0f}), batch {args.batch_size}, {setup}\n")
+    rows = [[f"k={k}", len(texts) / t_text[k], flops[k] / t_text[k] / 1e9, cpu[k], ""] for k in (depth, args.layers)]
+    rows.append([f"speed-up k={args.layers} vs {depth}", measured, f"FLOP-ideal {ideal:.3f}", measured_cpu,
+                 f"measured/ideal {check(measured / ideal, 0.9, at_most=False)}; "
+                 f"by CPU time {measured_cpu / ideal:.3f}"])
+    print(markdown_table(["layers", "texts/s", "GFLOP/s", "CPU s", "goal"], rows))
+
+    naive_tokens, bucket_tokens = padded_tokens(mixed_lengths, bs), padded_tokens(sorted(mixed_lengths), bs)
+    speedup, speedup_cpu = t_bucket["naive"] / t_bucket["bucketed"], cpu["naive"] / cpu["bucketed"]
+    print(f"\n### (b) Length-bucketed vs naive padded batching: k={args.layers}, {len(mixed)} texts of "
+          f"{min(mixed_lengths)}-{max(mixed_lengths)} tokens (one long per chunk), batch {bs}, {setup}\n")
+    print(markdown_table(["batching", "texts/s", "padded tokens", "CPU s", "goal"], [
+        ["naive (given order)", len(mixed) / t_bucket["naive"], naive_tokens, cpu["naive"], ""],
+        ["length-bucketed (encode)", len(mixed) / t_bucket["bucketed"], bucket_tokens, cpu["bucketed"], ""],
+        ["speed-up", speedup, f"ratio {naive_tokens / bucket_tokens:.3f}", speedup_cpu,
+         f"{check(speedup, 1.3, at_most=False)}; by CPU time {speedup_cpu:.3f}"]]))
+
+
 def main(args) -> None:
     rng = random.Random(0)
-    ensure_checkpoint(args.checkpoint)
+    args.checkpoint = args.checkpoint or ensure_checkpoint(args.family, args.data)
+    args.layers = args.layers or CHECKPOINTS[args.family][3]
+    with_images = CHECKPOINTS[args.family][0] == "qwen2_vl"
     with open(os.path.join(args.checkpoint, "config.json")) as f:
         config = json.load(f)
     depth = (config.get("text_config") or config)["num_hidden_layers"]
@@ -117,6 +150,10 @@ def main(args) -> None:
         "naive": lambda: [pruned.encode(mixed[i:i + bs], batch_size=bs) for i in range(0, len(mixed), bs)],
         "bucketed": lambda: pruned.encode(mixed, batch_size=bs)}, args.repeats, cpu)
 
+    if not with_images:
+        print_text_tables(args, texts, lengths, mixed, mixed_lengths, t_text, t_bucket, cpu, pruned, depth, bs)
+        print("\n" + load_note(torch.get_num_threads()))
+        return
     log(f"(c) images {sizes}")
     pruned.encode(images[:1], batch_size=args.batch_size)  # warm-up
 
@@ -127,31 +164,10 @@ def main(args) -> None:
     t_image = time_interleaved({cap: lambda cap=cap: encode_images(cap) for cap in caps}, args.repeats, cpu)
     f_image = {cap: image_flops(pruned, images, cap, args.batch_size) for cap in caps}
 
-    text_config = pruned.config.text_config
-    t_text, t_bucket, t_image = ({key: min(v) for key, v in t.items()} for t in (t_text, t_bucket, t_image))
+    print_text_tables(args, texts, lengths, mixed, mixed_lengths, t_text, t_bucket, cpu, pruned, depth, bs)
+    t_image = {key: min(v) for key, v in t_image.items()}
     cpu = {key: min(v) for key, v in cpu.items()}
-    flops = {k: sum(text_flops_per_sequence(text_config, k, n) for n in lengths) for k in t_text}
-    ideal = flops[depth] / flops[args.layers]
-    measured, measured_cpu = t_text[depth] / t_text[args.layers], cpu[depth] / cpu[args.layers]
     setup = f"{args.dtype} on {args.device}, best of {args.repeats} interleaved passes"
-    print(f"\n### (a) Text throughput: {len(texts)} texts of {min(lengths)}-{max(lengths)} tokens "
-          f"(mean {sum(lengths) / len(lengths):.0f}), batch {args.batch_size}, {setup}\n")
-    rows = [[f"k={k}", len(texts) / t_text[k], flops[k] / t_text[k] / 1e9, cpu[k], ""] for k in (depth, args.layers)]
-    rows.append([f"speed-up k={args.layers} vs {depth}", measured, f"FLOP-ideal {ideal:.3f}", measured_cpu,
-                 f"measured/ideal {check(measured / ideal, 0.9, at_most=False)}; "
-                 f"by CPU time {measured_cpu / ideal:.3f}"])
-    print(markdown_table(["layers", "texts/s", "GFLOP/s", "CPU s", "goal"], rows))
-
-    naive_tokens, bucket_tokens = padded_tokens(mixed_lengths, bs), padded_tokens(sorted(mixed_lengths), bs)
-    speedup, speedup_cpu = t_bucket["naive"] / t_bucket["bucketed"], cpu["naive"] / cpu["bucketed"]
-    print(f"\n### (b) Length-bucketed vs naive padded batching: k={args.layers}, {len(mixed)} texts of "
-          f"{min(mixed_lengths)}-{max(mixed_lengths)} tokens (one long per chunk), batch {bs}, {setup}\n")
-    print(markdown_table(["batching", "texts/s", "padded tokens", "CPU s", "goal"], [
-        ["naive (given order)", len(mixed) / t_bucket["naive"], naive_tokens, cpu["naive"], ""],
-        ["length-bucketed (encode)", len(mixed) / t_bucket["bucketed"], bucket_tokens, cpu["bucketed"], ""],
-        ["speed-up", speedup, f"ratio {naive_tokens / bucket_tokens:.3f}", speedup_cpu,
-         f"{check(speedup, 1.3, at_most=False)}; by CPU time {speedup_cpu:.3f}"]]))
-
     low, high = caps
     flop_ratio = f_image[high][0] / f_image[low][0]
     print(f"\n### (c) Images: k={args.layers}, {len(images)} random-pixel images (w, h) {sizes}, "
@@ -169,11 +185,13 @@ def main(args) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="/tmp/bench_data/qwen2vl-2b",
-                        help="Qwen2-VL checkpoint folder (generated with random weights if missing)")
+    parser.add_argument("--family", default="qwen2_vl_2b", choices=list(CHECKPOINTS),
+                        help="random checkpoint of this shape (generated under --data if missing)")
+    parser.add_argument("--data", default=DEFAULT_DATA, help="folder of the generated random checkpoints")
+    parser.add_argument("--checkpoint", default=None, help="use this checkpoint folder instead")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--layers", type=int, default=12, help="kept decoder layers of the pruned model")
+    parser.add_argument("--layers", type=int, default=None, help="kept decoder layers (default: the family's)")
     parser.add_argument("--num-texts", type=int, default=12, help="texts in workload (a)")
     parser.add_argument("--batch-size", type=int, default=8, help="batch size of (a) and (c)")
     parser.add_argument("--bucket-batch-size", type=int, default=4, help="batch size of (b)")

@@ -1,148 +1,188 @@
-"""Load-time pruning benchmark: time and peak RSS of `PumaForEmbedding.from_pretrained` keeping k layers vs all.
+"""Load benchmark: `PumaForEmbedding.from_pretrained(num_layers=k)` side by side with transformers' own
+`from_pretrained` of the same truncated configuration, for each family at its Hub shape.
 
-Each load runs in a fresh subprocess, so peaks do not mix. The child records its RSS after the imports (baseline),
-resets the peak (`/proc/self/clear_refs`), loads, and reports the peak (VmHWM) minus the baseline. That increase is
-compared with the bytes of the kept tensors, summed from the safetensors headers (every tensor except `lm_head` and
-decoder layers >= k). The shards are read once before timing, so every load is warm-cache. Goals:
-peak RSS increase <= 1.2 x kept bytes, and t(k) / t(full) <= 1.1 x kept_bytes(k) / kept_bytes(full).
+Checkpoints are random, with the shapes of Qwen/Qwen2-VL-2B-Instruct (old key layout), Qwen/Qwen2.5-VL-3B-Instruct
+(old layout) and Qwen/Qwen3-VL-Embedding-2B / -8B (new layout), bfloat16, 4 shards. Each load runs in a fresh process
+with a warm page cache. Per load the child reports the wall time and the peak of its *anonymous* (private) memory
+above the post-import baseline, sampled from `/proc/self/smaps_rollup` every 2 ms: weights that transformers keeps
+memory-mapped from the files are shared page cache, not private memory. Settings, interleaved:
 
-    /work/venv/bin/python bench/bench_load.py                      # k=12 vs 28, bfloat16, 3 loads each (~2 min)
-    /work/venv/bin/python bench/bench_load.py --quick              # 1 load each
-    /work/venv/bin/python bench/bench_load.py --device cuda --checkpoint /path/to/Qwen2-VL-2B-Instruct
+- `transformers`: the family's own `*Model.from_pretrained(path, config=<k-layer config>, dtype=bfloat16)`;
+- `puma`: `PumaForEmbedding.from_pretrained(path, num_layers=k, dtype=bfloat16, processor=<loaded before>)`, the
+  model load alone (what the goal compares);
+- `puma + processor` and `transformers + processor`: the same with the processor loaded inside the timed load.
+
+Goals (issue of the loader): time(puma) <= 1.1 x time(transformers), anonymous peak(puma) <= 1.1 x transformers'.
+
+    python bench/bench_load.py                           # every family, k=12 (8B shape: k=18), 3 loads each
+    python bench/bench_load.py --families qwen3_vl_8b --repeats 5
+    python bench/bench_load.py --quick                   # one load per setting
 """
 
 import argparse
-import gc
 import json
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
-from common import (DTYPE_BYTES, LOAD_AVERAGES, ROOT, check, checkpoint_tensors, ensure_checkpoint, kept_bytes,
-                    load_note, log, markdown_table, synchronize)
+from common import CHECKPOINTS, DEFAULT_DATA, LOAD_AVERAGES, ROOT, ensure_checkpoint, load_note, log, markdown_table
 
 
 GIB = 1024**3
+SETTINGS = ("transformers", "puma", "transformers + processor", "puma + processor")
 
 
-def proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+def anonymous_bytes() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Anonymous:")) * 1024
+
+
+class PeakSampler(threading.Thread):
+    """Samples this process's anonymous memory every `interval` seconds until stopped; keeps the peak."""
+
+    def __init__(self, interval: float = 0.002):
+        super().__init__(daemon=True)
+        self.interval, self.peak, self._halt = interval, anonymous_bytes(), threading.Event()
+
+    def run(self):
+        while not self._halt.is_set():
+            self.peak = max(self.peak, anonymous_bytes())
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        self._halt.set()
+        self.join()
+        self.peak = max(self.peak, anonymous_bytes())
+        return self.peak
+
+
+def truncated_config(path: str, layers: int):
+    """The family's own configuration of `path`, with the first `layers` decoder layers (and the DeepStack
+    injections they use)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    text = config.text_config
+    if getattr(text, "layer_types", None) is not None:
+        text.layer_types = text.layer_types[:layers]
+    text.num_hidden_layers = layers
+    vision = config.vision_config
+    if getattr(vision, "deepstack_visual_indexes", None) is not None:
+        vision.deepstack_visual_indexes = list(vision.deepstack_visual_indexes)[:layers]
+    return config
 
 
 def child(args) -> None:
-    """One load in this (fresh) process; prints a JSON line with seconds and RSS figures on stdout."""
+    """One load in this fresh process; prints a JSON line."""
     import torch
-    from modeling_puma import PumaForEmbedding
+    import transformers
+    from transformers import AutoProcessor
 
-    gc.collect()
-    try:  # "5" resets VmHWM to the current RSS, so the peak below excludes the imports
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    baseline = proc_status_kib("VmRSS") * 1024
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    from configuration_puma import FAMILIES
+    from modeling_puma import PumaForEmbedding, load_processor, load_source_config
+
+    family = CHECKPOINTS[args.name][0]
+    processor = None
+    if args.setting == "puma":  # the processor is not part of this setting's timed load
+        processor = load_processor(args.checkpoint, load_source_config(args.checkpoint))
+    config = truncated_config(args.checkpoint, args.layers) if args.setting.startswith("transformers") else None
+    baseline = anonymous_bytes()
+    sampler = PeakSampler()
+    sampler.start()
     start = time.perf_counter()
-    model = PumaForEmbedding.from_pretrained(args.checkpoint, num_layers=args.child_layers or None, dtype=dtype,
-                                             device_map=args.device)
-    synchronize(args.device)
+    if args.setting.startswith("transformers"):
+        model = getattr(transformers, FAMILIES[family]["model"]).from_pretrained(args.checkpoint, config=config,
+                                                                                 dtype=torch.bfloat16)
+        if args.setting.endswith("processor"):
+            AutoProcessor.from_pretrained(args.checkpoint)
+        layers = len(model.language_model.layers)
+    else:
+        model = PumaForEmbedding.from_pretrained(args.checkpoint, num_layers=args.layers, dtype=torch.bfloat16,
+                                                 processor=processor)
+        layers = model.num_layers
     seconds = time.perf_counter() - start
-    result = {"seconds": seconds, "baseline": baseline, "peak": proc_status_kib("VmHWM") * 1024,
-              "after": proc_status_kib("VmRSS") * 1024,
-              "layers": model.config.text_config.num_hidden_layers,
-              "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-              "cuda_peak": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else 0}
-    print(json.dumps(result))
-
-
-def run_child(args, layers: int) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--child-layers", str(layers), "--checkpoint",
-               args.checkpoint, "--device", args.device, "--dtype", args.dtype]
-    out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    peak = sampler.stop()
+    print(json.dumps({"seconds": seconds, "anonymous_peak": peak - baseline, "anonymous_after":
+                      anonymous_bytes() - baseline, "layers": layers,
+                      "params": sum(p.numel() for p in model.parameters())}))
 
 
 def warm_page_cache(path: str) -> None:
-    """Reads every shard once so that all timed loads see a warm page cache."""
-    start, total = time.perf_counter(), 0
     for name in sorted(os.listdir(path)):
         if name.endswith(".safetensors"):
             with open(os.path.join(path, name), "rb") as f:
-                while chunk := f.read(64 << 20):
-                    total += len(chunk)
-    log(f"warm-up read of {total / GIB:.2f} GiB of shards in {time.perf_counter() - start:.1f}s")
+                while f.read(64 << 20):
+                    pass
+
+
+def run_child(args, name: str, path: str, setting: str) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--child", name, "--checkpoint", path, "--setting",
+               setting, "--layers", str(CHECKPOINTS[name][3])]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(args) -> None:
-    ensure_checkpoint(args.checkpoint)
-    tensors = checkpoint_tensors(args.checkpoint)
-    with open(os.path.join(args.checkpoint, "config.json")) as f:
-        config = json.load(f)
-    depth = (config.get("text_config") or config)["num_hidden_layers"]
-    element_size = None if args.dtype == "auto" else DTYPE_BYTES[{"bfloat16": "BF16", "float16": "F16",
-                                                                  "float32": "F32"}[args.dtype]]
-    kept = {k: kept_bytes(tensors, k, element_size) for k in (args.layers, depth)}
-    log(f"{args.checkpoint}: {len(tensors)} tensors, {sum(t[2] for t in tensors.values()) / GIB:.2f} GiB stored; "
-        f"kept at k={args.layers}: {kept[args.layers] / GIB:.2f} GiB, at k={depth}: {kept[depth] / GIB:.2f} GiB "
-        f"({args.dtype})")
-    warm_page_cache(args.checkpoint)
+    rows = []
+    for name in args.families:
+        path = ensure_checkpoint(name, args.data)
+        warm_page_cache(path)
+        runs = {setting: [] for setting in SETTINGS}
+        for repeat in range(args.repeats):
+            for setting in SETTINGS:  # interleaved, so drift affects every setting alike
+                result = run_child(args, name, path, setting)
+                runs[setting].append(result)
+                LOAD_AVERAGES.append(os.getloadavg()[0])
+                log(f"{name} {setting} {repeat + 1}/{args.repeats}: {result['seconds']:.2f}s, anonymous peak "
+                    f"{result['anonymous_peak'] / GIB:.2f} GiB, layers {result['layers']}")
+        assert runs["puma"][0]["params"] == runs["transformers"][0]["params"], "different models were loaded"
 
-    runs = {args.layers: [], depth: []}
-    for repeat in range(args.repeats):
-        for k in runs:  # interleaved, so drift affects both alike
-            result = run_child(args, k)
-            assert result["layers"] == k, result
-            runs[k].append(result)
-            LOAD_AVERAGES.append(os.getloadavg()[0])
-            log(f"load {repeat + 1}/{args.repeats} k={k}: {result['seconds']:.2f}s, peak RSS increase "
-                f"{(result['peak'] - result['baseline']) / GIB:.2f} GiB (baseline {result['baseline'] / GIB:.2f} GiB)")
+        def stat(setting, key):
+            values = [r[key] for r in runs[setting]]
+            return statistics.median(values), min(values), max(values)
 
-    def med(k, fn):
-        return statistics.median(fn(r) for r in runs[k])
-
-    rows, stats = [], {}
-    for k in runs:
-        seconds = med(k, lambda r: r["seconds"])
-        peak = med(k, lambda r: r["peak"] - r["baseline"])
-        stats[k] = (seconds, peak)
-        rows.append([f"k={k}" + (" (full)" if k == depth else ""), seconds, peak / GIB, kept[k] / GIB, peak / kept[k],
-                     med(k, lambda r: r["param_bytes"]) / GIB, check(peak / kept[k], 1.2, at_most=True)])
-    (t_k, p_k), (t_full, p_full) = stats[args.layers], stats[depth]
-    kept_ratio = kept[args.layers] / kept[depth]
-    rows.append([f"ratio k={args.layers} / full", t_k / t_full, p_k / p_full, kept_ratio, "", "",
-                 f"time: {check(t_k / t_full, 1.1 * kept_ratio, at_most=True)}"])
-    print(f"\n### Load benchmark: {args.checkpoint}, dtype {args.dtype}, device {args.device}, "
-          f"median of {args.repeats} warm-cache loads, each in a fresh process\n")
-    print(markdown_table(["load", "time (s)", "peak RSS increase (GiB)", "kept tensors (GiB)", "peak / kept",
-                          "param bytes (GiB)", "goal"], rows))
-    if args.device.startswith("cuda"):
-        print("\nCUDA peak allocated (GiB): " + ", ".join(
-            f"k={k}: {med(k, lambda r: r['cuda_peak']) / GIB:.2f}" for k in runs))
-    print("\nGoals: peak RSS increase <= 1.2 x kept bytes; t(k)/t(full) <= 1.1 x kept(k)/kept(full) "
-          f"= {1.1 * kept_ratio:.3f}. Individual times (s): "
-          + "; ".join(f"k={k}: " + ", ".join(f"{r['seconds']:.2f}" for r in runs[k]) for k in runs) + ".")
+        for setting in SETTINGS:
+            (t, t_lo, t_hi), (m, m_lo, m_hi) = stat(setting, "seconds"), stat(setting, "anonymous_peak")
+            base = "transformers + processor" if setting.endswith("processor") else "transformers"
+            (t0, _, _), (m0, _, _) = stat(base, "seconds"), stat(base, "anonymous_peak")
+            goal = ""
+            if setting == "puma":
+                goal = (f"time {'PASS' if t / t0 <= 1.1 else 'FAIL'}, memory "
+                        f"{'PASS' if m / max(m0, 1) <= 1.1 else 'FAIL'}")
+            rows.append([name, f"k={CHECKPOINTS[name][3]}", setting, f"{t:.2f} ({t_lo:.2f}-{t_hi:.2f})",
+                         f"{m / GIB:.3f} ({m_lo / GIB:.3f}-{m_hi / GIB:.3f})", f"{t / t0:.2f}",
+                         f"{m / max(m0, 1):.2f}", goal])
+    print(f"\n### Load benchmark: bfloat16 on CPU, median (min-max) of {args.repeats} warm-cache loads, each in a "
+          "fresh process\n")
+    print(markdown_table(["checkpoint", "kept", "setting", "time (s)", "anonymous peak (GiB)", "time ratio",
+                          "memory ratio", "goal"], rows))
+    print("\nRatios are against transformers' own load of the same truncated configuration (with the processor "
+          "for the '+ processor' rows). Goals: puma / transformers <= 1.1 in time and anonymous memory.")
     print(load_note(1))
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="/tmp/bench_data/qwen2vl-2b",
-                        help="Qwen2-VL checkpoint folder (generated with random weights if missing)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"])
-    parser.add_argument("--layers", type=int, default=12, help="kept decoder layers of the pruned load")
-    parser.add_argument("--repeats", type=int, default=3, help="loads per setting (median reported)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: one load per setting")
-    parser.add_argument("--child-layers", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--families", nargs="+", default=list(CHECKPOINTS), choices=list(CHECKPOINTS))
+    parser.add_argument("--data", default=DEFAULT_DATA,
+                        help="folder of the generated random checkpoints")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one load per setting")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--setting", help=argparse.SUPPRESS)
+    parser.add_argument("--layers", type=int, help=argparse.SUPPRESS)
     return parser
 
 
 if __name__ == "__main__":
     arguments = make_parser().parse_args()
-    if arguments.child_layers is not None:
+    if arguments.child is not None:
+        arguments.name = arguments.child
         child(arguments)
     else:
         arguments.repeats = 1 if arguments.quick else arguments.repeats

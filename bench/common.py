@@ -12,7 +12,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-DEFAULT_CHECKPOINT = "/tmp/bench_data/qwen2vl-2b"
 # Decoder-layer keys in both checkpoint layouts: `model.layers.N.` (old) and `model.language_model.layers.N.` (new).
 LAYER_KEY = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -24,13 +23,25 @@ def log(message: str) -> None:
     print(f"[{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def ensure_checkpoint(path: str) -> str:
-    """Writes the random 2B-shape Qwen2-VL checkpoint (old layout, 4 bf16 shards) to `path` unless it exists."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    log(f"generating a random 2B-shape checkpoint in {path} (~4.4 GB, about a minute)")
-    subprocess.run([sys.executable, os.path.join(ROOT, "tiny_qwen_vl.py"), path, "--shape", "2b", "--layout", "old",
-                    "--shards", "4", "--dtype", "bfloat16"], check=True, stdout=sys.stderr)
+# Random checkpoints with the shapes of the Hub's models: name -> (family, shape, key layout, k kept by the benches)
+CHECKPOINTS = {
+    "qwen2_vl_2b": ("qwen2_vl", "2b", "old", 12),     # Qwen/Qwen2-VL-2B-Instruct
+    "qwen2_5_vl_3b": ("qwen2_5_vl", "2b", "old", 16),  # Qwen/Qwen2.5-VL-3B-Instruct
+    "qwen3_vl_2b": ("qwen3_vl", "2b", "new", 12),     # Qwen/Qwen3-VL-2B-Instruct, Qwen/Qwen3-VL-Embedding-2B
+    "qwen3_vl_8b": ("qwen3_vl", "8b", "new", 18),     # Qwen/Qwen3-VL-8B-Instruct, Qwen/Qwen3-VL-Embedding-8B
+}
+DEFAULT_DATA = os.path.join(ROOT, "bench_data")
+
+
+def ensure_checkpoint(name: str, folder: str = DEFAULT_DATA) -> str:
+    """The random bfloat16 checkpoint `name` of `CHECKPOINTS` in 4 shards under `folder`, written unless present."""
+    family, shape, layout, _ = CHECKPOINTS[name]
+    path = os.path.join(folder, name)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        log(f"writing a random {name} checkpoint to {path}")
+        subprocess.run([sys.executable, os.path.join(ROOT, "tiny_qwen_vl.py"), path, "--family", family, "--shape",
+                        shape, "--layout", layout, "--shards", "4", "--dtype", "bfloat16"], check=True,
+                       stdout=sys.stderr)
     return path
 
 
