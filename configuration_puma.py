@@ -16,6 +16,8 @@ FAMILIES = {
                    "generation": "Qwen2_5_VLForConditionalGeneration"},
     "qwen3_vl": {"config": "Qwen3VLConfig", "model": "Qwen3VLModel", "processor": "Qwen3VLProcessor",
                  "generation": "Qwen3VLForConditionalGeneration"},
+    "qwen3_vl_moe": {"config": "Qwen3VLMoeConfig", "model": "Qwen3VLMoeModel", "processor": "Qwen3VLProcessor",
+                     "generation": "Qwen3VLMoeForConditionalGeneration"},
 }
 POOLING_MODES = ("token", "last", "mean")
 INSTRUCTION_PLACEMENTS = ("user", "system")
@@ -108,7 +110,7 @@ def preset_defaults(preset: str, base_model_type: str, hidden_size: int) -> dict
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r} is not one of {sorted(PRESETS)}.")
     values = copy.deepcopy(PRESETS[preset])
-    if preset == "puma" and base_model_type == "qwen3_vl":
+    if preset == "puma" and base_model_type.startswith("qwen3_vl"):
         values["system_prompt"] = None  # Qwen3-VL's chat template has no default system turn
     if values["matryoshka_dims"] == "powers of two from 64":
         values["matryoshka_dims"] = [2**i for i in range(6, 16) if 2**i < hidden_size] + [hidden_size]
@@ -141,8 +143,8 @@ class PumaConfig(PretrainedConfig):
 
     Args:
         base_model_type (`str`, *optional*, defaults to `"qwen2_vl"`):
-            The family of the base model: `"qwen2_vl"`, `"qwen2_5_vl"` or `"qwen3_vl"`. The backbone is that family's
-            own transformers model class, and the processor its own processor.
+            The family of the base model: `"qwen2_vl"`, `"qwen2_5_vl"`, `"qwen3_vl"` or `"qwen3_vl_moe"`. The backbone
+            is that family's own transformers model class, and the processor its own processor.
         text_config (`dict` or `PretrainedConfig`, *optional*):
             The family's text configuration (`model_type` `"<family>_text"`), with the kept depth.
         vision_config (`dict` or `PretrainedConfig`, *optional*):
@@ -299,6 +301,11 @@ class PumaConfig(PretrainedConfig):
         text_config["num_hidden_layers"] = len(kept_layers)
         if getattr(base_config.text_config, "layer_types", None) is not None:
             text_config["layer_types"] = [base_config.text_config.layer_types[i] for i in kept_layers]
+        if "decoder_sparse_step" in text_config:
+            # Qwen3-VL-MoE decides per layer index whether a layer's MLP is sparse: keep each kept layer's kind
+            sparse = [_is_sparse_layer(base_config.text_config, i) for i in kept_layers]
+            text_config["decoder_sparse_step"] = 1
+            text_config["mlp_only_layers"] = [position for position, is_sparse in enumerate(sparse) if not is_sparse]
         vision_config = base_config.vision_config.to_dict()
         if "deepstack_visual_indexes" in vision_config:
             indexes = list(vision_config["deepstack_visual_indexes"])
@@ -364,13 +371,20 @@ class PumaConfig(PretrainedConfig):
             raise ValueError(f"modality_words lacks the modalities {sorted(missing)}.")
 
     def to_dict(self) -> dict:
-        """The configuration as a dict; sub-configurations also carry the legacy `rope_scaling`/`rope_theta` keys,
-        so that a folder saved with transformers 5 (which writes `rope_parameters` only) loads on 4.57."""
+        """The configuration as a dict; sub-configurations also carry transformers 4's keys (`rope_scaling`,
+        `rope_theta`, renamed fields), so that a folder saved with transformers 5 loads on 4.57."""
         output = super().to_dict()
         for name in ("text_config", "vision_config"):
             if isinstance(output.get(name), dict):
-                with_legacy_rope_keys(output[name])
+                with_legacy_keys(output[name])
         return output
+
+
+def _is_sparse_layer(text_config, index: int) -> bool:
+    """Whether decoder layer `index` of a Qwen3-VL-MoE text configuration has a mixture-of-experts MLP (the rule of
+    transformers' `Qwen3VLMoeTextDecoderLayer`)."""
+    return index not in (text_config.mlp_only_layers or []) and text_config.num_experts > 0 \
+        and (index + 1) % text_config.decoder_sparse_step == 0
 
 
 def _sub_config(value, base_model_type: str, key: str) -> PretrainedConfig:
@@ -388,9 +402,17 @@ def _sub_config(value, base_model_type: str, key: str) -> PretrainedConfig:
     return family_config.sub_configs[key](**value)
 
 
-def with_legacy_rope_keys(config: dict) -> dict:
-    """Adds transformers 4's `rope_scaling`/`rope_theta` to a sub-configuration dict that carries transformers 5's
-    `rope_parameters` only (4.57 reads the former, 5.x converts them back); returns the same dict."""
+# transformers 5 names a few fields differently from 4.57: (5.x name, 4.57 name)
+_RENAMED_FIELDS = (("num_local_experts", "num_experts"),)
+
+
+def with_legacy_keys(config: dict) -> dict:
+    """Adds transformers 4's names to a sub-configuration dict written by transformers 5: `rope_scaling`/`rope_theta`
+    beside `rope_parameters`, and the 4.57 names of renamed fields (4.57 reads those, 5.x maps them back); returns
+    the same dict."""
+    for new, old in _RENAMED_FIELDS:
+        if new in config:
+            config.setdefault(old, config[new])
     parameters = config.get("rope_parameters")
     if not isinstance(parameters, dict):
         return config
@@ -416,4 +438,4 @@ def validate_kept_layers(kept_layers, base_depth: int) -> None:
         raise ValueError(f"kept_layers {kept_layers!r} must lie in 0..{base_depth - 1} (the base model has {base_depth} layers).")
 
 
-__all__ = ["FAMILIES", "PRESETS", "PumaConfig", "preset_defaults", "validate_kept_layers", "with_legacy_rope_keys"]
+__all__ = ["FAMILIES", "PRESETS", "PumaConfig", "preset_defaults", "validate_kept_layers", "with_legacy_keys"]

@@ -268,8 +268,8 @@ def _is_hub_id(name: str) -> bool:
 # The key layout of each family that every transformers class of the family loads on 4.57 and 5.x: Qwen2-VL and
 # Qwen2.5-VL's Hub layout (transformers <= 4.51: `model.layers.*`, `visual.*`); for Qwen3-VL a base model's
 # (`language_model.*`, `visual.*`), since 4.57's `Qwen3VLModel` cannot read the `model.`-prefixed Hub layout.
-EXPORT_LAYOUT = {"qwen2_vl": "old", "qwen2_5_vl": "old", "qwen3_vl": "base"}
-FAMILY_TAGS = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
+EXPORT_LAYOUT = {"qwen2_vl": "old", "qwen2_5_vl": "old", "qwen3_vl": "base", "qwen3_vl_moe": "base"}
+FAMILY_TAGS = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl", "qwen3_vl_moe": "qwen3-vl-moe"}
 
 
 def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None, license=None) -> str:
@@ -292,7 +292,7 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
     """
     from safetensors.torch import load_file, save_file
 
-    from configuration_puma import FAMILIES, with_legacy_rope_keys
+    from configuration_puma import FAMILIES, with_legacy_keys
     from modeling_puma import load_processor, make_tokenizer_config_portable, processor_kwargs
 
     puma_dir, out_dir = os.fspath(puma_dir), os.fspath(out_dir)
@@ -311,7 +311,7 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
     backbone = puma_config.backbone_config()
     family_config = backbone.to_dict()
     for name in ("text_config", "vision_config"):
-        with_legacy_rope_keys(family_config[name])
+        with_legacy_keys(family_config[name])
         family_config[name].pop("dtype", None)
     family_config["text_config"]["tie_word_embeddings"] = True
     family_config.update(model_type=family, architectures=[generation_class], tie_word_embeddings=True,

@@ -92,7 +92,8 @@ class PumaPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "Qwen2_5_VLDecoderLayer",
-                         "Qwen2_5_VLVisionBlock", "Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"]
+                         "Qwen2_5_VLVisionBlock", "Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock",
+                         "Qwen3VLMoeTextDecoderLayer", "Qwen3VLMoeVisionBlock"]
     _skip_keys_device_placement = ["past_key_values"]
     _keys_to_ignore_on_load_unexpected = [rf"{_DROPPED}\."]
     _supports_flash_attn = True
@@ -363,6 +364,12 @@ class PumaForEmbedding(PumaPreTrainedModel):
             with tempfile.TemporaryDirectory(prefix="puma-load-") as view:
                 weights.write_view(view, target)
                 model = super().from_pretrained(view, **load_kwargs)
+        if getattr(model, "_weight_conversions", None):
+            # transformers 5 reverts the load-time key mapping on save; the pruning map is not a format conversion
+            # (reverting it would renumber the layers back), so only the family's own conversions are kept
+            model._weight_conversions = [
+                conversion for conversion in model._weight_conversions
+                if not set(getattr(conversion, "_original_source_patterns", conversion.source_patterns)) & set(mapping)]
         model.config._name_or_path = name
         model.name_or_path = name
         if added_token_rows is not None:
@@ -397,12 +404,9 @@ class PumaForEmbedding(PumaPreTrainedModel):
         self.processor = processor
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Saves weights (in this model's own key layout), config, the two model files (through `auto_map`), the
+        """Saves weights (in the family's checkpoint format), config, the two model files (through `auto_map`), the
         processor, and the Sentence Transformers files, so the folder loads with `AutoModel` (transformers 4.57 and
         5.x) and with `SentenceTransformer` (both with `trust_remote_code=True`)."""
-        if "save_original_format" in inspect.signature(super().save_pretrained).parameters:
-            # transformers 5 would otherwise undo the load-time key mapping (renumbered layers) when saving
-            kwargs.setdefault("save_original_format", False)
         super().save_pretrained(save_directory, *args, **kwargs)
         if self.processor is not None and kwargs.get("is_main_process", True):
             self.processor.save_pretrained(save_directory)

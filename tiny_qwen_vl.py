@@ -17,17 +17,18 @@ is a saved base model's (`language_model.*`, `visual.*`).
 import argparse
 import json
 import os
+import re
 import zlib
 
 import torch
 from safetensors.torch import save_file
 
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 LAYOUTS = ("old", "new", "base")
-HUB_LAYOUT = {"qwen2_vl": "old", "qwen2_5_vl": "old", "qwen3_vl": "new"}
+HUB_LAYOUT = {"qwen2_vl": "old", "qwen2_5_vl": "old", "qwen3_vl": "new", "qwen3_vl_moe": "new"}
 GENERATION_CLASS = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                    "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+                    "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
 
 QWEN2_VL_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
@@ -41,7 +42,7 @@ QWEN2_5_VL_SPECIAL_TOKENS = QWEN2_VL_SPECIAL_TOKENS + [
 ]
 QWEN3_VL_SPECIAL_TOKENS = QWEN2_5_VL_SPECIAL_TOKENS + ["<tool_response>", "</tool_response>", "<think>", "</think>"]
 SPECIAL_TOKENS = {"qwen2_vl": QWEN2_VL_SPECIAL_TOKENS, "qwen2_5_vl": QWEN2_5_VL_SPECIAL_TOKENS,
-                  "qwen3_vl": QWEN3_VL_SPECIAL_TOKENS}
+                  "qwen3_vl": QWEN3_VL_SPECIAL_TOKENS, "qwen3_vl_moe": QWEN3_VL_SPECIAL_TOKENS}
 
 # Qwen/Qwen2-VL-7B-Instruct's chat template.
 QWEN2_VL_CHAT_TEMPLATE = (
@@ -321,7 +322,7 @@ QWEN3_VL_EMBEDDING_CHAT_TEMPLATE = (
     '{%- endif %}\n'
 )
 CHAT_TEMPLATES = {"qwen2_vl": QWEN2_VL_CHAT_TEMPLATE, "qwen2_5_vl": QWEN2_5_VL_CHAT_TEMPLATE,
-                  "qwen3_vl": QWEN3_VL_CHAT_TEMPLATE}
+                  "qwen3_vl": QWEN3_VL_CHAT_TEMPLATE, "qwen3_vl_moe": QWEN3_VL_CHAT_TEMPLATE}
 
 # Shapes: text config (flat, as in the Hub's config.json) and vision config, per family.
 _QWEN2_VISION_TINY = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2)
@@ -388,8 +389,14 @@ SHAPES = {
                               hidden_act="gelu_pytorch_tanh")},
     },
 }
-PATCH_SIZE = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16}
-ROPE_THETA = {"qwen2_vl": 1000000.0, "qwen2_5_vl": 1000000.0, "qwen3_vl": 5000000.0}
+# Qwen3-VL-MoE (Qwen/Qwen3-VL-30B-A3B-Instruct in small): every layer sparse but layer 1, so that pruning must keep
+# each layer's kind
+SHAPES["qwen3_vl_moe"] = {"tiny": {
+    "text": dict(SHAPES["qwen3_vl"]["tiny"]["text"], moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                 decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=True),
+    "vision": dict(SHAPES["qwen3_vl"]["tiny"]["vision"])}}
+PATCH_SIZE = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_vl_moe": 16}
+ROPE_THETA = {"qwen2_vl": 1000000.0, "qwen2_5_vl": 1000000.0, "qwen3_vl": 5000000.0, "qwen3_vl_moe": 5000000.0}
 
 TINY_CORPUS = [
     "a red circle on a white background", "two blue squares next to a green triangle", "a small yellow star",
@@ -451,13 +458,13 @@ def save_tiny_processor(out_dir: str, family: str = "qwen2_vl", min_pixels: int 
     min_pixels = min_pixels if min_pixels is not None else 4 * factor * factor
     max_pixels = max_pixels if max_pixels is not None else 16 * factor * factor
     image_kwargs = dict(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=PATCH_SIZE[family])
-    if family == "qwen3_vl":
+    if family.startswith("qwen3_vl"):
         image_kwargs.update(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
         video_processor = transformers.Qwen3VLVideoProcessor(patch_size=16)
     else:
         video_processor = transformers.Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
     processor_class = getattr(transformers, {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
-                                             "qwen3_vl": "Qwen3VLProcessor"}[family])
+                                             "qwen3_vl": "Qwen3VLProcessor", "qwen3_vl_moe": "Qwen3VLProcessor"}[family])
     processor = processor_class(
         image_processor=Qwen2VLImageProcessor(**image_kwargs),
         tokenizer=AutoTokenizer.from_pretrained(out_dir),
@@ -485,19 +492,19 @@ def hub_config(family: str = "qwen2_vl", shape: str = "tiny", dtype: str = "floa
         text["num_hidden_layers"] = num_hidden_layers
     text.update(hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=ROPE_THETA[family],
                 attention_dropout=0.0, initializer_range=0.02, use_cache=True)
-    if family != "qwen3_vl":
+    if not family.startswith("qwen3_vl"):
         text.update(use_sliding_window=False, sliding_window=32768, max_window_layers=text["num_hidden_layers"])
     vision = dict(spec["vision"], in_chans=3, in_channels=3, patch_size=PATCH_SIZE[family], spatial_patch_size=PATCH_SIZE[family],
                   spatial_merge_size=2, temporal_patch_size=2)
-    if family == "qwen3_vl":
+    if family.startswith("qwen3_vl"):
         vision.pop("in_chans")
         vision.pop("spatial_patch_size")
     ids = dict(token_ids or {"bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
                              "vision_end_token_id": 151653, "image_token_id": 151655, "video_token_id": 151656})
     config = {"architectures": [GENERATION_CLASS[family]], "model_type": family, "torch_dtype": dtype,
-              "transformers_version": "4.57.0" if family == "qwen3_vl" else "4.41.2",
-              "vision_config": dict(vision, model_type=family) if family == "qwen3_vl" else vision}
-    nested = family == "qwen3_vl" if nested is None else nested
+              "transformers_version": "4.57.0" if family.startswith("qwen3_vl") else "4.41.2",
+              "vision_config": dict(vision, model_type=family) if family.startswith("qwen3_vl") else vision}
+    nested = family.startswith("qwen3_vl") if nested is None else nested
     text_ids = {k: ids.pop(k) for k in ("bos_token_id", "eos_token_id")}
     config.update(ids)
     if nested:
@@ -514,13 +521,17 @@ def parameter_shapes(config: dict) -> dict[str, torch.Size]:
 
     family = config["model_type"]
     config_class = getattr(transformers, {"qwen2_vl": "Qwen2VLConfig", "qwen2_5_vl": "Qwen2_5_VLConfig",
-                                          "qwen3_vl": "Qwen3VLConfig"}[family])
+                                          "qwen3_vl": "Qwen3VLConfig", "qwen3_vl_moe": "Qwen3VLMoeConfig"}[family])
     config = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "transformers_version")}
     with torch.device("meta"):
         model = getattr(transformers, GENERATION_CLASS[family])(config_class(**config))
     shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
     if model.config.tie_word_embeddings or getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         shapes.pop("lm_head.weight", None)  # tied checkpoints on the Hub do not store lm_head
+    if family == "qwen3_vl_moe" and int(transformers.__version__.split(".")[0]) >= 5:
+        # transformers 5 holds fused experts transposed relative to the Hub's checkpoints (which 4.57 reads as is)
+        shapes = {name: shape[:1] + shape[1:][::-1] if re.search(r"mlp\.experts\.(gate_up|down)_proj$", name) else shape
+                  for name, shape in shapes.items()}
     return shapes
 
 
@@ -608,7 +619,7 @@ def build_tiny_checkpoint(out_dir: str, family: str = "qwen2_vl", layout: str | 
             f.write('"""GME inference code (stand-in)."""\n')
     vocab_size = (num_tokens + 8 + 63) // 64 * 64  # padded rows beyond the tokenizer, as in real checkpoints
     config = hub_config(family, "tiny", str(dtype).replace("torch.", ""), token_ids, vocab_size, num_hidden_layers,
-                        nested=family == "qwen3_vl" or layout != "old")
+                        nested=family.startswith("qwen3_vl") or layout != "old")
     write_random_checkpoint(out_dir, config, layout, num_shards, seed, dtype)
     return out_dir
 
@@ -633,7 +644,7 @@ def main():
         token_ids, num_tokens = save_tiny_processor(args.out_dir, args.family)  # the embedding token needs one
         vocab_size = None if args.shape in ("2b", "8b") else (num_tokens + 8 + 63) // 64 * 64
         config = hub_config(args.family, args.shape, args.dtype, token_ids, vocab_size,
-                            nested=args.family == "qwen3_vl" or layout != "old")
+                            nested=args.family.startswith("qwen3_vl") or layout != "old")
         write_random_checkpoint(args.out_dir, config, layout, args.shards, args.seed, dtype)
     print(f"wrote {args.shape} {args.family} checkpoint ({layout} layout, {args.shards} shard(s)) to {args.out_dir}")
 

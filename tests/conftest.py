@@ -16,7 +16,7 @@ from tiny_qwen_vl import build_tiny_checkpoint  # noqa: E402
 
 
 TINY_DEPTH = 6
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,8 @@ import numpy as np
 
 
 TOL = 1e-5
-CASES = {"qwen2_vl": [0, 1, 5], "qwen3_vl": [0, 1]}  # non-contiguous Qwen2-VL layers; Qwen3-VL with DeepStack
+# non-contiguous Qwen2-VL layers; Qwen3-VL with DeepStack; Qwen3-VL-MoE, whose fused experts each major holds differently
+CASES = {"qwen2_vl": [0, 1, 5], "qwen3_vl": [0, 1], "qwen3_vl_moe": [0, 2, 3]}
 
 
 def inputs(root):
@@ -97,9 +98,16 @@ def check(out):
 
     saved_with = json.load(open(os.path.join(out, "saved_with.json")))["transformers"]
     items = inputs(out)
-    generation = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}
-    backbone = {"qwen2_vl": "Qwen2VLModel", "qwen3_vl": "Qwen3VLModel"}
+    generation = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
+                  "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
+    backbone = {"qwen2_vl": "Qwen2VLModel", "qwen3_vl": "Qwen3VLModel", "qwen3_vl_moe": "Qwen3VLMoeModel"}
     for family in CASES:
+        if family == "qwen3_vl_moe" and saved_with.startswith("5.") and transformers.__version__.startswith("4."):
+            # transformers 5's own save_pretrained writes fused experts in its in-memory layout, which 4.57 cannot
+            # read; PUMA folders and exports of Qwen3-VL-MoE inherit that
+            print(f"{family}: not checked from {saved_with} to {transformers.__version__} (transformers 5 writes "
+                  "Qwen3-VL-MoE experts in a layout 4.57 cannot read, in its own save_pretrained too)")
+            continue
         expected = np.load(os.path.join(out, f"{family}.npy"))
         model = AutoModel.from_pretrained(os.path.join(out, f"{family}-puma"), trust_remote_code=True)
         got = model.encode(items, convert_to_numpy=True)

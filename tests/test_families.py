@@ -25,13 +25,15 @@ TOL = 1e-5
     ("qwen2_5_vl", 2), ("qwen2_5_vl", TINY_DEPTH),
     # the tiny Qwen3-VL injects DeepStack features after layers 0, 1 and 2: k below, at and above that count
     ("qwen3_vl", 1), ("qwen3_vl", 2), ("qwen3_vl", 3), ("qwen3_vl", 4), ("qwen3_vl", TINY_DEPTH),
+    ("qwen3_vl_moe", 2), ("qwen3_vl_moe", TINY_DEPTH),
 ])
 def test_pruned_family_model_matches_its_own_full_model_after_k_layers(family_checkpoints, images, family, k):
     # Given a stock checkpoint of the family, in the key layout its Hub checkpoints use
     checkpoint = family_checkpoints[family]
     # When it is pruned to k layers and run on a right-padded batch of text, image and image+text inputs
     model = PumaForEmbedding.from_pretrained(checkpoint, num_layers=k)
-    assert type(model.model).__name__ == {"qwen2_5_vl": "Qwen2_5_VLModel", "qwen3_vl": "Qwen3VLModel"}[family]
+    assert type(model.model).__name__ == {"qwen2_5_vl": "Qwen2_5_VLModel", "qwen3_vl": "Qwen3VLModel",
+                                          "qwen3_vl_moe": "Qwen3VLMoeModel"}[family]
     features = features_for(model, inputs_of_every_kind(images))
     assert (features["attention_mask"][:, -1] == 0).any()  # some rows are padded on the right
     with torch.no_grad():
@@ -316,3 +318,18 @@ def test_family_export_loads_in_every_stock_class_and_equals_puma(family_checkpo
         with torch.no_grad():
             hidden = base.eval()(**features).last_hidden_state
         assert (hidden[torch.arange(len(prompts)), position] - expected).abs().max() <= TOL, class_name
+
+
+def test_qwen3_moe_pruning_keeps_each_layer_kind(family_checkpoints, images):
+    # the tiny Qwen3-VL-MoE has a dense MLP in layer 1 only; transformers decides a layer's kind from its index
+    checkpoint = family_checkpoints["qwen3_vl_moe"]
+    model = PumaForEmbedding.from_pretrained(checkpoint, kept_layers=[0, 2, 5])
+    assert [type(layer.mlp).__name__ for layer in model.model.language_model.layers] == ["Qwen3VLMoeTextSparseMoeBlock"] * 3
+    kept_dense = PumaForEmbedding.from_pretrained(checkpoint, kept_layers=[1, 3])
+    assert [type(layer.mlp).__name__ for layer in kept_dense.model.language_model.layers] == [
+        "Qwen3VLMoeTextMLP", "Qwen3VLMoeTextSparseMoeBlock"]
+    assert kept_dense.config.text_config.mlp_only_layers == [0]
+    features = features_for(model, inputs_of_every_kind(images))
+    with torch.no_grad():
+        raw = model(**features).raw_embeddings
+    assert torch.isfinite(raw).all() and raw.shape == (5, model.config.text_config.hidden_size)
