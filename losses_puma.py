@@ -34,30 +34,6 @@ def _require(condition: bool, name: str, value: object, expectation: str) -> Non
         raise ValueError(f"{name} must be {expectation}, got {value!r}")
 
 
-def modality_ids(labels: list[str], vocab: dict[str, int] | None = None) -> tuple[Tensor, dict[str, int]]:
-    """Map modality labels (`"image"`, `"text"`, `"image,text"`, `"video"`, ...) to a LongTensor of ids.
-
-    Args:
-        labels: One label per row, e.g. the modality of each positive or of each hard negative.
-        vocab: Label-to-id map to reuse. Pass the same map for every batch and every rank: ids built from
-            different batches disagree. `None` builds one from `labels`, numbering the labels in sorted order.
-
-    Returns:
-        `(ids, vocab)`: ids of shape `(len(labels),)` and the map used.
-
-    Example:
-        >>> modality_ids(["text", "image", "text"])
-        (tensor([1, 0, 1]), {'image': 0, 'text': 1})
-    """
-    for label in labels:
-        _require(isinstance(label, str), "every modality label", label, "a string")
-    if vocab is None:
-        vocab = {label: i for i, label in enumerate(sorted(set(labels)))}
-    unknown = sorted(set(labels) - vocab.keys())
-    _require(not unknown, "every modality label", unknown, f"one of {sorted(vocab)}")
-    return torch.tensor([vocab[label] for label in labels], dtype=torch.long), vocab
-
-
 def tau_hard_schedule(
     progress_epochs: float,
     total_epochs: float,
@@ -99,25 +75,6 @@ def tau_hard_schedule(
     return tau if round_digits is None else round(tau, round_digits)
 
 
-class _AllGatherWithGrad(torch.autograd.Function):
-    """`all_gather` along dim 0 whose backward gives each rank the sum over ranks of its shard's gradient."""
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor) -> Tensor:
-        tensor = tensor.contiguous()
-        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
-        shards = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(shards, tensor)
-        return torch.cat(shards)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        # Every rank used this shard, so its gradient is the sum of all ranks' gradients (a reduce-scatter).
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
-
-
 def gather_features(*tensors: Tensor | None, with_grad: bool = True) -> tuple[Tensor | None, ...]:
     """Concatenate each tensor's rows from every rank, in rank order (the open_clip `gather_features` pattern).
 
@@ -127,7 +84,8 @@ def gather_features(*tensors: Tensor | None, with_grad: bool = True) -> tuple[Te
 
     Args:
         tensors: Tensors of shape `(rows, ...)`.
-        with_grad: Gather with an autograd-aware all-gather whose backward sums each shard's gradient over ranks.
+        with_grad: Gather with `torch.distributed.nn.functional.all_gather`, whose backward sums each shard's
+            gradient over ranks.
             `False` uses a plain `all_gather` and puts the local shard back so that it keeps its gradient.
 
     Gradient rule, with W ranks whose parameter gradients are averaged as DDP does (each case is checked against
@@ -143,12 +101,15 @@ def gather_features(*tensors: Tensor | None, with_grad: bool = True) -> tuple[Te
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensors
+    import torch.distributed.nn.functional as dist_nn  # only where torch has distributed support
+
     gathered = []
     for tensor in tensors:
         if tensor is None:
             gathered.append(None)
         elif with_grad and tensor.requires_grad:
-            gathered.append(_AllGatherWithGrad.apply(tensor))
+            # torch's autograd all-gather: its backward sums each shard's gradient over ranks (a reduce-scatter)
+            gathered.append(torch.cat(dist_nn.all_gather(tensor.contiguous())))
         else:
             shards = [torch.empty_like(tensor.contiguous()) for _ in range(dist.get_world_size())]
             dist.all_gather(shards, tensor.contiguous())
@@ -351,8 +312,8 @@ class MACLoss(_ContrastiveLoss):
 
     Requirements:
         1. Positives are distinct within the global batch.
-        2. Modality ids from one vocabulary shared by every batch and rank (see [`modality_ids`]), on the
-           embeddings' device (NCCL gathers CUDA tensors only).
+        2. Modality ids from one vocabulary shared by every batch and rank (`data_puma.modality_id`, which the
+           collator uses), on the embeddings' device (NCCL gathers CUDA tensors only).
         3. With `gather_across_devices`, every rank holds the same number of pairs and of hard negatives.
 
     Inputs and returned dict: as in [`InfoNCELoss`], with `modality` required (and `negative_modality` with

@@ -20,7 +20,6 @@ from losses_puma import (
     MACLoss,
     build_loss,
     gather_features,
-    modality_ids,
     tau_hard_schedule,
 )
 
@@ -60,24 +59,7 @@ def _pairs(batch=5, dim=4, negatives=0, seed=0):
     return draw(batch), draw(batch), draw(negatives) if negatives else None
 
 
-# ---------------------------------------------------------------- modality ids and the schedule
-
-
-def test_modality_ids_numbers_sorted_labels_from_zero():
-    ids, vocab = modality_ids(["video", "image,text", "image", "text", "image"])
-
-    assert vocab == {"image": 0, "image,text": 1, "text": 2, "video": 3}
-    assert ids.dtype == torch.long and ids.tolist() == [3, 1, 0, 2, 0]
-
-
-def test_modality_ids_reuses_a_vocabulary_and_names_an_unknown_label():
-    ids, vocab = modality_ids(["text", "image"], vocab={"image": 0, "text": 1, "video": 2})
-    assert ids.tolist() == [1, 0] and vocab["video"] == 2
-
-    with pytest.raises(ValueError, match="audio"):
-        modality_ids(["text", "audio"], vocab=vocab)
-    with pytest.raises(ValueError, match="3"):
-        modality_ids(["text", 3])
+# ---------------------------------------------------------------- the schedule
 
 
 @pytest.mark.parametrize(

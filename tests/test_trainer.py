@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from data_puma import modality_id
 from modeling_puma import PumaForEmbedding, build_prompt, featurize, parse_input
 from trainer_puma import (
     CachedTeacher,
@@ -22,8 +23,6 @@ from trainer_puma import (
 
 
 peft = pytest.importorskip("peft", reason="the trainer tests train LoRA adapters with peft")
-
-MODALITY = {"text": 0, "image": 1, "image,text": 2}
 
 
 class PairDataset(Dataset):
@@ -67,7 +66,7 @@ class Collator:
         return {
             "query": self._features([e["query"] for e in examples], "Find the match."),
             "candidate": self._features([e["positive"] for e in examples]),
-            "modality": torch.tensor([MODALITY[e["modality"]] for e in examples]),
+            "modality": torch.tensor([modality_id(e["modality"]) for e in examples]),
             "query_ids": [e["query_id"] for e in examples],
             "candidate_ids": [e["positive_id"] for e in examples],
         }
