@@ -34,8 +34,7 @@ def tiny_checkpoint(tiny_checkpoints):
     return tiny_checkpoints[("old", 1)]
 
 
-@pytest.fixture
-def images():
+def draw_images():
     """Three small RGB images of different sizes and contents."""
     from PIL import Image, ImageDraw
 
@@ -45,6 +44,11 @@ def images():
         ImageDraw.Draw(image).ellipse([4 + i, 4, size[0] - 6, size[1] - 8 + i], fill=colour)
         out.append(image)
     return out
+
+
+@pytest.fixture
+def images():
+    return draw_images()
 
 
 @pytest.fixture(autouse=True)
