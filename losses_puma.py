@@ -52,8 +52,9 @@ def tau_hard_schedule(
     `round(tau_norm * exp(-decay * min(0.5, e/E) * 2), 3)`.
 
     Args:
-        progress_epochs: e, epochs done so far (fractional), >= 0.
-        total_epochs: E, > 0.
+        progress_epochs: e, the training done so far, >= 0: epochs (fractional), as the release counts, or optimizer
+            steps for a run whose length is set in steps (`PumaTrainer` passes `global_step` when `max_steps > 0`).
+        total_epochs: E, > 0, in the unit of `progress_epochs`.
         tau_norm: Starting (and inter-modality) temperature, > 0.
         decay: d, >= 0; the final temperature is `tau_norm * exp(-decay)`.
         plateau: p in (0, 1], fraction of training after which the temperature stays constant.
