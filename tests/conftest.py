@@ -34,6 +34,16 @@ def tiny_checkpoint(tiny_checkpoints):
     return tiny_checkpoints[("old", 1)]
 
 
+@pytest.fixture(scope="session")
+def mbeir_root(tmp_path_factory):
+    """A tiny M-BEIR tree in UniIR's exact layout (`mbeir_layout.write_mbeir_tree`); do not modify it."""
+    from mbeir_layout import write_mbeir_tree
+
+    root = tmp_path_factory.mktemp("M-BEIR")
+    write_mbeir_tree(root)
+    return str(root)
+
+
 def draw_images():
     """Three small RGB images of different sizes and contents."""
     from PIL import Image, ImageDraw
