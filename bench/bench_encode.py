@@ -10,9 +10,9 @@ Both models are held at once so that the timed passes can alternate between the 
 on a shared machine then slow both alike); each setting is warmed up, and the best of `--repeats` passes is reported,
 in wall time (goals) and in process CPU time (all threads; far less inflated by other processes).
 
-    /work/venv/bin/python bench/bench_encode.py           # float32 on CPU, k=12 vs 28 (6-8 min on 2 cores, 14 GiB RAM)
-    /work/venv/bin/python bench/bench_encode.py --quick    # smoke run with tiny workloads
-    /work/venv/bin/python bench/bench_encode.py --device cuda --dtype bfloat16
+    python bench/bench_encode.py           # float32 on CPU, k=12 vs 28 (6-8 min on 2 cores, 14 GiB RAM)
+    python bench/bench_encode.py --quick    # smoke run with tiny workloads
+    python bench/bench_encode.py --device cuda --dtype bfloat16
 """
 
 import argparse
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import (check, ensure_checkpoint, load_note, log, markdown_table, text_flops_per_sequence,
-                    time_interleaved, vision_flops_per_image)
+from common import (DEFAULT_CHECKPOINT, check, ensure_checkpoint, load_note, log, markdown_table,
+                    text_flops_per_sequence, time_interleaved, vision_flops_per_image)
 from modeling_puma import PumaForEmbedding
 
 
@@ -169,7 +169,7 @@ def main(args) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="/tmp/bench_data/qwen2vl-2b",
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                         help="Qwen2-VL checkpoint folder (generated with random weights if missing)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

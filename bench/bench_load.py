@@ -6,9 +6,9 @@ compared with the bytes of the kept tensors, summed from the safetensors headers
 decoder layers >= k). The shards are read once before timing, so every load is warm-cache. Goals:
 peak RSS increase <= 1.2 x kept bytes, and t(k) / t(full) <= 1.1 x kept_bytes(k) / kept_bytes(full).
 
-    /work/venv/bin/python bench/bench_load.py                      # k=12 vs 28, bfloat16, 3 loads each (~2 min)
-    /work/venv/bin/python bench/bench_load.py --quick              # 1 load each
-    /work/venv/bin/python bench/bench_load.py --device cuda --checkpoint /path/to/Qwen2-VL-2B-Instruct
+    python bench/bench_load.py                      # k=12 vs 28, bfloat16, 3 loads each (~2 min)
+    python bench/bench_load.py --quick              # 1 load each
+    python bench/bench_load.py --device cuda --checkpoint /path/to/Qwen2-VL-2B-Instruct
 """
 
 import argparse
@@ -20,8 +20,8 @@ import subprocess
 import sys
 import time
 
-from common import (DTYPE_BYTES, LOAD_AVERAGES, ROOT, check, checkpoint_tensors, ensure_checkpoint, kept_bytes,
-                    load_note, log, markdown_table, synchronize)
+from common import (DEFAULT_CHECKPOINT, DTYPE_BYTES, LOAD_AVERAGES, ROOT, check, checkpoint_tensors, ensure_checkpoint,
+                    kept_bytes, load_note, log, markdown_table, synchronize)
 
 
 GIB = 1024**3
@@ -129,7 +129,7 @@ def main(args) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="/tmp/bench_data/qwen2vl-2b",
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                         help="Qwen2-VL checkpoint folder (generated with random weights if missing)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"])

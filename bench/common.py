@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -12,7 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-DEFAULT_CHECKPOINT = "/tmp/bench_data/qwen2vl-2b"
+# Generated checkpoints, caches and outputs live in the system's temporary folder (override with --checkpoint).
+BENCH_DIR = os.path.join(tempfile.gettempdir(), "puma_bench")
+DEFAULT_CHECKPOINT = os.path.join(BENCH_DIR, "qwen2vl-2b")
 # Decoder-layer keys in both checkpoint layouts: `model.layers.N.` (old) and `model.language_model.layers.N.` (new).
 LAYER_KEY = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
