@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from transformers import TrainerCallback
+from transformers import TrainerCallback, enable_full_determinism, set_seed
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from data_puma import ColumnPairDataset, MBEIRTrainDataset, NLIDataset, PumaCollator, join_path
@@ -134,6 +134,8 @@ def lora_config(model_args: ModelConfig, model: PumaForEmbedding, train_embeddin
 
 def main(script_args: ScriptArguments, training_args: PumaTrainingArguments, model_args: ModelConfig):
     check_data_paths(script_args, training_args)  # a wrong path fails now, not after minutes of model loading
+    # Seeded before the model exists: new parameters (LoRA matrices) are drawn before the Trainer seeds.
+    (enable_full_determinism if training_args.full_determinism else set_seed)(training_args.seed)
     overrides = {k: getattr(script_args, k) for k in ("min_pixels", "max_pixels", "max_text_tokens") if getattr(script_args, k)}
     model = PumaForEmbedding.from_pretrained(
         model_args.model_name_or_path, num_layers=script_args.num_layers, kept_layers=script_args.kept_layers,
