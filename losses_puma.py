@@ -153,23 +153,27 @@ class _PumaLoss(nn.Module):
 class _GatheredLoss(_PumaLoss):
     """A loss scoring queries against candidates, optionally over the global batch of every rank."""
 
-    def __init__(self, gather_across_devices: bool, local_loss: bool) -> None:
+    def __init__(self, gather_across_devices: bool, local_loss: bool, gather_with_grad: bool = True) -> None:
         super().__init__()
+        # Scoring local queries against gathered candidates needs the other ranks' gradients of the local candidates.
+        _require(gather_with_grad or not local_loss, "gather_with_grad", gather_with_grad, "True with local_loss")
         self.gather_across_devices = gather_across_devices
         self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
 
     def _gather(self, queries: tuple, candidates: tuple) -> tuple[tuple, tuple, int]:
         """`(queries, candidates, label_offset)` for the global batch; see `gather_features` for the gradients."""
         if not self.gather_across_devices:
             return queries, candidates, 0
-        candidates = gather_features(*candidates)
+        candidates = gather_features(*candidates, with_grad=self.gather_with_grad)
         if self.local_loss:
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
             return queries, candidates, rank * queries[0].shape[0]
-        return gather_features(*queries), candidates, 0
+        return gather_features(*queries, with_grad=self.gather_with_grad), candidates, 0
 
     def _gather_config(self) -> dict[str, bool]:
-        return {"gather_across_devices": self.gather_across_devices, "local_loss": self.local_loss}
+        return {"gather_across_devices": self.gather_across_devices, "local_loss": self.local_loss,
+                "gather_with_grad": self.gather_with_grad}
 
 
 class _ContrastiveLoss(_GatheredLoss):
@@ -239,6 +243,9 @@ class InfoNCELoss(_ContrastiveLoss):
         gather_across_devices: Score against the candidates of every rank (see [`gather_features`]).
         local_loss: With `gather_across_devices`, score only this rank's queries against all candidates:
             (B/W) x B logits instead of B x B, same gradient.
+        gather_with_grad: With `gather_across_devices`, gather with gradient (default): each rank's gradient is the
+            single-process gradient of the global batch. `False` is the release's plain all-gather: only local rows
+            carry gradient, so the applied gradient is 1/W of it (see [`gather_features`]); not with `local_loss`.
 
     Requirements:
         1. Positives are distinct within the global batch.
@@ -279,8 +286,9 @@ class InfoNCELoss(_ContrastiveLoss):
         ['accuracy', 'intra_neg_sim', 'loss', 'num_candidates', 'pos_sim']
     """
 
-    def __init__(self, temperature: float = 0.05, gather_across_devices: bool = False, local_loss: bool = False):
-        super().__init__(gather_across_devices, local_loss)
+    def __init__(self, temperature: float = 0.05, gather_across_devices: bool = False, local_loss: bool = False,
+                 gather_with_grad: bool = True):
+        super().__init__(gather_across_devices, local_loss, gather_with_grad)
         _require(temperature > 0, "temperature", temperature, "> 0")
         self.temperature = temperature
 
@@ -309,7 +317,7 @@ class MACLoss(_ContrastiveLoss):
         tau_norm: Inter-modality temperature, > 0 (`scale = 1/tau_norm`).
         tau_hard: Intra-modality temperature, > 0 (`scale = 1/tau_hard`); `None` means `tau_norm`. A settable
             attribute: the trainer updates it each step from [`tau_hard_schedule`].
-        gather_across_devices, local_loss: As in [`InfoNCELoss`].
+        gather_across_devices, local_loss, gather_with_grad: As in [`InfoNCELoss`].
 
     Requirements:
         1. Positives are distinct within the global batch.
@@ -349,8 +357,9 @@ class MACLoss(_ContrastiveLoss):
         tau_hard: float | None = None,
         gather_across_devices: bool = False,
         local_loss: bool = False,
+        gather_with_grad: bool = True,
     ):
-        super().__init__(gather_across_devices, local_loss)
+        super().__init__(gather_across_devices, local_loss, gather_with_grad)
         _require(tau_norm > 0, "tau_norm", tau_norm, "> 0")
         self.tau_norm = tau_norm
         self.tau_hard = tau_hard
@@ -446,7 +455,7 @@ class KLDistillLoss(_GatheredLoss):
     Args:
         temperature: tau of the student, > 0 (`scale = 1/temperature`).
         teacher_temperature: tau_t of the teacher, > 0; `None` means `temperature`.
-        gather_across_devices, local_loss: As in [`InfoNCELoss`].
+        gather_across_devices, local_loss, gather_with_grad: As in [`InfoNCELoss`].
 
     Requirements:
         1. Student and teacher embeddings of the same inputs, row for row (their sizes may differ).
@@ -476,8 +485,9 @@ class KLDistillLoss(_GatheredLoss):
         teacher_temperature: float | None = None,
         gather_across_devices: bool = False,
         local_loss: bool = False,
+        gather_with_grad: bool = True,
     ):
-        super().__init__(gather_across_devices, local_loss)
+        super().__init__(gather_across_devices, local_loss, gather_with_grad)
         _require(temperature > 0, "temperature", temperature, "> 0")
         teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
         _require(teacher_temperature > 0, "teacher_temperature", teacher_temperature, "> 0")
@@ -640,7 +650,7 @@ def build_loss(name: str, **kwargs) -> InfoNCELoss | MACLoss:
 
     Example:
         >>> build_loss("mac", tau_norm=0.03).get_config_dict()
-        {'tau_norm': 0.03, 'tau_hard': 0.03, 'gather_across_devices': False, 'local_loss': False}
+        {'tau_norm': 0.03, 'tau_hard': 0.03, 'gather_across_devices': False, 'local_loss': False, 'gather_with_grad': True}
     """
     _require(name in LOSSES, "loss name", name, f"one of {sorted(LOSSES)}")
     return LOSSES[name](**kwargs)

@@ -60,6 +60,7 @@ class PumaTrainingArguments(TrainingArguments):
     teacher_cache: str | None = field(default=None, metadata={"help": "Folder of precomputed teacher embeddings ('cached')."})
     gather_across_devices: bool = field(default=True, metadata={"help": "All-gather embeddings so negatives span the global batch."})
     local_loss: bool = field(default=False, metadata={"help": "With gather_across_devices, score only this rank's queries against the global candidates: (B/W) x B logits instead of B x B, same gradient."})
+    gather_with_grad: bool = field(default=True, metadata={"help": "Gather embeddings with gradient (each rank's gradient is the global batch's). False: the release's plain all-gather, whose applied gradient is 1/world_size of it."})
     grad_cache_chunk_size: int | None = field(default=None, metadata={"help": "GradCache: embed in chunks of this many inputs (None: off)."})
     module_learning_rates: dict | str | None = field(default=None, metadata={"help": "Per-module learning rates: a mapping of regular expression to rate (a JSON object on the command line), e.g. {\"language_model\\\\.layers\\\\.0\\\\.\": 1e-4}. The first pattern found (re.search) in a trainable parameter's name sets its rate; the others use learning_rate. A pattern that matches no trainable parameter is an error."})
     embedding_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the input-embedding parameters (the embedding token's row): shorthand for a first module_learning_rates rule 'embed_tokens'."})
@@ -85,8 +86,8 @@ class PumaTrainingArguments(TrainingArguments):
             raise ValueError(f"teacher={self.teacher!r} needs teacher_model (the full-depth base checkpoint).")
         if self.grad_cache_chunk_size is not None and self.grad_cache_chunk_size <= 0:
             raise ValueError(f"grad_cache_chunk_size must be positive, got {self.grad_cache_chunk_size}.")
-        if self.local_loss and not self.gather_across_devices:
-            raise ValueError("local_loss=True scores local queries against gathered candidates: it needs gather_across_devices=True.")
+        if self.local_loss and not (self.gather_across_devices and self.gather_with_grad):
+            raise ValueError("local_loss=True scores local queries against gathered candidates: it needs gather_across_devices=True and gather_with_grad=True.")
         self.module_learning_rates = _parse_learning_rate_rules(self.module_learning_rates)
         if self.embedding_learning_rate is not None and not (0 < self.embedding_learning_rate < math.inf):
             raise ValueError(f"embedding_learning_rate must be a positive number, got {self.embedding_learning_rate!r}.")
@@ -99,7 +100,8 @@ class PumaTrainingArguments(TrainingArguments):
 
     def build_objective(self) -> DistillationObjective:
         """The loss module these arguments describe."""
-        kwargs = {"gather_across_devices": self.gather_across_devices, "local_loss": self.local_loss}
+        kwargs = {"gather_across_devices": self.gather_across_devices, "local_loss": self.local_loss,
+                  "gather_with_grad": self.gather_with_grad}
         contrastive = build_loss(self.loss, **({"tau_norm": self.tau_norm} if self.loss == "mac" else {"temperature": self.temperature}), **kwargs)
         hidden = HiddenStateDistillLoss(self.distill, self.distill_scale) if self.distill != "none" else None
         temperature = self.tau_norm if self.loss == "mac" else self.temperature

@@ -390,13 +390,17 @@ def test_evaluation_batches_stay_out_of_the_logged_training_components(tiny_chec
     assert logs["contrastive_loss"] != pytest.approx(metrics["eval_contrastive_loss"], abs=1e-3)
 
 
-def test_local_loss_reaches_the_gathered_losses_and_needs_the_gather(tmp_path):
+def test_local_loss_and_gather_with_grad_reach_the_gathered_losses(tmp_path):
     args = training_args(tmp_path, loss="mac", local_loss=True, kl_weight=0.5, teacher="cached", teacher_cache="c")
     objective = args.build_objective()
     assert objective.contrastive.local_loss and objective.kl.local_loss
     assert not training_args(tmp_path, loss="infonce").build_objective().contrastive.local_loss
-    with pytest.raises(ValueError, match="local_loss=True .* needs gather_across_devices"):
+    with pytest.raises(ValueError, match="local_loss=True .* needs gather_across_devices=True and gather_with_grad"):
         training_args(tmp_path, local_loss=True, gather_across_devices=False)
+    with pytest.raises(ValueError, match="local_loss=True .* needs gather_across_devices=True and gather_with_grad"):
+        training_args(tmp_path, local_loss=True, gather_with_grad=False)
+    plain = training_args(tmp_path, loss="mac", gather_with_grad=False, kl_weight=0.5, teacher="cached", teacher_cache="c")
+    assert not plain.build_objective().contrastive.gather_with_grad and not plain.build_objective().kl.gather_with_grad
 
 
 def test_tau_hard_reaches_its_plateau_in_a_run_set_by_max_steps(tiny_checkpoint, images, tmp_path):
