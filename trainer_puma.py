@@ -365,6 +365,12 @@ def parameter_groups(model: nn.Module, learning_rate: float, weight_decay: float
 class PumaTrainer(Trainer):
     """`Trainer` for PUMA embeddings: contrastive (MAC or InfoNCE) + distillation, gathered negatives, GradCache.
 
+    With `grad_cache_chunk_size`, a step embeds the batch in chunks without a graph, computes the loss and its gradient
+    with respect to the embeddings, then re-embeds each chunk with a graph (replaying the RNG state captured right
+    before that chunk's first forward, so dropout masks match) and backpropagates its share. The cost is a second
+    forward per step; the peak memory is one chunk's activations (GradCache, arXiv 2101.06983). Under DDP every
+    backward but the last runs under `no_sync`: one all-reduce per optimizer step.
+
     Args (beyond `Trainer`'s):
         objective (`DistillationObjective`, *optional*): defaults to `args.build_objective()`.
         teacher (*optional*): an object with `embed(features, ids) -> Tensor`; defaults to the one `args.teacher`
