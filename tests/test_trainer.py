@@ -90,6 +90,14 @@ class RecordingTeacher:
         return self.teacher.embed(features, ids)
 
 
+def perturb_lora(student, std):
+    """LoRA B starts at zero (the adapters change nothing); random B makes them matter."""
+    with torch.no_grad():
+        for name, parameter in student.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, std)
+
+
 def with_dropout(student, p=0.1):
     """Turns on attention dropout in every decoder layer (the LoRA dropout is set by `lora_student`)."""
     for module in student.modules():
@@ -142,10 +150,7 @@ def test_the_three_teachers_give_the_same_distillation_loss(tiny_checkpoint, ima
     shared = SharedWeightTeacher.from_student(student, tiny_checkpoint)
     separate = SeparateTeacher(PumaForEmbedding.from_pretrained(tiny_checkpoint))
     # the LoRA adapters start at zero; perturb them so a teacher that forgot to disable them would differ
-    with torch.no_grad():
-        for name, parameter in student.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)
+    perturb_lora(student, 0.5)
     fingerprint = {"teacher": "tiny", "note": "test"}
     loader = torch.utils.data.DataLoader(dataset, batch_size=6, collate_fn=collator)
     assert precompute_teacher_cache(separate.model, loader, str(tmp_path / "cache"), fingerprint, shard_size=5) == 24
@@ -213,10 +218,7 @@ def test_grad_cache_gradients_equal_the_plain_step(tiny_checkpoint, images, tmp_
     # keeps summation-order rounding far below the tolerance (1/tau scales the gradients to ~10).
     student = lora_student(tiny_checkpoint, dtype=torch.float64)
     base = student.get_base_model()
-    with torch.no_grad():
-        for name, parameter in student.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.1)
+    perturb_lora(student, 0.1)
     dataset = PairDataset(images)
     collator = Collator(base.processor, base.config)
     batch = one_batch(dataset, collator)
@@ -253,10 +255,7 @@ def test_rand_context_replays_dropout_masks(tiny_checkpoint, images):
 
     student = lora_student(tiny_checkpoint, dropout=0.5).train()
     base = student.get_base_model()
-    with torch.no_grad():
-        for name, parameter in student.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)
+    perturb_lora(student, 0.5)
     features = Collator(base.processor, base.config)._features(["a red circle", {"text": "a dot", "image": images[0]}])
     state = RandContext(*features.values())
     first = student(**features).raw_embeddings
@@ -271,10 +270,7 @@ def test_grad_cache_replays_every_chunks_dropout_masks(tiny_checkpoint, images, 
     # Given a student with LoRA and attention dropout, and a hook recording every forward's final hidden states
     student = with_dropout(lora_student(tiny_checkpoint, dropout=0.1))
     base = student.get_base_model()
-    with torch.no_grad():
-        for name, parameter in student.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)
+    perturb_lora(student, 0.5)
     dataset = PairDataset(images)
     collator = Collator(base.processor, base.config)
     trainer = PumaTrainer(model=student, args=training_args(tmp_path, grad_cache_chunk_size=2, loss="mac"),
