@@ -279,8 +279,9 @@ class MBEIRTrainDataset(Dataset):
     and skips are counted and logged in one summary line; a `ValueError` is raised only when every query is skipped.
 
     Args:
-        query_file: M-BEIR query JSON-lines file (e.g. `query/train/mbeir_union_up_train.jsonl`).
-        pool_file: candidate pool JSON-lines file holding every candidate the queries name.
+        query_file: M-BEIR query JSON-lines file (e.g. `query/union_train/mbeir_union_up_train.jsonl`).
+        pool_file: candidate pool JSON-lines file holding every candidate the queries name (e.g.
+            `cand_pool/global/mbeir_union_train_cand_pool.jsonl`).
         instructions_file: `query_instructions.tsv`.
         image_root: folder that `query_img_path` and `img_path` are relative to (the M-BEIR root).
         num_hard_negatives: hard negatives per example (0: none).

@@ -1,6 +1,6 @@
 """The built-in demo: make the offline benchmark, prune a tiny base, train both stages, evaluate, plot.
 
-    python demo.py [--out demo_out] [--quick]
+    python demo.py [--out demo_out] [--quick] [--threads 2]
 
 Steps: `make_demo_data.py` writes a small M-BEIR-format benchmark (text→image, text→text, text→(image,text),
 image→text, image→image and composed (image,text)→image tasks over PIL-drawn scenes); `tiny_qwen_vl.py` writes a
@@ -10,11 +10,24 @@ full-depth teacher, LoRA) and stage 2 (`configs/demo_stage2.yaml`: M-BEIR-format
 `train.py`; `eval_puma.py` scores the untrained pruned model and the trained one on every task's local pool.
 Writes `OUT/results.md`, the trained model's full evaluation with per-task bar charts in `OUT/eval/`, and
 training-curve plots `OUT/curves_stage{1,2}.png`.
+
+The run is deterministic on one machine: every draw is seeded, torch runs deterministic algorithms on a fixed number
+of CPU threads (`--threads`, default 2), and MKL keeps that thread count (no dynamic adjustment) with conditional
+numerical reproducibility, so a rerun prints the same table. Another CPU model or thread count may give other figures.
 """
 
-import argparse
 import os
+
+
+# Set before torch loads MKL: by default MKL may use fewer threads than asked (MKL_DYNAMIC) and pick code paths by
+# memory alignment, either of which changes the order of floating-point sums from run to run.
+for _name, _value in (("MKL_DYNAMIC", "FALSE"), ("OMP_DYNAMIC", "FALSE"), ("MKL_CBWR", "AUTO")):
+    os.environ.setdefault(_name, _value)
+
+import argparse
 import time
+
+import torch
 
 from eval_puma import evaluate_mbeir, plot_training_curves, summarize, write_results
 from make_demo_data import make_demo_benchmark
@@ -32,6 +45,18 @@ def run_stage(config: str, *overrides: str):
     return train_main(*args)
 
 
+def make_reproducible(threads: int) -> None:
+    """Fixed thread counts (torch, MKL, OpenMP, faiss) and deterministic torch algorithms; seeds are set by each
+    stage's `seed` and by the data generator."""
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        import faiss
+    except ImportError:
+        return
+    faiss.omp_set_num_threads(threads)
+
+
 def recall_table(before: list[dict], after: list[dict]) -> str:
     lines = ["| task | metric | untrained | trained |", "|---|---|---|---|"]
     for untrained, trained in zip(before + [summarize(before)], after + [summarize(after)]):
@@ -44,8 +69,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps (a smoke run, not a result)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads; fixed so that reruns give the same figures")
     args = parser.parse_args()
     start = time.time()
+    make_reproducible(args.threads)
     data, base = os.path.join(args.out, "data"), os.path.join(args.out, "tiny-qwen2vl")
     stage1, stage2 = os.path.join(args.out, "stage1"), os.path.join(args.out, "stage2")
     sizes = dict(num_train=60, num_test=4, num_nli=32, image_size=48) if args.quick else dict(num_train=2880, num_nli=256)

@@ -34,30 +34,6 @@ def _require(condition: bool, name: str, value: object, expectation: str) -> Non
         raise ValueError(f"{name} must be {expectation}, got {value!r}")
 
 
-def modality_ids(labels: list[str], vocab: dict[str, int] | None = None) -> tuple[Tensor, dict[str, int]]:
-    """Map modality labels (`"image"`, `"text"`, `"image,text"`, `"video"`, ...) to a LongTensor of ids.
-
-    Args:
-        labels: One label per row, e.g. the modality of each positive or of each hard negative.
-        vocab: Label-to-id map to reuse. Pass the same map for every batch and every rank: ids built from
-            different batches disagree. `None` builds one from `labels`, numbering the labels in sorted order.
-
-    Returns:
-        `(ids, vocab)`: ids of shape `(len(labels),)` and the map used.
-
-    Example:
-        >>> modality_ids(["text", "image", "text"])
-        (tensor([1, 0, 1]), {'image': 0, 'text': 1})
-    """
-    for label in labels:
-        _require(isinstance(label, str), "every modality label", label, "a string")
-    if vocab is None:
-        vocab = {label: i for i, label in enumerate(sorted(set(labels)))}
-    unknown = sorted(set(labels) - vocab.keys())
-    _require(not unknown, "every modality label", unknown, f"one of {sorted(vocab)}")
-    return torch.tensor([vocab[label] for label in labels], dtype=torch.long), vocab
-
-
 def tau_hard_schedule(
     progress_epochs: float,
     total_epochs: float,
@@ -76,8 +52,9 @@ def tau_hard_schedule(
     `round(tau_norm * exp(-decay * min(0.5, e/E) * 2), 3)`.
 
     Args:
-        progress_epochs: e, epochs done so far (fractional), >= 0.
-        total_epochs: E, > 0.
+        progress_epochs: e, the training done so far, >= 0: epochs (fractional), as the release counts, or optimizer
+            steps for a run whose length is set in steps (`PumaTrainer` passes `global_step` when `max_steps > 0`).
+        total_epochs: E, > 0, in the unit of `progress_epochs`.
         tau_norm: Starting (and inter-modality) temperature, > 0.
         decay: d, >= 0; the final temperature is `tau_norm * exp(-decay)`.
         plateau: p in (0, 1], fraction of training after which the temperature stays constant.
@@ -99,25 +76,6 @@ def tau_hard_schedule(
     return tau if round_digits is None else round(tau, round_digits)
 
 
-class _AllGatherWithGrad(torch.autograd.Function):
-    """`all_gather` along dim 0 whose backward gives each rank the sum over ranks of its shard's gradient."""
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor) -> Tensor:
-        tensor = tensor.contiguous()
-        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
-        shards = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(shards, tensor)
-        return torch.cat(shards)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        # Every rank used this shard, so its gradient is the sum of all ranks' gradients (a reduce-scatter).
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
-
-
 def gather_features(*tensors: Tensor | None, with_grad: bool = True) -> tuple[Tensor | None, ...]:
     """Concatenate each tensor's rows from every rank, in rank order (the open_clip `gather_features` pattern).
 
@@ -127,7 +85,8 @@ def gather_features(*tensors: Tensor | None, with_grad: bool = True) -> tuple[Te
 
     Args:
         tensors: Tensors of shape `(rows, ...)`.
-        with_grad: Gather with an autograd-aware all-gather whose backward sums each shard's gradient over ranks.
+        with_grad: Gather with `torch.distributed.nn.functional.all_gather`, whose backward sums each shard's
+            gradient over ranks.
             `False` uses a plain `all_gather` and puts the local shard back so that it keeps its gradient.
 
     Gradient rule, with W ranks whose parameter gradients are averaged as DDP does (each case is checked against
@@ -143,12 +102,15 @@ def gather_features(*tensors: Tensor | None, with_grad: bool = True) -> tuple[Te
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensors
+    import torch.distributed.nn.functional as dist_nn  # only where torch has distributed support
+
     gathered = []
     for tensor in tensors:
         if tensor is None:
             gathered.append(None)
         elif with_grad and tensor.requires_grad:
-            gathered.append(_AllGatherWithGrad.apply(tensor))
+            # torch's autograd all-gather: its backward sums each shard's gradient over ranks (a reduce-scatter)
+            gathered.append(torch.cat(dist_nn.all_gather(tensor.contiguous())))
         else:
             shards = [torch.empty_like(tensor.contiguous()) for _ in range(dist.get_world_size())]
             dist.all_gather(shards, tensor.contiguous())
@@ -191,23 +153,27 @@ class _PumaLoss(nn.Module):
 class _GatheredLoss(_PumaLoss):
     """A loss scoring queries against candidates, optionally over the global batch of every rank."""
 
-    def __init__(self, gather_across_devices: bool, local_loss: bool) -> None:
+    def __init__(self, gather_across_devices: bool, local_loss: bool, gather_with_grad: bool = True) -> None:
         super().__init__()
+        # Scoring local queries against gathered candidates needs the other ranks' gradients of the local candidates.
+        _require(gather_with_grad or not local_loss, "gather_with_grad", gather_with_grad, "True with local_loss")
         self.gather_across_devices = gather_across_devices
         self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
 
     def _gather(self, queries: tuple, candidates: tuple) -> tuple[tuple, tuple, int]:
         """`(queries, candidates, label_offset)` for the global batch; see `gather_features` for the gradients."""
         if not self.gather_across_devices:
             return queries, candidates, 0
-        candidates = gather_features(*candidates)
+        candidates = gather_features(*candidates, with_grad=self.gather_with_grad)
         if self.local_loss:
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
             return queries, candidates, rank * queries[0].shape[0]
-        return gather_features(*queries), candidates, 0
+        return gather_features(*queries, with_grad=self.gather_with_grad), candidates, 0
 
     def _gather_config(self) -> dict[str, bool]:
-        return {"gather_across_devices": self.gather_across_devices, "local_loss": self.local_loss}
+        return {"gather_across_devices": self.gather_across_devices, "local_loss": self.local_loss,
+                "gather_with_grad": self.gather_with_grad}
 
 
 class _ContrastiveLoss(_GatheredLoss):
@@ -277,6 +243,9 @@ class InfoNCELoss(_ContrastiveLoss):
         gather_across_devices: Score against the candidates of every rank (see [`gather_features`]).
         local_loss: With `gather_across_devices`, score only this rank's queries against all candidates:
             (B/W) x B logits instead of B x B, same gradient.
+        gather_with_grad: With `gather_across_devices`, gather with gradient (default): each rank's gradient is the
+            single-process gradient of the global batch. `False` is the release's plain all-gather: only local rows
+            carry gradient, so the applied gradient is 1/W of it (see [`gather_features`]); not with `local_loss`.
 
     Requirements:
         1. Positives are distinct within the global batch.
@@ -317,8 +286,9 @@ class InfoNCELoss(_ContrastiveLoss):
         ['accuracy', 'intra_neg_sim', 'loss', 'num_candidates', 'pos_sim']
     """
 
-    def __init__(self, temperature: float = 0.05, gather_across_devices: bool = False, local_loss: bool = False):
-        super().__init__(gather_across_devices, local_loss)
+    def __init__(self, temperature: float = 0.05, gather_across_devices: bool = False, local_loss: bool = False,
+                 gather_with_grad: bool = True):
+        super().__init__(gather_across_devices, local_loss, gather_with_grad)
         _require(temperature > 0, "temperature", temperature, "> 0")
         self.temperature = temperature
 
@@ -347,12 +317,12 @@ class MACLoss(_ContrastiveLoss):
         tau_norm: Inter-modality temperature, > 0 (`scale = 1/tau_norm`).
         tau_hard: Intra-modality temperature, > 0 (`scale = 1/tau_hard`); `None` means `tau_norm`. A settable
             attribute: the trainer updates it each step from [`tau_hard_schedule`].
-        gather_across_devices, local_loss: As in [`InfoNCELoss`].
+        gather_across_devices, local_loss, gather_with_grad: As in [`InfoNCELoss`].
 
     Requirements:
         1. Positives are distinct within the global batch.
-        2. Modality ids from one vocabulary shared by every batch and rank (see [`modality_ids`]), on the
-           embeddings' device (NCCL gathers CUDA tensors only).
+        2. Modality ids from one vocabulary shared by every batch and rank (`data_puma.modality_id`, which the
+           collator uses), on the embeddings' device (NCCL gathers CUDA tensors only).
         3. With `gather_across_devices`, every rank holds the same number of pairs and of hard negatives.
 
     Inputs and returned dict: as in [`InfoNCELoss`], with `modality` required (and `negative_modality` with
@@ -387,8 +357,9 @@ class MACLoss(_ContrastiveLoss):
         tau_hard: float | None = None,
         gather_across_devices: bool = False,
         local_loss: bool = False,
+        gather_with_grad: bool = True,
     ):
-        super().__init__(gather_across_devices, local_loss)
+        super().__init__(gather_across_devices, local_loss, gather_with_grad)
         _require(tau_norm > 0, "tau_norm", tau_norm, "> 0")
         self.tau_norm = tau_norm
         self.tau_hard = tau_hard
@@ -484,7 +455,7 @@ class KLDistillLoss(_GatheredLoss):
     Args:
         temperature: tau of the student, > 0 (`scale = 1/temperature`).
         teacher_temperature: tau_t of the teacher, > 0; `None` means `temperature`.
-        gather_across_devices, local_loss: As in [`InfoNCELoss`].
+        gather_across_devices, local_loss, gather_with_grad: As in [`InfoNCELoss`].
 
     Requirements:
         1. Student and teacher embeddings of the same inputs, row for row (their sizes may differ).
@@ -514,8 +485,9 @@ class KLDistillLoss(_GatheredLoss):
         teacher_temperature: float | None = None,
         gather_across_devices: bool = False,
         local_loss: bool = False,
+        gather_with_grad: bool = True,
     ):
-        super().__init__(gather_across_devices, local_loss)
+        super().__init__(gather_across_devices, local_loss, gather_with_grad)
         _require(temperature > 0, "temperature", temperature, "> 0")
         teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
         _require(teacher_temperature > 0, "teacher_temperature", teacher_temperature, "> 0")
@@ -678,7 +650,7 @@ def build_loss(name: str, **kwargs) -> InfoNCELoss | MACLoss:
 
     Example:
         >>> build_loss("mac", tau_norm=0.03).get_config_dict()
-        {'tau_norm': 0.03, 'tau_hard': 0.03, 'gather_across_devices': False, 'local_loss': False}
+        {'tau_norm': 0.03, 'tau_hard': 0.03, 'gather_across_devices': False, 'local_loss': False, 'gather_with_grad': True}
     """
     _require(name in LOSSES, "loss name", name, f"one of {sorted(LOSSES)}")
     return LOSSES[name](**kwargs)

@@ -17,10 +17,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from transformers import TrainerCallback
+from transformers import TrainerCallback, enable_full_determinism, set_seed
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from data_puma import ColumnPairDataset, MBEIRTrainDataset, NLIDataset, PumaCollator
+from data_puma import ColumnPairDataset, MBEIRTrainDataset, NLIDataset, PumaCollator, join_path
 from modeling_puma import PumaForEmbedding
 from trainer_puma import CachedTeacher, PumaTrainer, PumaTrainingArguments, precompute_teacher_cache, teacher_fingerprint
 
@@ -62,32 +62,60 @@ class SetEpochCallback(TrainerCallback):
         self.dataset.set_epoch(int(state.epoch or 0))
 
 
-def _path(root: str | None, path: str | None) -> str | None:
-    return os.path.join(root, path) if root and path and not os.path.isabs(path) else path
+REQUIRED_OPTIONS = {"mbeir": ("mbeir_root", "train_queries", "candidate_pool", "instructions"), "nli": ("nli_file",),
+                    "hf": ("hf_dataset", "columns")}
+# Data files each dataset reads, relative to mbeir_root for M-BEIR (absolute paths stay as they are).
+DATA_FILE_OPTIONS = {"mbeir": ("train_queries", "candidate_pool", "instructions"), "nli": ("nli_file",)}
+
+
+def data_files(args: ScriptArguments) -> dict[str, str]:
+    """`{option: path}` of the data files the arguments name, resolved as the datasets open them."""
+    root = args.mbeir_root if args.dataset == "mbeir" else None
+    return {name: join_path(root, getattr(args, name)) for name in DATA_FILE_OPTIONS.get(args.dataset, ())}
+
+
+def check_data_paths(args: ScriptArguments, training_args: PumaTrainingArguments | None = None) -> None:
+    """Fails before any model loads when an option is missing or names a file or folder that does not exist; the
+    error lists each one with the option that set it, e.g.
+    `train_queries=query/train/x.jsonl: /data/M-BEIR/query/train/x.jsonl does not exist`."""
+    if args.dataset not in REQUIRED_OPTIONS:
+        raise ValueError(f"dataset={args.dataset!r} is not one of {sorted(REQUIRED_OPTIONS)}.")
+    unset = [name for name in REQUIRED_OPTIONS[args.dataset] if not getattr(args, name)]
+    if unset:
+        raise ValueError(f"dataset {args.dataset!r} needs {', '.join(unset)}.")
+    problems = []
+    folders = {"mbeir_root": args.mbeir_root if args.dataset == "mbeir" else None, "image_root": args.image_root}
+    for name, folder in folders.items():
+        if folder and not os.path.isdir(folder):
+            problems.append(f"{name}={folder}: {os.path.abspath(folder)} is not a folder")
+    for name, path in data_files(args).items():
+        if not os.path.isfile(path):
+            problems.append(f"{name}={getattr(args, name)}: {os.path.abspath(path)} does not exist")
+    if training_args is not None and training_args.teacher == "cached" and not args.precompute_teacher:
+        fingerprint = os.path.join(training_args.teacher_cache, "fingerprint.json")
+        if not os.path.isfile(fingerprint):
+            problems.append(f"teacher_cache={training_args.teacher_cache}: {os.path.abspath(fingerprint)} does not "
+                            "exist (fill the cache with --precompute_teacher)")
+    if problems:
+        raise FileNotFoundError("Data paths that do not exist:\n  " + "\n  ".join(problems))
 
 
 def build_dataset(args: ScriptArguments):
-    """The training dataset the script arguments name; missing arguments are named in the error."""
+    """The training dataset the script arguments name; missing arguments and paths are named in the error."""
+    check_data_paths(args)
+    files = data_files(args)
     if args.dataset == "mbeir":
-        missing = [n for n in ("mbeir_root", "train_queries", "candidate_pool", "instructions") if getattr(args, n) is None]
-        if missing:
-            raise ValueError(f"dataset 'mbeir' needs {missing}.")
-        return MBEIRTrainDataset(_path(args.mbeir_root, args.train_queries), _path(args.mbeir_root, args.candidate_pool),
-                                 _path(args.mbeir_root, args.instructions), args.image_root or args.mbeir_root,
-                                 num_hard_negatives=args.num_hard_negatives, seed=args.seed_data)
+        return MBEIRTrainDataset(files["train_queries"], files["candidate_pool"], files["instructions"],
+                                 args.image_root or args.mbeir_root, num_hard_negatives=args.num_hard_negatives,
+                                 seed=args.seed_data)
     if args.dataset == "nli":
-        if args.nli_file is None:
-            raise ValueError("dataset 'nli' needs nli_file.")
-        return NLIDataset(args.nli_file, use_hard_negatives=args.num_hard_negatives > 0)
+        return NLIDataset(files["nli_file"], use_hard_negatives=args.num_hard_negatives > 0)
     if args.dataset == "hf":
         import datasets
 
-        if args.hf_dataset is None or not args.columns:
-            raise ValueError("dataset 'hf' needs hf_dataset and columns.")
         columns = json.loads(args.columns) if isinstance(args.columns, str) else args.columns
         data = datasets.load_dataset(args.hf_dataset, split=args.hf_split, streaming=args.hf_streaming)
         return ColumnPairDataset(data, image_root=args.image_root, **columns)
-    raise ValueError(f"dataset={args.dataset!r} is not one of 'mbeir', 'nli', 'hf'.")
 
 
 def lora_config(model_args: ModelConfig, model: PumaForEmbedding, train_embedding_token: bool):
@@ -104,12 +132,10 @@ def lora_config(model_args: ModelConfig, model: PumaForEmbedding, train_embeddin
     return config
 
 
-def data_files(args: ScriptArguments) -> list[str]:
-    names = {"mbeir": ("train_queries", "candidate_pool", "instructions"), "nli": ("nli_file",)}.get(args.dataset, ())
-    return [_path(args.mbeir_root, getattr(args, name)) for name in names]
-
-
 def main(script_args: ScriptArguments, training_args: PumaTrainingArguments, model_args: ModelConfig):
+    check_data_paths(script_args, training_args)  # a wrong path fails now, not after minutes of model loading
+    # Seeded before the model exists: new parameters (LoRA matrices) are drawn before the Trainer seeds.
+    (enable_full_determinism if training_args.full_determinism else set_seed)(training_args.seed)
     overrides = {k: getattr(script_args, k) for k in ("min_pixels", "max_pixels", "max_text_tokens") if getattr(script_args, k)}
     model = PumaForEmbedding.from_pretrained(
         model_args.model_name_or_path, num_layers=script_args.num_layers, kept_layers=script_args.kept_layers,
@@ -121,7 +147,7 @@ def main(script_args: ScriptArguments, training_args: PumaTrainingArguments, mod
     teacher = None
     if training_args.teacher == "cached":
         fingerprint = teacher_fingerprint(training_args.teacher_model or model_args.model_name_or_path, model.config,
-                                          data_files(script_args))
+                                          list(data_files(script_args).values()))
         # The main process fills the cache (when asked) while the others wait, then every process reads it.
         with training_args.main_process_first(desc="teacher cache"):
             if script_args.precompute_teacher and training_args.process_index == 0:

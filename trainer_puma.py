@@ -59,8 +59,11 @@ class PumaTrainingArguments(TrainingArguments):
     teacher_model: str | None = field(default=None, metadata={"help": "Full-depth base checkpoint of the teacher ('shared', 'separate')."})
     teacher_cache: str | None = field(default=None, metadata={"help": "Folder of precomputed teacher embeddings ('cached')."})
     gather_across_devices: bool = field(default=True, metadata={"help": "All-gather embeddings so negatives span the global batch."})
+    local_loss: bool = field(default=False, metadata={"help": "With gather_across_devices, score only this rank's queries against the global candidates: (B/W) x B logits instead of B x B, same gradient."})
+    gather_with_grad: bool = field(default=True, metadata={"help": "Gather embeddings with gradient (each rank's gradient is the global batch's). False: the release's plain all-gather, whose applied gradient is 1/world_size of it."})
     grad_cache_chunk_size: int | None = field(default=None, metadata={"help": "GradCache: embed in chunks of this many inputs (None: off)."})
-    embedding_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the input-embedding parameters (the embedding token's row)."})
+    module_learning_rates: dict | str | None = field(default=None, metadata={"help": "Per-module learning rates: a mapping of regular expression to rate (a JSON object on the command line), e.g. {\"language_model\\\\.layers\\\\.0\\\\.\": 1e-4}. The first pattern found (re.search) in a trainable parameter's name sets its rate; the others use learning_rate. A pattern that matches no trainable parameter is an error."})
+    embedding_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the input-embedding parameters (the embedding token's row): shorthand for a first module_learning_rates rule 'embed_tokens'."})
     merge_lora_on_save: bool = field(default=True, metadata={"help": "Merge LoRA into the base on the final save_model()."})
 
     def __post_init__(self):
@@ -83,16 +86,55 @@ class PumaTrainingArguments(TrainingArguments):
             raise ValueError(f"teacher={self.teacher!r} needs teacher_model (the full-depth base checkpoint).")
         if self.grad_cache_chunk_size is not None and self.grad_cache_chunk_size <= 0:
             raise ValueError(f"grad_cache_chunk_size must be positive, got {self.grad_cache_chunk_size}.")
+        if self.local_loss and not (self.gather_across_devices and self.gather_with_grad):
+            raise ValueError("local_loss=True scores local queries against gathered candidates: it needs gather_across_devices=True and gather_with_grad=True.")
+        self.module_learning_rates = _parse_learning_rate_rules(self.module_learning_rates)
+        if self.embedding_learning_rate is not None and not (0 < self.embedding_learning_rate < math.inf):
+            raise ValueError(f"embedding_learning_rate must be a positive number, got {self.embedding_learning_rate!r}.")
+
+    def learning_rate_rules(self) -> list[tuple[str, float]]:
+        """`(pattern, rate)` rules for `parameter_groups`, in order: `embedding_learning_rate`, then
+        `module_learning_rates`."""
+        rules = [(r"embed_tokens", self.embedding_learning_rate)] if self.embedding_learning_rate else []
+        return rules + list((self.module_learning_rates or {}).items())
 
     def build_objective(self) -> DistillationObjective:
         """The loss module these arguments describe."""
-        kwargs = {"gather_across_devices": self.gather_across_devices}
+        kwargs = {"gather_across_devices": self.gather_across_devices, "local_loss": self.local_loss,
+                  "gather_with_grad": self.gather_with_grad}
         contrastive = build_loss(self.loss, **({"tau_norm": self.tau_norm} if self.loss == "mac" else {"temperature": self.temperature}), **kwargs)
         hidden = HiddenStateDistillLoss(self.distill, self.distill_scale) if self.distill != "none" else None
         temperature = self.tau_norm if self.loss == "mac" else self.temperature
         kl = KLDistillLoss(temperature, self.kl_teacher_temperature, **kwargs) if self.kl_weight > 0 else None
         return DistillationObjective(contrastive, hidden, kl, self.contrastive_weight,
                                      self.distill_weight if hidden is not None else 0.0, self.kl_weight)
+
+
+def _parse_learning_rate_rules(rules) -> dict[str, float] | None:
+    """`module_learning_rates` from YAML (a mapping) or the command line (a JSON object), validated."""
+    if rules is None or rules == "":
+        return None
+    if isinstance(rules, str):
+        try:
+            rules = json.loads(rules)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"module_learning_rates must be a JSON object of pattern -> rate, got {rules!r} ({err.msg}).") from err
+    if not isinstance(rules, dict):
+        raise ValueError(f"module_learning_rates must be a mapping of pattern -> rate, got {type(rules).__name__}: {rules!r}.")
+    parsed = {}
+    for pattern, rate in rules.items():
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise ValueError(f"module_learning_rates: {pattern!r} is not a regular expression ({err}).") from err
+        try:
+            rate = float(rate)  # YAML reads 1e-4 (no dot) as a string
+        except (TypeError, ValueError):
+            rate = math.nan
+        if not (0 < rate < math.inf):
+            raise ValueError(f"module_learning_rates: the rate of {pattern!r} must be a positive number, got {rules[pattern]!r}.")
+        parsed[pattern] = rate
+    return parsed
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -298,14 +340,22 @@ def split_features(features: dict, chunk_size: int, image_token_id: int) -> list
 # --------------------------------------------------------------------------------------------------------------------
 def parameter_groups(model: nn.Module, learning_rate: float, weight_decay: float, decay_names: set[str],
                      lr_rules: list[tuple[str, float]]) -> list[dict]:
-    """Optimizer groups keyed by (learning rate, weight decay): the first regex of `lr_rules` matching a parameter's
-    name sets its rate; parameters outside `decay_names` (biases, norms) get no weight decay."""
-    groups = defaultdict(list)
+    """Optimizer groups keyed by (learning rate, weight decay): the first regex of `lr_rules` found in a trainable
+    parameter's name sets its rate; parameters outside `decay_names` (biases, norms) get no weight decay. A rule that
+    matches no trainable parameter raises `ValueError` (a typo would otherwise leave every rate unchanged)."""
+    groups, used, names = defaultdict(list), set(), []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        lr = next((rate for pattern, rate in lr_rules if re.search(pattern, name)), learning_rate)
+        names.append(name)
+        rule = next((i for i, (pattern, _) in enumerate(lr_rules) if re.search(pattern, name)), None)
+        lr = learning_rate if rule is None else lr_rules[rule][1]
+        used.add(rule)
         groups[(lr, weight_decay if name in decay_names else 0.0)].append(parameter)
+    unused = [pattern for i, (pattern, _) in enumerate(lr_rules) if i not in used]
+    if unused:
+        raise ValueError(f"Learning-rate rules match no trainable parameter (or only parameters an earlier rule took): "
+                         f"{', '.join(unused)}. Trainable parameters are named like {names[:3]}.")
     return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
 
 
@@ -314,6 +364,12 @@ def parameter_groups(model: nn.Module, learning_rate: float, weight_decay: float
 # --------------------------------------------------------------------------------------------------------------------
 class PumaTrainer(Trainer):
     """`Trainer` for PUMA embeddings: contrastive (MAC or InfoNCE) + distillation, gathered negatives, GradCache.
+
+    With `grad_cache_chunk_size`, a step embeds the batch in chunks without a graph, computes the loss and its gradient
+    with respect to the embeddings, then re-embeds each chunk with a graph (replaying the RNG state captured right
+    before that chunk's first forward, so dropout masks match) and backpropagates its share. The cost is a second
+    forward per step; the peak memory is one chunk's activations (GradCache, arXiv 2101.06983). Under DDP every
+    backward but the last runs under `no_sync`: one all-reduce per optimizer step.
 
     Args (beyond `Trainer`'s):
         objective (`DistillationObjective`, *optional*): defaults to `args.build_objective()`.
@@ -330,7 +386,7 @@ class PumaTrainer(Trainer):
             raise TypeError("PumaTrainer needs PumaTrainingArguments.")
         self.objective = objective if objective is not None else self.args.build_objective()
         self.teacher = teacher if teacher is not None else self._default_teacher()
-        self._tracked = defaultdict(list)
+        self._tracked, self._eval_tracked = defaultdict(list), defaultdict(list)  # logged components
         self._check_startup()
 
     def _default_teacher(self):
@@ -359,20 +415,40 @@ class PumaTrainer(Trainer):
             raise ValueError("GradCache (grad_cache_chunk_size) runs several backward passes per step, which DeepSpeed does not allow.")
 
     # ---- loss -------------------------------------------------------------------------------------------------
+    def _training_progress(self) -> tuple[float, float]:
+        """`(done, total)` in the unit the run's length is set in: optimizer steps when `max_steps > 0` (which a
+        streaming dataset requires), else epochs."""
+        if self.args.max_steps > 0:
+            return float(self.state.global_step), float(self.args.max_steps)
+        return float(self.state.epoch or 0.0), float(self.args.num_train_epochs)
+
     def _update_temperature(self):
         if isinstance(self.objective.contrastive, MACLoss):
             args = self.args
             self.objective.contrastive.tau_hard = tau_hard_schedule(
-                self.state.epoch or 0.0, args.num_train_epochs, args.tau_norm, args.tau_decay, args.tau_plateau,
-                args.tau_round_digits)
+                *self._training_progress(), args.tau_norm, args.tau_decay, args.tau_plateau, args.tau_round_digits)
 
-    def _teacher_embeddings(self, inputs: dict) -> dict[str, torch.Tensor]:
+    def _teacher_embeddings(self, inputs: dict, chunks: dict | None = None) -> dict[str, torch.Tensor]:
+        """The teacher's embedding of each feature group; with `chunks` (GradCache), one chunk at a time, so the
+        teacher's activations never exceed one chunk's."""
         if self.teacher is None:
             return {}
-        return {group: self.teacher.embed(inputs[group], inputs.get(f"{group}_ids")) for group in FEATURE_GROUPS
-                if group in inputs}
+        embeddings = {}
+        for group in FEATURE_GROUPS:
+            if group not in inputs:
+                continue
+            ids = inputs.get(f"{group}_ids")
+            if chunks is None:
+                embeddings[group] = self.teacher.embed(inputs[group], ids)
+                continue
+            size = self.args.grad_cache_chunk_size
+            embeddings[group] = torch.cat([
+                self.teacher.embed(chunk, None if ids is None else ids[i * size:(i + 1) * size])
+                for i, chunk in enumerate(chunks[group])])
+        return embeddings
 
-    def _objective(self, embeddings: dict, teacher: dict, inputs: dict) -> dict[str, torch.Tensor]:
+    def _objective(self, embeddings: dict, teacher: dict, inputs: dict, tracked: dict) -> dict[str, torch.Tensor]:
+        """The objective's outputs; its logged components are appended to `tracked` (training or evaluation)."""
         self._update_temperature()
         outputs = self.objective(
             embeddings["query"], embeddings["candidate"],
@@ -384,19 +460,32 @@ class PumaTrainer(Trainer):
         if not torch.isfinite(outputs["loss"]):
             parts = {k: float(v.detach()) for k, v in outputs.items() if v.numel() == 1}
             raise FloatingPointError(f"Non-finite loss or embeddings at step {self.state.global_step}: {parts}.")
-        self._track(outputs)
+        self._track(outputs, tracked)
         return outputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         embeddings = {group: model(**inputs[group]).raw_embeddings for group in FEATURE_GROUPS if group in inputs}
-        outputs = self._objective(embeddings, self._teacher_embeddings(inputs), inputs)
+        outputs = self._objective(embeddings, self._teacher_embeddings(inputs), inputs, self._tracked)
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
+    # ---- evaluation -------------------------------------------------------------------------------------------
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            embeddings = {group: model(**inputs[group]).raw_embeddings for group in FEATURE_GROUPS if group in inputs}
+            # Evaluation batches feed the eval_ metrics only, never the logged training components.
+            outputs = self._objective(embeddings, self._teacher_embeddings(inputs), inputs, self._eval_tracked)
+        return outputs["loss"].detach(), None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """The Trainer's loop, plus the mean of each loss component over the evaluation set as
+        `{metric_key_prefix}_{component}` (e.g. `eval_contrastive_loss`, `eval_accuracy`)."""
+        self._eval_tracked.clear()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in _means(self._eval_tracked).items()})
+        self._eval_tracked.clear()
+        return output
 
     # ---- GradCache --------------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -404,41 +493,49 @@ class PumaTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         inputs = self._prepare_inputs(inputs)
-        config = self.accelerator.unwrap_model(model).config
-        chunks = {group: split_features(inputs[group], self.args.grad_cache_chunk_size, config.image_token_id)
-                  for group in FEATURE_GROUPS if group in inputs}
-        # 1. Embed every chunk without a graph, remembering the RNG state each forward started from.
-        states, leaves = {}, {}
+        size = self.args.grad_cache_chunk_size
+        image_token_id = self.accelerator.unwrap_model(model).config.image_token_id
+        chunks = {group: split_features(inputs[group], size, image_token_id) for group in FEATURE_GROUPS if group in inputs}
+        # 1. Embed every chunk without a graph. Each chunk's RNG state is captured right before its own forward, so
+        #    its replay in 3. draws the dropout masks this forward drew.
+        states, leaves = defaultdict(list), {}
         with torch.no_grad():
             for group, group_chunks in chunks.items():
-                states[group] = [RandContext(*chunk.values()) for chunk in group_chunks]
-                leaves[group] = torch.cat([model(**chunk).raw_embeddings for chunk in group_chunks])
-        leaves = {group: value.detach().requires_grad_() for group, value in leaves.items()}
+                embedded = []
+                for chunk in group_chunks:
+                    states[group].append(RandContext(*chunk.values()))
+                    embedded.append(model(**chunk).raw_embeddings)
+                leaves[group] = torch.cat(embedded).requires_grad_()
         # 2. The loss on all embeddings; its gradients with respect to them are the cache.
         with self.compute_loss_context_manager():
-            loss = self._objective(leaves, self._teacher_embeddings(inputs), inputs)["loss"]
+            teacher = self._teacher_embeddings(inputs, chunks)
+            loss = self._objective(leaves, teacher, inputs, self._tracked)["loss"]
         loss = loss / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         cached = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
-        # 3. Re-embed each chunk with a graph and the same dropout, and backpropagate its cached gradient.
-        for group, group_chunks in chunks.items():
-            for chunk, state, grad in zip(group_chunks, states[group], cached[group].split(self.args.grad_cache_chunk_size)):
+        # 3. Re-embed each chunk with a graph and the same dropout, and backpropagate its cached gradient. Under DDP
+        #    only the last backward all-reduces (the Trainer keeps earlier accumulation steps in no_sync too).
+        replays = [(chunk, state, grad) for group, group_chunks in chunks.items()
+                   for chunk, state, grad in zip(group_chunks, states[group], cached[group].split(size))]
+        for i, (chunk, state, grad) in enumerate(replays):
+            sync = contextlib.nullcontext() if i == len(replays) - 1 else self.accelerator.no_sync(model)
+            with sync:
                 with state, self.compute_loss_context_manager():
                     surrogate = torch.dot(model(**chunk).raw_embeddings.flatten().float(), grad.flatten().float())
                 self.accelerator.backward(surrogate)
         return loss.detach()
 
     # ---- logging ----------------------------------------------------------------------------------------------
-    def _track(self, outputs: dict):
+    def _track(self, outputs: dict, tracked: dict):
         for key, value in outputs.items():
             if key != "loss" and value.numel() == 1:
-                self._tracked[key].append(value.detach())  # kept on device: converted once per log, not per step
+                tracked[key].append(value.detach())  # kept on device: converted once per log, not per step
         if isinstance(self.objective.contrastive, MACLoss):
-            self._tracked["tau_hard"].append(self.objective.contrastive.tau_hard)
-            self._tracked["tau_norm"].append(self.args.tau_norm)
+            tracked["tau_hard"].append(self.objective.contrastive.tau_hard)
+            tracked["tau_norm"].append(self.args.tau_norm)
 
     def log(self, logs: dict, start_time=None) -> None:
         if "loss" in logs and self._tracked:  # a training log: add the mean of each component since the last one
-            logs.update({key: round(float(sum(values)) / len(values), 6) for key, values in self._tracked.items()})
+            logs.update(_means(self._tracked))
             self._tracked.clear()
         super().log(logs, start_time)
 
@@ -446,9 +543,8 @@ class PumaTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             model = self.model if model is None else model
-            rules = [(r"embed_tokens", self.args.embedding_learning_rate)] if self.args.embedding_learning_rate else []
             groups = parameter_groups(model, self.args.learning_rate, self.args.weight_decay,
-                                      set(self.get_decay_parameter_names(model)), rules)
+                                      set(self.get_decay_parameter_names(model)), self.args.learning_rate_rules())
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
@@ -482,6 +578,10 @@ class PumaTrainer(Trainer):
         return push_to_hub(model, repo_id, token=token or self.args.hub_token, private=self.args.hub_private_repo,
                            revision=revision or getattr(self.args, "hub_revision", None), commit_message=commit_message,
                            **kwargs)
+
+
+def _means(tracked: dict) -> dict[str, float]:
+    return {key: round(float(sum(values)) / len(values), 6) for key, values in tracked.items()}
 
 
 __all__ = ["CachedTeacher", "PumaTrainer", "PumaTrainingArguments", "SeparateTeacher", "SharedWeightTeacher",

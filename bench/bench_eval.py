@@ -12,8 +12,8 @@
 Timed passes alternate between the settings compared (other processes on a shared machine then slow both alike);
 the best of `--repeats` passes is reported.
 
-    /work/venv/bin/python bench/bench_eval.py            # ~3 min on 2 CPU cores, ~6.5 GB RAM for 10^6 vectors
-    /work/venv/bin/python bench/bench_eval.py --quick    # smoke run: small pool, 10^4 and 10^5 vectors
+    python bench/bench_eval.py            # ~3 min on 2 CPU cores, ~6.5 GB RAM for 10^6 vectors
+    python bench/bench_eval.py --quick    # smoke run: small pool, 10^4 and 10^5 vectors
 """
 
 import argparse

@@ -3,8 +3,8 @@
     python bench/bench_train_step.py [--shape small|2b] [--steps 6] [--batch 16] [--quick]
 
 Each configuration runs in a fresh process (so peak memory does not mix) on the same random checkpoint (written once
-to /tmp/bench_data/qwen2vl-<shape>, 28 layers) with a LoRA student keeping 12 layers, on the same batches:
-(a) the release recipe: a separate full-depth teacher copy, online; (b) the shared-weight teacher; (c) the cached
+to puma_bench/qwen2vl-<shape> in the temporary folder, 28 layers) with a LoRA student keeping 12 layers, on the same
+batches: (a) the release recipe: a separate full-depth teacher copy, online; (b) the shared-weight teacher; (c) the cached
 teacher; (d) the student alone. Then MAC vs InfoNCE on (d), and GradCache vs plain at the same batch.
 Step time is the median over the timed steps (after one warm-up step); peak memory is the process's peak RSS above
 its RSS after imports (CPU) or the peak allocated memory (GPU). Printed as a markdown table of ratios against the baseline of the same run.
@@ -22,9 +22,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common import BENCH_DIR  # noqa: E402
+
 
 def checkpoint_for(shape: str) -> str:
-    path = f"/tmp/bench_data/qwen2vl-{shape}"
+    path = os.path.join(BENCH_DIR, f"qwen2vl-{shape}")
     if not os.path.isfile(os.path.join(path, "config.json")):
         from tiny_qwen_vl import main as build
 
@@ -95,7 +97,7 @@ def run_one(spec: dict) -> dict:
     base = PumaForEmbedding.from_pretrained(checkpoint, num_layers=12, dtype=dtype, device_map=device)
     collator = Collator(base)
     examples = make_examples(spec["batch"] * (spec["steps"] + 1))
-    teacher, cache = None, f"/tmp/bench_data/cache-{spec['shape']}-{spec['batch']}-{spec['steps']}"
+    teacher, cache = None, os.path.join(BENCH_DIR, f"cache-{spec['shape']}-{spec['batch']}-{spec['steps']}")
     if spec["teacher"] == "precompute":  # its own process, so the cached run's peak never holds the full model
         full = PumaForEmbedding.from_pretrained(checkpoint, dtype=dtype, device_map=device)
         loader = torch.utils.data.DataLoader(examples, batch_size=spec["batch"], collate_fn=collator)
@@ -110,7 +112,7 @@ def run_one(spec: dict) -> dict:
     student = peft.get_peft_model(base, lora)
     distill = spec["teacher"] != "none"
     args = PumaTrainingArguments(
-        output_dir="/tmp/bench_data/out", per_device_train_batch_size=spec["batch"], max_steps=spec["steps"] + 1,
+        output_dir=os.path.join(BENCH_DIR, "out"), per_device_train_batch_size=spec["batch"], max_steps=spec["steps"] + 1,
         learning_rate=1e-4, logging_steps=1000, save_strategy="no", report_to=[], use_cpu=device == "cpu",
         bf16=device == "cuda", disable_tqdm=True, dataloader_num_workers=0, loss=spec["loss"],
         distill="mse" if distill else "none", distill_weight=0.1 if distill else 0.0,

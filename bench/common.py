@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -12,6 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# Generated checkpoints, caches and outputs live in the system's temporary folder (override with --data).
+BENCH_DIR = os.path.join(tempfile.gettempdir(), "puma_bench")
 # Decoder-layer keys in both checkpoint layouts: `model.layers.N.` (old) and `model.language_model.layers.N.` (new).
 LAYER_KEY = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -30,7 +33,7 @@ CHECKPOINTS = {
     "qwen3_vl_2b": ("qwen3_vl", "2b", "new", 12),     # Qwen/Qwen3-VL-2B-Instruct, Qwen/Qwen3-VL-Embedding-2B
     "qwen3_vl_8b": ("qwen3_vl", "8b", "new", 18),     # Qwen/Qwen3-VL-8B-Instruct, Qwen/Qwen3-VL-Embedding-8B
 }
-DEFAULT_DATA = os.path.join(ROOT, "bench_data")
+DEFAULT_DATA = BENCH_DIR
 
 
 def ensure_checkpoint(name: str, folder: str = DEFAULT_DATA) -> str:

@@ -47,8 +47,17 @@ def family_checkpoints(tmp_path_factory, tiny_checkpoint):
     return folders
 
 
-@pytest.fixture
-def images():
+@pytest.fixture(scope="session")
+def mbeir_root(tmp_path_factory):
+    """A tiny M-BEIR tree in UniIR's exact layout (`mbeir_layout.write_mbeir_tree`); do not modify it."""
+    from mbeir_layout import write_mbeir_tree
+
+    root = tmp_path_factory.mktemp("M-BEIR")
+    write_mbeir_tree(root)
+    return str(root)
+
+
+def draw_images():
     """Three small RGB images of different sizes and contents."""
     from PIL import Image, ImageDraw
 
@@ -58,6 +67,11 @@ def images():
         ImageDraw.Draw(image).ellipse([4 + i, 4, size[0] - 6, size[1] - 8 + i], fill=colour)
         out.append(image)
     return out
+
+
+@pytest.fixture
+def images():
+    return draw_images()
 
 
 @pytest.fixture(autouse=True)

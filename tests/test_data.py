@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import losses_puma
 from data_puma import (
     MODALITY_IDS,
     ColumnPairDataset,
@@ -97,6 +98,8 @@ def test_modality_ids_are_fixed_for_known_labels_and_crc32_based_for_others():
     # Not Python's salted hash: the same on every process, so labels gathered across ranks agree
     assert modality_id("audio") == 1000 + zlib.crc32(b"audio")
     assert modality_id("audio,text") == modality_id("text,audio") >= 1000
+    # one vocabulary for the whole library: the losses consume these ids and define none of their own
+    assert not hasattr(losses_puma, "modality_ids")
     with pytest.raises(ValueError, match="non-empty"):
         modality_id("")
 

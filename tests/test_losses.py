@@ -20,7 +20,6 @@ from losses_puma import (
     MACLoss,
     build_loss,
     gather_features,
-    modality_ids,
     tau_hard_schedule,
 )
 
@@ -60,24 +59,7 @@ def _pairs(batch=5, dim=4, negatives=0, seed=0):
     return draw(batch), draw(batch), draw(negatives) if negatives else None
 
 
-# ---------------------------------------------------------------- modality ids and the schedule
-
-
-def test_modality_ids_numbers_sorted_labels_from_zero():
-    ids, vocab = modality_ids(["video", "image,text", "image", "text", "image"])
-
-    assert vocab == {"image": 0, "image,text": 1, "text": 2, "video": 3}
-    assert ids.dtype == torch.long and ids.tolist() == [3, 1, 0, 2, 0]
-
-
-def test_modality_ids_reuses_a_vocabulary_and_names_an_unknown_label():
-    ids, vocab = modality_ids(["text", "image"], vocab={"image": 0, "text": 1, "video": 2})
-    assert ids.tolist() == [1, 0] and vocab["video"] == 2
-
-    with pytest.raises(ValueError, match="audio"):
-        modality_ids(["text", "audio"], vocab=vocab)
-    with pytest.raises(ValueError, match="3"):
-        modality_ids(["text", 3])
+# ---------------------------------------------------------------- the schedule
 
 
 @pytest.mark.parametrize(
@@ -451,6 +433,7 @@ def test_build_loss_builds_the_named_loss_and_rejects_an_unknown_name():
         (HiddenStateDistillLoss, {"weight": -0.05}, "weight"),
         (KLDistillLoss, {"temperature": 0.0}, "temperature"),
         (KLDistillLoss, {"teacher_temperature": -0.1}, "teacher_temperature"),
+        (InfoNCELoss, {"local_loss": True, "gather_with_grad": False}, "gather_with_grad"),
     ],
 )
 def test_constructors_reject_a_bad_argument_naming_the_value(loss_class, kwargs, name):
@@ -460,7 +443,7 @@ def test_constructors_reject_a_bad_argument_naming_the_value(loss_class, kwargs,
 
 def test_every_loss_has_a_config_dict_and_the_puma_citation():
     losses = [
-        InfoNCELoss(0.05),
+        InfoNCELoss(0.05, gather_with_grad=False),
         MACLoss(0.03, 0.02, gather_across_devices=True, local_loss=True),
         HiddenStateDistillLoss("cosine", 0.1),
         KLDistillLoss(0.05, 0.1),
@@ -469,8 +452,10 @@ def test_every_loss_has_a_config_dict_and_the_puma_citation():
 
     configs = [loss.get_config_dict() for loss in losses]
 
-    assert configs[0] == {"temperature": 0.05, "gather_across_devices": False, "local_loss": False}
-    assert configs[1] == {"tau_norm": 0.03, "tau_hard": 0.02, "gather_across_devices": True, "local_loss": True}
+    assert configs[0] == {"temperature": 0.05, "gather_across_devices": False, "local_loss": False,
+                          "gather_with_grad": False}
+    assert configs[1] == {"tau_norm": 0.03, "tau_hard": 0.02, "gather_across_devices": True, "local_loss": True,
+                          "gather_with_grad": True}
     assert configs[2] == {"metric": "cosine", "weight": 0.1}
     assert configs[3]["teacher_temperature"] == 0.1
     assert configs[4]["contrastive"]["loss"] == "InfoNCELoss" and configs[4]["kl"] is None
@@ -495,7 +480,8 @@ def test_docstring_examples_run():
 
 WORLD_SIZE = 2
 # "_global": every rank scores the global batch; "_local": only its own queries; "hidden_state": no gather;
-# "plain_gather": gather_features(with_grad=False), whose averaged gradient is 1/W of the global one.
+# "plain_gather": the release's gather without gradient (gather_with_grad=False), whose averaged gradient is 1/W of
+# the global one.
 SCENARIOS = (
     "infonce_global",
     "mac_global",
@@ -541,8 +527,7 @@ def _scenario_loss(name, student, teacher, batch):
     if name == "objective_global":
         objective = DistillationObjective(mac, HiddenStateDistillLoss(), kl, 0.9, 0.1, 0.5)
         return objective(q, c, tq, tc, m, n, nm, tn)["loss"]
-    q, c, n, m, nm = gather_features(q, c, n, m, nm, with_grad=False)
-    return MACLoss(0.05, 0.02).compute_loss_from_embeddings(q, c, m, n, nm)["loss"]
+    return MACLoss(0.05, 0.02, gather_across_devices=True, gather_with_grad=False)(q, c, m, n, nm)["loss"]
 
 
 def _shard(batch, rank, world_size):

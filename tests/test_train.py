@@ -58,6 +58,24 @@ def test_stage1_then_stage2_from_the_merged_output(tiny_checkpoint, demo_data, t
     assert os.path.isfile(tmp_path / "stage2" / "trainer_state.json")
 
 
+def test_a_run_is_reproducible_whatever_the_rng_state_before_it(tiny_checkpoint, demo_data, tmp_path):
+    # LoRA matrices are drawn when the adapters are added, before the Trainer seeds: main() must seed first.
+    from train import main, make_parser
+
+    weights = []
+    for outer_seed in (1, 2):
+        torch.manual_seed(outer_seed)
+        out = str(tmp_path / f"run{outer_seed}")
+        main(*make_parser().parse_args_and_config([
+            "--config", os.path.join(ROOT, "configs", "demo_stage1.yaml"), "--model_name_or_path", tiny_checkpoint,
+            "--teacher_model", tiny_checkpoint, "--nli_file", os.path.join(demo_data, "nli_demo.csv"),
+            "--output_dir", out, "--max_steps", "1", "--warmup_steps", "0", "--per_device_train_batch_size", "4",
+            "--num_layers", "2"]))
+        weights.append(_weights(out))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

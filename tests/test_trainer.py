@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from data_puma import modality_id
 from modeling_puma import PumaForEmbedding, build_prompt, featurize, parse_input
 from trainer_puma import (
     CachedTeacher,
@@ -22,8 +23,6 @@ from trainer_puma import (
 
 
 peft = pytest.importorskip("peft", reason="the trainer tests train LoRA adapters with peft")
-
-MODALITY = {"text": 0, "image": 1, "image,text": 2}
 
 
 class PairDataset(Dataset):
@@ -67,7 +66,7 @@ class Collator:
         return {
             "query": self._features([e["query"] for e in examples], "Find the match."),
             "candidate": self._features([e["positive"] for e in examples]),
-            "modality": torch.tensor([MODALITY[e["modality"]] for e in examples]),
+            "modality": torch.tensor([modality_id(e["modality"]) for e in examples]),
             "query_ids": [e["query_id"] for e in examples],
             "candidate_ids": [e["positive_id"] for e in examples],
         }
@@ -78,6 +77,33 @@ def lora_student(checkpoint, num_layers=3, dropout=0.0, dtype=torch.float32):
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=r".*language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj",
                              trainable_token_indices={"embed_tokens": [model.config.embedding_token_id]})
     return peft.get_peft_model(model, config)
+
+
+class RecordingTeacher:
+    """A teacher that records how many rows each call embeds."""
+
+    def __init__(self, teacher):
+        self.teacher, self.rows = teacher, []
+
+    def embed(self, features, ids):
+        self.rows.append(features["input_ids"].shape[0])
+        return self.teacher.embed(features, ids)
+
+
+def perturb_lora(student, std):
+    """LoRA B starts at zero (the adapters change nothing); random B makes them matter."""
+    with torch.no_grad():
+        for name, parameter in student.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, std)
+
+
+def with_dropout(student, p=0.1):
+    """Turns on attention dropout in every decoder layer (the LoRA dropout is set by `lora_student`)."""
+    for module in student.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = p
+    return student
 
 
 def training_args(tmp_path, **overrides):
@@ -124,10 +150,7 @@ def test_the_three_teachers_give_the_same_distillation_loss(tiny_checkpoint, ima
     shared = SharedWeightTeacher.from_student(student, tiny_checkpoint)
     separate = SeparateTeacher(PumaForEmbedding.from_pretrained(tiny_checkpoint))
     # the LoRA adapters start at zero; perturb them so a teacher that forgot to disable them would differ
-    with torch.no_grad():
-        for name, parameter in student.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)
+    perturb_lora(student, 0.5)
     fingerprint = {"teacher": "tiny", "note": "test"}
     loader = torch.utils.data.DataLoader(dataset, batch_size=6, collate_fn=collator)
     assert precompute_teacher_cache(separate.model, loader, str(tmp_path / "cache"), fingerprint, shard_size=5) == 24
@@ -195,10 +218,7 @@ def test_grad_cache_gradients_equal_the_plain_step(tiny_checkpoint, images, tmp_
     # keeps summation-order rounding far below the tolerance (1/tau scales the gradients to ~10).
     student = lora_student(tiny_checkpoint, dtype=torch.float64)
     base = student.get_base_model()
-    with torch.no_grad():
-        for name, parameter in student.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.1)
+    perturb_lora(student, 0.1)
     dataset = PairDataset(images)
     collator = Collator(base.processor, base.config)
     batch = one_batch(dataset, collator)
@@ -208,10 +228,12 @@ def test_grad_cache_gradients_equal_the_plain_step(tiny_checkpoint, images, tmp_
         precompute_teacher_cache(PumaForEmbedding.from_pretrained(tiny_checkpoint, dtype=torch.float64), loader,
                                  str(tmp_path / "cache"), {})
         objective = dict(objective, teacher_cache=str(tmp_path / "cache"))
-        teacher = CachedTeacher(str(tmp_path / "cache"))
+        teacher = RecordingTeacher(CachedTeacher(str(tmp_path / "cache")))
 
     gradients = {}
     for chunk in (None, 2):
+        if teacher is not None:
+            teacher.rows.clear()
         args = training_args(tmp_path, grad_cache_chunk_size=chunk, **objective)
         trainer = PumaTrainer(model=student, args=args, train_dataset=dataset, data_collator=collator, teacher=teacher)
         trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test bypasses
@@ -219,6 +241,8 @@ def test_grad_cache_gradients_equal_the_plain_step(tiny_checkpoint, images, tmp_
         torch.manual_seed(1234)
         loss = trainer.training_step(student, dict(batch))
         gradients[chunk] = (loss.item(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+    if teacher is not None:  # GradCache runs the teacher one chunk at a time too
+        assert teacher.rows and max(teacher.rows) == 2
     (plain_loss, plain), (cached_loss, cached) = gradients[None], gradients[2]
     assert cached_loss == pytest.approx(plain_loss, abs=1e-5)
     assert plain.keys() == cached.keys() and len(plain) > 0
@@ -231,10 +255,7 @@ def test_rand_context_replays_dropout_masks(tiny_checkpoint, images):
 
     student = lora_student(tiny_checkpoint, dropout=0.5).train()
     base = student.get_base_model()
-    with torch.no_grad():
-        for name, parameter in student.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)
+    perturb_lora(student, 0.5)
     features = Collator(base.processor, base.config)._features(["a red circle", {"text": "a dot", "image": images[0]}])
     state = RandContext(*features.values())
     first = student(**features).raw_embeddings
@@ -243,6 +264,154 @@ def test_rand_context_replays_dropout_masks(tiny_checkpoint, images):
         replayed = student(**features).raw_embeddings
     assert (first - unreplayed).abs().max() > 1e-4  # dropout is active
     assert torch.equal(first, replayed)
+
+
+def test_grad_cache_replays_every_chunks_dropout_masks(tiny_checkpoint, images, tmp_path):
+    # Given a student with LoRA and attention dropout, and a hook recording every forward's final hidden states
+    student = with_dropout(lora_student(tiny_checkpoint, dropout=0.1))
+    base = student.get_base_model()
+    perturb_lora(student, 0.5)
+    dataset = PairDataset(images)
+    collator = Collator(base.processor, base.config)
+    trainer = PumaTrainer(model=student, args=training_args(tmp_path, grad_cache_chunk_size=2, loss="mac"),
+                          train_dataset=dataset, data_collator=collator)
+    trainer.current_gradient_accumulation_steps = 1
+    forwards = []
+    hook = base.model.language_model.norm.register_forward_hook(lambda module, args, out: forwards.append(out.detach()))
+    try:
+        # When one GradCache step embeds 3 chunks per group without a graph, then replays each with one
+        trainer.training_step(student, one_batch(dataset, collator))
+        student.train()
+        features = collator([dataset[0], dataset[1]])["query"]
+        dropped = [student(**features).raw_embeddings for _ in range(2)]
+    finally:
+        hook.remove()
+    # Then dropout is active, and every replayed chunk equals its cached forward bit for bit
+    assert (dropped[0] - dropped[1]).abs().max() > 1e-4
+    cached, replayed = forwards[:6], forwards[6:12]
+    assert all(torch.equal(a, b) for a, b in zip(cached, replayed)), [float((a - b).abs().max()) for a, b in zip(cached, replayed)]
+
+
+def _ddp_grad_cache_worker(rank, world_size, port, checkpoint, out_file):
+    """One rank of a 2-process gloo run: one optimizer step of 2 accumulation steps with GradCache, counting the
+    all-reduces (the last accumulation step's last chunk must be the only one that syncs)."""
+    import os
+
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    from conftest import draw_images
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+
+    def counting_allreduce(syncs, bucket):
+        syncs.append(bucket.index())
+        return default_hooks.allreduce_hook(None, bucket)
+
+    class CountingTrainer(PumaTrainer):
+        syncs = None
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self.syncs is None:
+                assert isinstance(model, DistributedDataParallel)
+                self.syncs = []
+                model.register_comm_hook(self.syncs, counting_allreduce)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    torch.manual_seed(0)
+    student = lora_student(checkpoint, dropout=0.1)
+    base = student.get_base_model()
+    args = PumaTrainingArguments(
+        output_dir=os.path.join(os.path.dirname(out_file), "out"), per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, max_steps=1, learning_rate=1e-2, grad_cache_chunk_size=2, loss="mac",
+        save_strategy="no", report_to=[], use_cpu=True, ddp_backend="gloo", dataloader_num_workers=0, seed=0,
+        disable_tqdm=True)
+    trainer = CountingTrainer(model=student, args=args, train_dataset=PairDataset(draw_images(), size=16),
+                              data_collator=Collator(base.processor, base.config))
+    trainer.train()
+    weights = torch.cat([p.detach().flatten() for p in student.parameters() if p.requires_grad])
+    gathered = [torch.empty_like(weights) for _ in range(world_size)]
+    torch.distributed.all_gather(gathered, weights)
+    results = {"syncs": list(trainer.syncs), "weights": gathered}
+    if rank == 0:
+        torch.save(results, out_file)
+    torch.distributed.destroy_process_group()
+
+
+def test_grad_cache_all_reduces_once_per_optimizer_step_under_ddp(tiny_checkpoint, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Given 2 gloo ranks, 2 accumulation steps of 4 pairs per rank in GradCache chunks of 2 (8 backward passes)
+    mp.spawn(_ddp_grad_cache_worker, args=(2, port, tiny_checkpoint, str(tmp_path / "results.pt")), nprocs=2)
+    result = torch.load(tmp_path / "results.pt")
+    # Then each gradient bucket is all-reduced once in the optimizer step
+    syncs = result["syncs"]
+    assert syncs and all(syncs.count(bucket) == 1 for bucket in set(syncs)), syncs
+    # and the ranks, having applied the same averaged gradient, hold the same weights
+    first, second = result["weights"]
+    assert torch.equal(first, second)
+
+
+def test_evaluation_batches_stay_out_of_the_logged_training_components(tiny_checkpoint, images, tmp_path):
+    student = lora_student(tiny_checkpoint)
+    base = student.get_base_model()
+    train, evaluation = PairDataset(images, size=6), PairDataset(images[::-1], size=6)
+    collator = Collator(base.processor, base.config)
+    args = training_args(tmp_path, loss="mac", per_device_eval_batch_size=6)
+    trainer = PumaTrainer(model=student, args=args, train_dataset=train, eval_dataset=evaluation, data_collator=collator)
+    # Given one training batch's components tracked for the next log
+    with torch.no_grad():
+        _, training = trainer.compute_loss(student, trainer._prepare_inputs(one_batch(train, collator)), return_outputs=True)
+        _, expected_eval = trainer.compute_loss(student, trainer._prepare_inputs(one_batch(evaluation, collator)),
+                                                return_outputs=True)
+    trainer._tracked.clear()
+    with torch.no_grad():
+        trainer.compute_loss(student, trainer._prepare_inputs(one_batch(train, collator)))
+    # When an evaluation runs before the next training log
+    metrics = trainer.evaluate()
+    logs = {"loss": 1.0}
+    trainer.log(logs)
+    # Then the evaluation reports its own components under eval_ names, and the training log holds the training
+    # batch's alone
+    assert metrics["eval_contrastive_loss"] == pytest.approx(expected_eval["contrastive_loss"].item(), abs=1e-5)
+    assert metrics["eval_accuracy"] == pytest.approx(expected_eval["accuracy"].item(), abs=1e-6)
+    assert logs["contrastive_loss"] == pytest.approx(training["contrastive_loss"].item(), abs=1e-5)
+    assert logs["contrastive_loss"] != pytest.approx(metrics["eval_contrastive_loss"], abs=1e-3)
+
+
+def test_local_loss_and_gather_with_grad_reach_the_gathered_losses(tmp_path):
+    args = training_args(tmp_path, loss="mac", local_loss=True, kl_weight=0.5, teacher="cached", teacher_cache="c")
+    objective = args.build_objective()
+    assert objective.contrastive.local_loss and objective.kl.local_loss
+    assert not training_args(tmp_path, loss="infonce").build_objective().contrastive.local_loss
+    with pytest.raises(ValueError, match="local_loss=True .* needs gather_across_devices=True and gather_with_grad"):
+        training_args(tmp_path, local_loss=True, gather_across_devices=False)
+    with pytest.raises(ValueError, match="local_loss=True .* needs gather_across_devices=True and gather_with_grad"):
+        training_args(tmp_path, local_loss=True, gather_with_grad=False)
+    plain = training_args(tmp_path, loss="mac", gather_with_grad=False, kl_weight=0.5, teacher="cached", teacher_cache="c")
+    assert not plain.build_objective().contrastive.gather_with_grad and not plain.build_objective().kl.gather_with_grad
+
+
+def test_tau_hard_reaches_its_plateau_in_a_run_set_by_max_steps(tiny_checkpoint, images, tmp_path):
+    # Given a run whose length is 4 optimizer steps (num_train_epochs keeps its default of 3 and is ignored)
+    student = lora_student(tiny_checkpoint)
+    base = student.get_base_model()
+    dataset = PairDataset(images, size=12)
+    args = training_args(tmp_path, loss="mac", tau_norm=0.05, max_steps=4, per_device_train_batch_size=3,
+                         num_train_epochs=3)
+    trainer = PumaTrainer(model=student, args=args, train_dataset=dataset, data_collator=Collator(base.processor, base.config))
+    trainer.train()
+    # Then progress is global_step / max_steps: 0, 1/4, 2/4, 3/4, so the last two steps sit on the plateau
+    taus = [entry["tau_hard"] for entry in trainer.state.log_history if "tau_hard" in entry]
+    plateau = round(0.05 * math.exp(-0.5), 3)
+    assert taus == [0.05, round(0.05 * math.exp(-0.25), 3), plateau, plateau]
 
 
 def test_split_features_keeps_each_rows_image(tiny_checkpoint, images):
@@ -315,6 +484,42 @@ def test_parameter_groups_give_the_embedding_row_its_own_rate(tiny_checkpoint):
     hidden = student.get_base_model().config.text_config.hidden_size
     assert rates[(5e-3, 0.01)] == hidden  # the trainable-token delta of the one embedding row
     assert sum(rates.values()) == sum(p.numel() for p in student.parameters() if p.requires_grad)
+
+
+def test_module_learning_rates_set_the_rate_of_matching_parameters_only(tiny_checkpoint, images, tmp_path):
+    # Given the release's stage-1 rule as a JSON object on the command line: decoder layer 0 at half the rate
+    student = lora_student(tiny_checkpoint)
+    base = student.get_base_model()
+    args = training_args(tmp_path, learning_rate=2e-4, module_learning_rates='{"language_model\\\\.layers\\\\.0\\\\.": 1e-4}')
+    assert args.module_learning_rates == {r"language_model\.layers\.0\.": 1e-4}
+    trainer = PumaTrainer(model=student, args=args, train_dataset=PairDataset(images),
+                          data_collator=Collator(base.processor, base.config))
+    # When the optimizer is built
+    rates = {id(p): group["lr"] for group in trainer.create_optimizer().param_groups for p in group["params"]}
+    # Then layer 0's LoRA matrices train at 1e-4 and every other trainable parameter at 2e-4
+    trainable = {name: p for name, p in student.named_parameters() if p.requires_grad}
+    slow = [name for name in trainable if ".layers.0." in name]
+    assert len(slow) == 2 * 7  # lora_A and lora_B of q, k, v, o, gate, up, down
+    assert all(rates[id(p)] == (1e-4 if name in slow else 2e-4) for name, p in trainable.items())
+
+
+@pytest.mark.parametrize(("rules", "message"), [
+    ('{"(": 1e-4}', "'\\(' is not a regular expression"),
+    ({"layers": -1.0}, "rate of 'layers' must be a positive number, got -1.0"),
+    ({"layers": "fast"}, "rate of 'layers' must be a positive number, got 'fast'"),
+    ("[1e-4]", "must be a mapping of pattern -> rate, got list"),
+    ("{layers: 1e-4}", "must be a JSON object"),
+])
+def test_module_learning_rates_are_validated_naming_the_bad_entry(tmp_path, rules, message):
+    with pytest.raises(ValueError, match=message):
+        training_args(tmp_path, module_learning_rates=rules)
+
+
+def test_module_learning_rates_read_yaml_rates_and_refuse_a_rule_that_matches_nothing(tiny_checkpoint, tmp_path):
+    assert training_args(tmp_path, module_learning_rates={"layers": "1e-4"}).module_learning_rates == {"layers": 1e-4}
+    student = lora_student(tiny_checkpoint)
+    with pytest.raises(ValueError, match=r"match no trainable parameter .*: visual\\.merger\. Trainable parameters are named like"):
+        parameter_groups(student, 2e-4, 0.0, set(), [(r"layers\.0\.", 1e-4), (r"visual\.merger", 1e-5)])
 
 
 def test_training_runs_with_gradient_checkpointing_accumulation_bf16_and_the_shared_teacher(tiny_checkpoint, images, tmp_path):
