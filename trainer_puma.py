@@ -175,18 +175,29 @@ class SharedWeightTeacher:
                                                   dtype=student.dtype, device_map=student.device)
         if holder.config.base_num_hidden_layers != depth:
             raise ValueError(f"teacher_model {base_path} has {holder.config.base_num_hidden_layers} layers; the student's base had {depth}.")
-        student_layers, extra_layers = iter(student.model.language_model.layers), iter(holder.model.language_model.layers)
-        layer_types = iter(student.config.text_config.layer_types), iter(holder.config.text_config.layer_types)
-        layers, types = [], []
+        injected = len(getattr(holder.config.vision_config, "deepstack_visual_indexes", None) or []) \
+            + len(getattr(student.config.vision_config, "deepstack_visual_indexes", None) or [])
+        if any(index not in kept for index in range(injected)):
+            # The teacher reuses the student's vision tower, which holds the DeepStack mergers of kept layers only.
+            raise ValueError(f"teacher='shared' needs the student to keep the {injected} layers Qwen3-VL injects visual "
+                             f"features after (0..{injected - 1}); it keeps {kept}. Use teacher='cached' or 'separate'.")
+        sources = [(student.model.language_model.layers, student.config.text_config),
+                   (holder.model.language_model.layers, holder.config.text_config)]
+        positions, layers, types = [0, 0], [], []
         for index in range(depth):
             source = 0 if index in kept else 1
-            layers.append(next((student_layers, extra_layers)[source]))
-            types.append(next(layer_types[source]))
+            modules, text_config = sources[source]
+            layers.append(modules[positions[source]])
+            if getattr(text_config, "layer_types", None) is not None:
+                types.append(text_config.layer_types[positions[source]])
+            positions[source] += 1
         text = holder.model.language_model
         text.layers = nn.ModuleList(layers)
         text.embed_tokens, text.norm = student.model.language_model.embed_tokens, student.model.language_model.norm
         holder.model.visual = student.model.visual
-        holder.config.text_config.num_hidden_layers, holder.config.text_config.layer_types = depth, types
+        holder.config.text_config.num_hidden_layers = depth
+        if len(types) == depth:
+            holder.config.text_config.layer_types = types
         holder.config.kept_layers = list(range(depth))
         for layer in holder.model.language_model.layers:
             if layer not in student.model.language_model.layers:

@@ -333,3 +333,27 @@ def test_qwen3_moe_pruning_keeps_each_layer_kind(family_checkpoints, images):
     with torch.no_grad():
         raw = model(**features).raw_embeddings
     assert torch.isfinite(raw).all() and raw.shape == (5, model.config.text_config.hidden_size)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_the_shared_weight_teacher_is_the_full_model_for_every_family(family_checkpoints, images, family):
+    import peft
+
+    from trainer_puma import SeparateTeacher, SharedWeightTeacher
+
+    checkpoint = family_checkpoints[family]
+    student = PumaForEmbedding.from_pretrained(checkpoint, num_layers=4)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model\.layers\.\d+\.self_attn\.\w+_proj")
+    student = peft.get_peft_model(student, config)
+    with torch.no_grad():
+        for name, parameter in student.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)  # a teacher that forgot to disable the adapters would differ
+    shared = SharedWeightTeacher.from_student(student, checkpoint)
+    separate = SeparateTeacher(PumaForEmbedding.from_pretrained(checkpoint))
+    features = features_for(student.get_base_model(), inputs_of_every_kind(images))
+    assert (shared.embed(features, None) - separate.embed(features, None)).abs().max() <= TOL
+    if family.startswith("qwen3_vl"):  # the student must keep the three layers DeepStack injects after
+        shallow = peft.get_peft_model(PumaForEmbedding.from_pretrained(checkpoint, num_layers=2), config)
+        with pytest.raises(ValueError, match=r"keep the 3 layers Qwen3-VL injects visual features after"):
+            SharedWeightTeacher.from_student(shallow, checkpoint)
