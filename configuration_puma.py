@@ -316,6 +316,9 @@ class PumaConfig(PretrainedConfig):
             original = [base_config.kept_layers[i] for i in kept_layers]
             base_depth = base_config.base_num_hidden_layers
             base_model_type = base_config.base_model_type
+            if base_config.trained_depths and list(kept_layers) == list(range(len(kept_layers))):
+                # the first k layers of an elastic-depth model keep the depths it was trained at up to k
+                fields["trained_depths"] = [d for d in base_config.trained_depths if d <= len(kept_layers)] or None
         else:
             fields, original = {}, list(kept_layers)
             base_model_type = base_config.model_type

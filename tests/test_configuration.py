@@ -124,3 +124,12 @@ def test_saved_sub_configurations_carry_the_legacy_rope_keys(tmp_path):
     config.save_pretrained(tmp_path)
     text = json.loads((tmp_path / "config.json").read_text())["text_config"]
     assert text["rope_scaling"]["mrope_section"] == [2, 3, 3] and text["rope_theta"] == 1000000.0
+
+
+def test_the_first_layers_of_an_elastic_model_keep_their_trained_depths():
+    config = PumaConfig.from_base_config(small_base(), [0, 1, 2, 3], trained_depths=[1, 2, 4])
+    assert config.trained_depths == [1, 2, 4]
+    assert PumaConfig.from_base_config(config, [0, 1]).trained_depths == [1, 2]
+    assert PumaConfig.from_base_config(config, [0, 2]).trained_depths is None  # not a prefix: not trained so
+    with pytest.raises(ValueError, match=r"trained_depths entry 5 is outside 1\.\.4"):
+        PumaConfig.from_base_config(small_base(), [0, 1, 2, 3], trained_depths=[5])
