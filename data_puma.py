@@ -679,8 +679,9 @@ class PumaCollator:
         tokenizer = getattr(processor, "tokenizer", None)
         if tokenizer is None:
             raise ValueError(f"The processor {type(processor).__name__} has no tokenizer.")
-        token_id = tokenizer.convert_tokens_to_ids(config.embedding_token)
-        if config.embedding_token_id is None or token_id != config.embedding_token_id:
+        pools_at_token = config.pooling == "token"
+        token_id = tokenizer.convert_tokens_to_ids(config.embedding_token) if pools_at_token else None
+        if pools_at_token and (config.embedding_token_id is None or token_id != config.embedding_token_id):
             raise ValueError(
                 f"The tokenizer maps the embedding token {config.embedding_token!r} to {token_id}, the config says "
                 f"{config.embedding_token_id}; pass the model's own processor and config "

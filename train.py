@@ -18,11 +18,16 @@ import os
 from dataclasses import dataclass, field
 
 from transformers import TrainerCallback, enable_full_determinism, set_seed
+from transformers.utils import logging
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from data_puma import ColumnPairDataset, MBEIRTrainDataset, NLIDataset, PumaCollator, join_path
 from modeling_puma import PumaForEmbedding
-from trainer_puma import CachedTeacher, PumaTrainer, PumaTrainingArguments, precompute_teacher_cache, teacher_fingerprint
+from trainer_puma import (CachedTeacher, PumaTrainer, PumaTrainingArguments, precompute_teacher_cache,
+                          teacher_cache_is_fresh, teacher_fingerprint)
+
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -127,7 +132,7 @@ def lora_config(model_args: ModelConfig, model: PumaForEmbedding, train_embeddin
         config.target_modules = r".*language_model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
     if config.task_type == "CAUSAL_LM":  # trl's default; an embedding model has no LM head
         config.task_type = "FEATURE_EXTRACTION"
-    if train_embedding_token:
+    if train_embedding_token and model.config.embedding_token_id is not None:  # recipes pooling at an added token
         config.trainable_token_indices = {"embed_tokens": [model.config.embedding_token_id]}
     return config
 
@@ -150,7 +155,10 @@ def main(script_args: ScriptArguments, training_args: PumaTrainingArguments, mod
                                           list(data_files(script_args).values()))
         # The main process fills the cache (when asked) while the others wait, then every process reads it.
         with training_args.main_process_first(desc="teacher cache"):
-            if script_args.precompute_teacher and training_args.process_index == 0:
+            fresh = teacher_cache_is_fresh(training_args.teacher_cache, fingerprint)
+            if script_args.precompute_teacher and fresh:
+                logger.info(f"The teacher cache {training_args.teacher_cache} matches this run; reusing it.")
+            if script_args.precompute_teacher and not fresh and training_args.process_index == 0:
                 from torch.utils.data import DataLoader
 
                 full = PumaForEmbedding.from_pretrained(training_args.teacher_model or model_args.model_name_or_path,

@@ -223,6 +223,15 @@ def teacher_fingerprint(teacher_path: str, config, data_files: list[str]) -> dic
     }
 
 
+def teacher_cache_is_fresh(cache_dir: str, fingerprint: dict) -> bool:
+    """Whether `cache_dir` holds a complete teacher cache written for exactly this `fingerprint`."""
+    path = os.path.join(cache_dir, "fingerprint.json")
+    if not (os.path.isfile(path) and os.path.isfile(os.path.join(cache_dir, "index.json"))):
+        return False
+    with open(path, encoding="utf-8") as f:
+        return json.load(f) == json.loads(json.dumps(fingerprint, sort_keys=True))
+
+
 @torch.no_grad()
 def precompute_teacher_cache(teacher: PumaForEmbedding, dataloader, out_dir: str, fingerprint: dict,
                              shard_size: int = 65536) -> int:
@@ -596,4 +605,5 @@ def _means(tracked: dict) -> dict[str, float]:
 
 
 __all__ = ["CachedTeacher", "PumaTrainer", "PumaTrainingArguments", "SeparateTeacher", "SharedWeightTeacher",
-           "parameter_groups", "precompute_teacher_cache", "split_features", "teacher_fingerprint"]
+           "parameter_groups", "precompute_teacher_cache", "split_features", "teacher_cache_is_fresh",
+           "teacher_fingerprint"]

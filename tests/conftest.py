@@ -48,6 +48,16 @@ def family_checkpoints(tmp_path_factory, tiny_checkpoint):
 
 
 @pytest.fixture(scope="session")
+def embedder_checkpoints(tmp_path_factory):
+    """Tiny random checkpoints laid out like Qwen/Qwen3-VL-Embedding-2B and Alibaba-NLP/gme-Qwen2-VL-2B-Instruct
+    (named so, so that their recipe is detected from the name)."""
+    root = tmp_path_factory.mktemp("embedders")
+    return {"qwen3_vl_embedding": build_tiny_checkpoint(str(root / "Qwen3-VL-Embedding-tiny"), "qwen3_vl",
+                                                        embedder="qwen3_vl_embedding", max_pixels=64 * 32 * 32),
+            "gme": build_tiny_checkpoint(str(root / "gme-Qwen2-VL-tiny"), "qwen2_vl", embedder="gme")}
+
+
+@pytest.fixture(scope="session")
 def mbeir_root(tmp_path_factory):
     """A tiny M-BEIR tree in UniIR's exact layout (`mbeir_layout.write_mbeir_tree`); do not modify it."""
     from mbeir_layout import write_mbeir_tree

@@ -35,23 +35,27 @@ def workspace(tmp_path_factory):
 def test_every_config_is_covered():
     names = {os.path.basename(path) for path in CONFIGS}
     assert {"puma_stage1_nli.yaml", "puma_stage2_mbeir.yaml", "puma2b_stage1_nli.yaml", "puma2b_stage2_mbeir.yaml",
-            "demo_stage1.yaml", "demo_stage2.yaml"} <= names
+            "demo_stage1.yaml", "demo_stage2.yaml", "qwen3vl_embedding2b_stage1_nli.yaml",
+            "qwen3vl_embedding2b_stage2_mbeir.yaml"} <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=os.path.basename)
-def test_config_trains_one_step_on_data_laid_out_like_the_real_one(config, workspace, tiny_checkpoint, tmp_path,
-                                                                   monkeypatch):
+def test_config_trains_one_step_on_data_laid_out_like_the_real_one(config, workspace, tiny_checkpoint,
+                                                                   embedder_checkpoints, tmp_path, monkeypatch):
     from train import main, make_parser
 
     with open(config, encoding="utf-8") as f:
         settings = yaml.safe_load(f)
+    # A tiny base of the config's own kind: Qwen2-VL, or the trained embedder it prunes (with its recipe).
+    names = f"{settings.get('model_name_or_path')} {settings.get('teacher_model')}"
+    base = embedder_checkpoints["qwen3_vl_embedding"] if "Qwen3-VL-Embedding" in names else tiny_checkpoint
     # Only the model and the run's size change; every data path is the config's own.
-    overrides = ["--model_name_or_path", tiny_checkpoint, "--teacher_model", tiny_checkpoint, "--dtype", "float32",
+    overrides = ["--model_name_or_path", base, "--teacher_model", base, "--dtype", "float32",
                  "--max_steps", "1", "--per_device_train_batch_size", "2", "--use_cpu", "true", "--bf16", "false",
                  "--dataloader_num_workers", "0", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1",
                  "--output_dir", str(tmp_path / "out")]
-    if "num_layers" in settings:  # the tiny base has 6 layers
-        overrides += ["--num_layers", "2"]
+    if "num_layers" in settings:  # the tiny base has 6 layers (Qwen3-VL: DeepStack injects after the first 3)
+        overrides += ["--num_layers", "4" if base != tiny_checkpoint else "2"]
     monkeypatch.chdir(workspace)
     trainer = main(*make_parser().parse_args_and_config(["--config", config, *overrides]))
 

@@ -109,15 +109,6 @@ def test_family_puma_checkpoint_saves_reloads_and_prunes_further(family_checkpoi
 # ---------------------------------------------------------------------------------------------------------------
 # Trained embedders: their own recipe at full depth
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def embedder_checkpoints(tmp_path_factory):
-    """Tiny random checkpoints laid out like Qwen/Qwen3-VL-Embedding-2B and Alibaba-NLP/gme-Qwen2-VL-2B-Instruct."""
-    root = tmp_path_factory.mktemp("embedders")
-    return {"qwen3_vl_embedding": build_tiny_checkpoint(str(root / "Qwen3-VL-Embedding-tiny"), "qwen3_vl",
-                                                        embedder="qwen3_vl_embedding", max_pixels=64 * 32 * 32),
-            "gme": build_tiny_checkpoint(str(root / "gme-Qwen2-VL-tiny"), "qwen2_vl", embedder="gme")}
-
-
 @pytest.fixture
 def photos():
     """Images of odd sizes, so that every resize step matters."""

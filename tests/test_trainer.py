@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -188,6 +189,21 @@ def test_a_stale_or_incomplete_cache_is_a_clear_error(tiny_checkpoint, images, t
     cache = CachedTeacher(str(tmp_path / "cache"), fingerprint)
     with pytest.raises(KeyError, match=r"lacks 1 ids of this batch, e.g. \['q99'\]"):
         cache.embed({"input_ids": torch.zeros(2, 3)}, ["q0", "q99"])
+
+
+def test_a_matching_teacher_cache_is_reused_and_a_stale_one_is_not(tiny_checkpoint, images, tmp_path):
+    from trainer_puma import teacher_cache_is_fresh
+
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=1)
+    loader = torch.utils.data.DataLoader(PairDataset(images, size=3), batch_size=3,
+                                         collate_fn=Collator(model.processor, model.config))
+    fingerprint = {"teacher": "a", "data": [1, 2]}
+    assert not teacher_cache_is_fresh(str(tmp_path / "cache"), fingerprint)
+    precompute_teacher_cache(model, loader, str(tmp_path / "cache"), fingerprint)
+    assert teacher_cache_is_fresh(str(tmp_path / "cache"), {"data": [1, 2], "teacher": "a"})
+    assert not teacher_cache_is_fresh(str(tmp_path / "cache"), {"teacher": "b", "data": [1, 2]})
+    os.remove(tmp_path / "cache" / "index.json")
+    assert not teacher_cache_is_fresh(str(tmp_path / "cache"), fingerprint)
 
 
 def test_a_retrained_teacher_of_the_same_file_sizes_makes_the_cache_stale(tiny_checkpoint, tmp_path):
