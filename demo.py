@@ -1,11 +1,11 @@
 """The built-in demo: make the offline benchmark, prune a tiny base, train both stages, evaluate, plot.
 
-    python demo.py [--out demo_out] [--quick] [--threads 2]
+    python demo.py [--out demo_out] [--family qwen2_vl|qwen2_5_vl|qwen3_vl|qwen3_vl_moe] [--quick] [--threads 2]
 
 Steps: `make_demo_data.py` writes a small M-BEIR-format benchmark (text→image, text→text, text→(image,text),
 image→text, image→image and composed (image,text)→image tasks over PIL-drawn scenes); `tiny_qwen_vl.py` writes a
-tiny Qwen2-VL (6 layers, random weights: it is NOT pretrained, nothing can be downloaded here); PUMA keeps its first
-3 layers; stage 1 (`configs/demo_stage1.yaml`: NLI-style pairs, InfoNCE + distillation from the shared-weight
+tiny model of the chosen family (Qwen2-VL by default; 6 layers, random weights: it is NOT pretrained, nothing can be
+downloaded here); PUMA keeps its first 3 layers (all of a tiny Qwen3-VL's DeepStack injections); stage 1 (`configs/demo_stage1.yaml`: NLI-style pairs, InfoNCE + distillation from the shared-weight
 full-depth teacher, LoRA) and stage 2 (`configs/demo_stage2.yaml`: M-BEIR-format training set, MAC-Loss) run through
 `train.py`; `eval_puma.py` scores the untrained pruned model and the trained one on every task's local pool.
 Writes `OUT/results.md`, the trained model's full evaluation with per-task bar charts in `OUT/eval/`, and
@@ -32,7 +32,7 @@ import torch
 from eval_puma import evaluate_mbeir, plot_training_curves, summarize, write_results
 from make_demo_data import make_demo_benchmark
 from modeling_puma import PumaForEmbedding
-from tiny_qwen_vl import build_tiny_checkpoint
+from tiny_qwen_vl import FAMILIES, build_tiny_checkpoint
 from train import main as train_main
 from train import make_parser
 
@@ -68,12 +68,13 @@ def recall_table(before: list[dict], after: list[dict]) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out")
+    parser.add_argument("--family", default="qwen2_vl", choices=FAMILIES, help="family of the tiny base model")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps (a smoke run, not a result)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads; fixed so that reruns give the same figures")
     args = parser.parse_args()
     start = time.time()
     make_reproducible(args.threads)
-    data, base = os.path.join(args.out, "data"), os.path.join(args.out, "tiny-qwen2vl")
+    data, base = os.path.join(args.out, "data"), os.path.join(args.out, f"tiny-{args.family}")
     stage1, stage2 = os.path.join(args.out, "stage1"), os.path.join(args.out, "stage2")
     sizes = dict(num_train=60, num_test=4, num_nli=32, image_size=48) if args.quick else dict(num_train=2880, num_nli=256)
     quick = ["--max_steps", "2"] if args.quick else []
@@ -81,7 +82,7 @@ def main():
     print("1/5 writing the demo benchmark and the tiny random base model", flush=True)
     make_demo_benchmark(data, seed=0, **sizes)
     if not os.path.isfile(os.path.join(base, "config.json")):
-        build_tiny_checkpoint(base)
+        build_tiny_checkpoint(base, args.family)
 
     print("2/5 evaluating the untrained pruned model (first 3 of 6 layers)", flush=True)
     untrained = PumaForEmbedding.from_pretrained(base, num_layers=3)

@@ -1,5 +1,6 @@
 """demo.py end to end at smoke size: benchmark, base, both stages, evaluation, table and curves."""
 
+import json
 import os
 import subprocess
 import sys
@@ -12,9 +13,11 @@ pytest.importorskip("faiss", reason="the demo evaluates with faiss")
 pytest.importorskip("matplotlib", reason="the demo plots training curves")
 
 
-def test_quick_demo_runs_every_step_and_writes_its_outputs(tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_quick_demo_runs_every_step_and_writes_its_outputs(tmp_path, family):
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--out", str(out), "--quick"], cwd=ROOT,
+    command = [sys.executable, os.path.join(ROOT, "demo.py"), "--out", str(out), "--quick", "--family", family]
+    result = subprocess.run(command, cwd=ROOT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     table = (out / "results.md").read_text()
@@ -22,5 +25,5 @@ def test_quick_demo_runs_every_step_and_writes_its_outputs(tmp_path):
                  "DemoSameScene", "DemoComposed", "average (6 tasks)"):
         assert task in table
     assert (out / "curves_stage1.png").stat().st_size > 0 and (out / "curves_stage2.png").stat().st_size > 0
-    assert (out / "stage2" / "config.json").is_file()
+    assert json.loads((out / "stage2" / "config.json").read_text())["base_model_type"] == family
     assert (out / "eval" / "results_local.md").is_file() and list((out / "eval" / "plots").glob("*.png"))
