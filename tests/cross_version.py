@@ -112,6 +112,13 @@ def check(out):
         model = AutoModel.from_pretrained(os.path.join(out, f"{family}-puma"), trust_remote_code=True)
         got = model.encode(items, convert_to_numpy=True)
         np.testing.assert_allclose(got, expected, atol=TOL, err_msg=f"{family} PUMA folder")
+        # the export's processor resizes into the recipe's pixel range on this major too
+        meta = json.load(open(os.path.join(out, f"{family}-export", "puma_export_meta.json")))
+        image_processor = transformers.AutoProcessor.from_pretrained(os.path.join(out, f"{family}-export")).image_processor
+        size = image_processor.size if isinstance(image_processor.size, dict) else dict(image_processor.size)
+        limits = (getattr(image_processor, "min_pixels", None) or size["shortest_edge"],
+                  getattr(image_processor, "max_pixels", None) or size["longest_edge"])
+        assert limits == (meta["min_pixels"], meta["max_pixels"]), (family, limits, size)
         for class_name in ("AutoModel", backbone[family], generation[family]):
             got = export_embeddings(os.path.join(out, f"{family}-export"), class_name, items)
             np.testing.assert_allclose(got, expected, atol=TOL, err_msg=f"{family} export via {class_name}")
