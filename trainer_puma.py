@@ -458,8 +458,7 @@ class PumaTrainer(Trainer):
         if args.teacher == "shared":
             return SharedWeightTeacher.from_student(self.model, args.teacher_model)
         if args.teacher == "separate":
-            student = self.accelerator.unwrap_model(self.model)
-            student = student.get_base_model() if hasattr(student, "get_base_model") else student
+            student = self._embedding_model()
             # Loaded with its own processor, so its embedding-token row is initialised as the student's was.
             return SeparateTeacher(PumaForEmbedding.from_pretrained(args.teacher_model, dtype=student.dtype,
                                                                     device_map=student.device))
