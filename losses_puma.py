@@ -845,33 +845,12 @@ class ElasticObjective(_PumaLoss):
         negative_modality: Tensor | None = None,
         teacher_negatives: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        self._check_depths(query, positive, negatives)
-        # One gather per depth, shared by every size and by the self-KL (whose gather settings are the same).
-        scored, offset = {}, 0
-        for depth in self.depths:
-            (q,), (p, m, n, nm), offset = self.contrastive._gather(
-                (query[depth],), (positive[depth], modality, None if negatives is None else negatives[depth],
-                                  negative_modality))
-            scored[depth] = (q, p, n)
-        return self._loss(query, positive, scored, m, nm, offset, teacher_query, teacher_positive,
-                          None if negatives is None else negatives[self.depths[-1]], teacher_negatives, gather=True)
+        return self._loss(query, positive, teacher_query, teacher_positive, modality, negatives, negative_modality,
+                          teacher_negatives, gather=True)
 
-    def compute_loss_from_embeddings(
-        self,
-        query: dict[int, Tensor],
-        positive: dict[int, Tensor],
-        teacher_query: Tensor | None = None,
-        teacher_positive: Tensor | None = None,
-        modality: Tensor | None = None,
-        negatives: dict[int, Tensor] | None = None,
-        negative_modality: Tensor | None = None,
-        teacher_negatives: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        """The loss in one process, without any gather (the arguments of `forward`)."""
-        self._check_depths(query, positive, negatives)
-        scored = {d: (query[d], positive[d], None if negatives is None else negatives[d]) for d in self.depths}
-        return self._loss(query, positive, scored, modality, negative_modality, 0, teacher_query, teacher_positive,
-                          None if negatives is None else negatives[self.depths[-1]], teacher_negatives, gather=False)
+    def compute_loss_from_embeddings(self, *args, **kwargs) -> dict[str, Tensor]:
+        """The loss in one process, without any gather; the arguments of `forward`."""
+        return self._loss(*args, gather=False, **kwargs)
 
     def _check_depths(self, query: dict, positive: dict, negatives: dict | None) -> None:
         for name, embeddings in (("query", query), ("positive", positive), ("negatives", negatives)):
@@ -880,11 +859,20 @@ class ElasticObjective(_PumaLoss):
                 _require(isinstance(embeddings, dict) and set(self.depths) <= set(embeddings), f"{name} depths",
                          keys, f"a dict holding the embeddings at every depth of {self.depths}")
 
-    def _loss(self, query, positive, scored, modality, negative_modality, label_offset, teacher_query,
-              teacher_positive, deepest_negatives, teacher_negatives, gather: bool) -> dict[str, Tensor]:
-        """`scored[d]` holds depth d's (query, positive, negatives) as the contrastive loss scores them (gathered in
-        `forward`); `query` and `positive` the local rows, which the vector distillation compares."""
+    def _loss(self, query, positive, teacher_query=None, teacher_positive=None, modality=None, negatives=None,
+              negative_modality=None, teacher_negatives=None, *, gather: bool) -> dict[str, Tensor]:
+        self._check_depths(query, positive, negatives)
         objective, deepest = self.objective, self.depths[-1]
+        deepest_negatives = None if negatives is None else negatives[deepest]
+        # scored[d]: depth d's (query, positive, negatives) as the contrastive loss and the self-KL score them, gathered
+        # once per depth (their gather settings are the same); the vector distillation compares the local rows.
+        scored, label_offset, ids = {}, 0, (modality, negative_modality)
+        for depth in self.depths:
+            rows = (query[depth],), (positive[depth], modality, None if negatives is None else negatives[depth],
+                                     negative_modality)
+            (q,), (p, m, n, nm), label_offset = self.contrastive._gather(*rows) if gather else (*rows, 0)
+            scored[depth], ids = (q, p, n), (m, nm)
+        modality, negative_modality = ids  # gathered as the candidates they label
         contrastive, pair_parts, diagnostics = 0.0, {}, {}
         for depth, dim, weight in self.trained_pairs:
             suffix = f"_d{depth}" + ("" if dim is None else f"_m{dim}")
