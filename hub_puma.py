@@ -29,6 +29,7 @@ import transformers
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_session, try_to_load_from_cache
 
 from configuration_puma import PumaConfig
+from cost_puma import depth_costs, image_grid
 from modeling_puma import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, build_prompt, write_sentence_transformers_files
 
 
@@ -54,7 +55,8 @@ HUB_PROBE_TIMEOUT_S = 5.0
 # Hub repository folder
 # --------------------------------------------------------------------------------------------------------------------
 def save_hub_folder(model, out_dir, *, card_data=None, eval_results=None, base_model=None, datasets=None,
-                    license=None, repo_id=None, prompts=None, eval_dataset=DEFAULT_EVAL_DATASET) -> str:
+                    license=None, repo_id=None, prompts=None, eval_dataset=DEFAULT_EVAL_DATASET,
+                    depth_results=None) -> str:
     """Writes a complete `trust_remote_code` Hub repository of `model` into the new or empty folder `out_dir`.
 
     Args:
@@ -73,6 +75,11 @@ def save_hub_folder(model, out_dir, *, card_data=None, eval_results=None, base_m
         prompts (`dict[str, str]`, *optional*): Sentence Transformers prompts, e.g. `{"query": "Find an image."}`;
             a prompt is used as PUMA's query instruction.
         eval_dataset (`str`, *optional*, defaults to `"TIGER-Lab/M-BEIR"`): the data set of `eval_results`.
+        depth_results (`dict[int, dict[str, dict[str, float]]]`, *optional*): for a model trained at several depths
+            (`config.trained_depths`), depth -> task -> {metric name: value}, e.g.
+            `{4: {"WebQA (qt -> ct)": {"Recall@5": 70.3}}, 12: {...}}`, measured with the model loaded at each depth
+            (`num_layers=depth`); written beside each depth's cost in the card's depth table. `eval_results` stays
+            the full depth's, for `model-index`.
 
     Returns:
         `str`: `out_dir`.
@@ -88,7 +95,7 @@ def save_hub_folder(model, out_dir, *, card_data=None, eval_results=None, base_m
     # The card is built first: a refusal (no license, bad metadata) leaves no folder behind.
     card = build_model_card(model, card_data=card_data, eval_results=eval_results, base_model=base_model,
                             datasets=datasets, license=license, repo_id=repo_id, prompts=prompts,
-                            eval_dataset=eval_dataset)
+                            eval_dataset=eval_dataset, depth_results=depth_results)
     created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     try:
@@ -150,9 +157,11 @@ def _check_hub_reachable(endpoint: str, repo_id: str, timeout: float = HUB_PROBE
 # Model card
 # --------------------------------------------------------------------------------------------------------------------
 def build_model_card(model, *, card_data=None, eval_results=None, base_model=None, datasets=None, license=None,
-                     repo_id: str, prompts=None, eval_dataset=DEFAULT_EVAL_DATASET) -> ModelCard:
+                     repo_id: str, prompts=None, eval_dataset=DEFAULT_EVAL_DATASET, depth_results=None) -> ModelCard:
     """The model card of `model`, rendered from `hub_card/README.md.j2`; see `save_hub_folder` for the arguments."""
     config = model.config
+    instruction = (prompts or {}).get("query", EXAMPLE_INSTRUCTION)
+    depths = _depth_section(model, depth_results, instruction)  # checked first: a bad argument writes nothing
     source = config._name_or_path
     base_card = _base_card_data(source)
     extra = card_data.to_dict() if isinstance(card_data, ModelCardData) else dict(card_data or {})
@@ -184,7 +193,6 @@ def build_model_card(model, *, card_data=None, eval_results=None, base_model=Non
     visual = sum(p.numel() for p in model.model.visual.parameters())
     total = sum(p.numel() for p in model.parameters())
     hidden = config.text_config.hidden_size
-    instruction = (prompts or {}).get("query", EXAMPLE_INSTRUCTION)
     return ModelCard.from_template(
         data,
         template_path=CARD_TEMPLATE,
@@ -211,8 +219,49 @@ def build_model_card(model, *, card_data=None, eval_results=None, base_model=Non
         code={"repo_id": _py(repo_id), "query": _py(EXAMPLE_QUERY), "instruction": _py(instruction)},
         prompts=prompts or {},
         eval_table=_eval_table(eval_results) if eval_results else None,
+        depths=depths,
         vllm_section=_render(VLLM_TEMPLATE, embedding_token=config.embedding_token, export_dir=f"{model_name}-qwen2vl"),
     )
+
+
+def _depth_section(model, depth_results: dict | None, instruction: str) -> dict | None:
+    """What the card's depth table shows for a model with `config.trained_depths`: each depth's cost (forward FLOPs
+    relative to the full depth, `cost_puma.depth_costs`, for the example query's prompt and for an image at
+    `max_pixels`) and the results measured at it; `None` for a model trained at its full depth only."""
+    config = model.config
+    depths = config.trained_depths
+    if not depths:
+        if depth_results:
+            raise ValueError("depth_results needs a model trained at several depths (config.trained_depths is not set; "
+                             "train with the depths option).")
+        return None
+    depth_results = dict(depth_results or {})
+    unknown = sorted(set(depth_results) - set(depths), key=str)
+    if unknown:
+        raise ValueError(f"depth_results has depths {unknown} the model was not trained at; its trained depths are "
+                         f"{depths}.")
+    for depth, results in depth_results.items():
+        if not isinstance(results, dict) or not results or not all(
+                isinstance(metrics, dict) and metrics for metrics in results.values()):
+            raise ValueError(f"depth_results[{depth}] must be a non-empty dict of task -> {{metric name: value}}, "
+                             f"got {results!r}.")
+    prompt = build_prompt(config, EXAMPLE_QUERY, False, instruction, model.processor.tokenizer)
+    text_tokens = len(model.processor.tokenizer(prompt)["input_ids"])
+    grid_h, grid_w = image_grid(config, config.max_pixels)
+    image_tokens = grid_h * grid_w // config.vision_config.spatial_merge_size ** 2
+    costs = depth_costs(config, depths, text_tokens)
+    full = len(config.kept_layers)
+    lines = ["| | " + " | ".join(f"{d} layer{'s' if d > 1 else ''}{' (full)' if d == full else ''}" for d in depths)
+             + " |", "|---" * (len(depths) + 1) + "|",
+             "| FLOPs, text query | " + " | ".join(f"{costs[d]['text']:.2f}×" for d in depths) + " |",
+             "| FLOPs, image | " + " | ".join(f"{costs[d]['image']:.2f}×" for d in depths) + " |"]
+    rows = list(dict.fromkeys((task, metric) for results in depth_results.values()
+                              for task, metrics in results.items() for metric in metrics))
+    for task, metric in rows:
+        values = [depth_results.get(d, {}).get(task, {}).get(metric) for d in depths]
+        lines.append(f"| {task} {metric} | " + " | ".join("" if v is None else f"{v:g}" for v in values) + " |")
+    return {"trained": depths, "smallest": depths[0], "table": "\n".join(lines), "text_tokens": text_tokens,
+            "image_tokens": image_tokens, "measured": bool(depth_results)}
 
 
 def _eval_results(eval_results: dict, dataset: str) -> list[EvalResult]:

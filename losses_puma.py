@@ -1,6 +1,7 @@
 # Copyright 2026 The PUMA contributors. Licensed under the Apache License, Version 2.0.
 """PUMA training losses: InfoNCE, the modality-adaptive contrastive loss (MAC), hidden-state and KL distillation,
-their weighted sum, the hard-temperature schedule, and the cross-device gather they share.
+their weighted sum, the modifier that trains it at several depths and Matryoshka sizes at once, the hard-temperature
+schedule, and the cross-device gather they share.
 
 Every loss takes embeddings and returns a dict whose `"loss"` entry is the tensor to backpropagate; the other
 entries are detached, for logging. The arithmetic lives in `compute_loss_from_embeddings`, which works on plain
@@ -640,6 +641,303 @@ class DistillationObjective(_PumaLoss):
             "kl_weight": self.kl_weight,
         }
         return {**config, **weights}
+
+
+STARBUCKS_CITATION = """@misc{zhuang2024starbucks,
+    title = {Starbucks: Improved Training for {2D} Matryoshka Embeddings},
+    author = {Zhuang, Shengyao and Wang, Shuai and Koopman, Bevan and Zuccon, Guido},
+    year = {2024},
+    eprint = {2410.13230},
+    archivePrefix = {arXiv},
+}"""
+MATRYOSHKA_2D_CITATION = """@misc{li2024twodmse,
+    title = {{2D} Matryoshka Sentence Embeddings},
+    author = {Li, Xianming and Li, Zongxi and Li, Jing and Xie, Haoran and Li, Qing},
+    year = {2024},
+    eprint = {2402.14776},
+    archivePrefix = {arXiv},
+}"""
+PAIR_MODES = ("grid", "diagonal")
+
+
+def _check_sizes(name: str, values, weights_name: str, weights) -> list[float]:
+    """Validates an increasing list of positive sizes and its weights (default 1 each); returns the weights."""
+    _require(isinstance(values, (list, tuple)) and len(values) > 0, name, values, "a non-empty list")
+    _require(all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values), name, values,
+             "positive integers")
+    _require(all(a < b for a, b in zip(values, values[1:])), name, values, "strictly increasing")
+    if weights is None:
+        return [1.0] * len(values)
+    _require(isinstance(weights, (list, tuple)) and len(weights) == len(values), weights_name, weights,
+             f"a list of {len(values)} weights, one per entry of {name}")
+    _require(all(0 <= float(w) < math.inf for w in weights), weights_name, weights, "finite and >= 0")
+    return [float(w) for w in weights]
+
+
+def _truncate(tensor: Tensor | None, dim: int | None) -> Tensor | None:
+    """The first `dim` coordinates of each row (`None`: all); the losses normalise what they score."""
+    if tensor is None or dim is None:
+        return tensor
+    _require(dim <= tensor.shape[-1], "matryoshka_dims entry", dim, f"<= the embedding size {tensor.shape[-1]}")
+    return tensor[..., :dim]
+
+
+class ElasticObjective(_PumaLoss):
+    r"""Loss modifier: a [`DistillationObjective`] trained at several depths and embedding sizes at once.
+
+    The inputs are the raw embeddings of the model truncated after each of its first d_1 < ... < d_K layers, all
+    from one forward pass (`PumaForEmbedding.forward(output_depths=...)`: the final norm is applied at every depth).
+    With Matryoshka sizes m_1 < ... < m_M (none: the full size), the trained pairs P are
+
+    - `"grid"`: every (d_i, m_j), as 2D Matryoshka (arXiv 2402.14776) but all pairs at every step;
+    - `"diagonal"`: (d_i, m_i), Starbucks' fixed list from small to large (arXiv 2410.13230), which matched separately
+      trained models where sampling a random pair per step fell short; it needs as many sizes as depths.
+
+    With e^d the raw embedding at depth d, e^d_{:m} its first m coordinates (each loss normalises what it scores),
+    D the full size, t the external teacher's embedding and sg() a stopped gradient:
+
+    .. math::
+        \mathcal{L} = w_c \sum_{(d, m) \in P} \alpha_d \beta_m \mathcal{L}_{contrastive}(e^{d}_{:m})
+        + w_d \mathcal{L}_{hidden}(e^{d_K}, t) + w_{kl} \mathcal{L}_{KL}(e^{d_K}, t)
+        + w_{sd} \sum_{d < d_K} \mathcal{L}_{hidden}(e^{d}, \mathrm{sg}(e^{d_K}))
+        + w_{skl} \sum_{(d, m) \in P,\ (d, m) \neq (d_K, D)} \mathcal{L}_{KL}(e^{d}_{:m}, \mathrm{sg}(e^{d_K}))
+
+    1. The wrapped objective's contrastive loss (MAC or InfoNCE) at every pair, weighted by the pair's depth weight
+       alpha_d times its size weight beta_m, summed (as sentence-transformers' `MatryoshkaLoss` sums; weights that
+       add up to 1 give a mean), then scaled by the objective's `contrastive_weight` w_c.
+    2. The wrapped objective's distillation from the external teacher (the full, unpruned model), at the deepest
+       depth and full size only: that is the model PUMA distils, and the shallower depths reach the teacher through
+       the deepest one (term 3), rather than being pulled towards a target several layers beyond their reach.
+    3. Optional self-distillation of each shallower depth towards the deepest, at full size: vector by vector
+       (`self_distill`, a [`HiddenStateDistillLoss`]) and/or by in-batch similarity distribution at every other pair
+       (`self_kl`, a [`KLDistillLoss`], as Starbucks does). The deepest embedding is detached: it is the target, and a
+       gradient through it would pull the full model towards its weaker truncations.
+
+    Args:
+        objective: The [`DistillationObjective`] to train at every pair; it owns the contrastive loss (and its
+            temperatures and gather settings) and the teacher distillation.
+        depths: d_1 < ... < d_K, numbers of first decoder layers, the last being the model's kept depth.
+        matryoshka_dims: m_1 < ... < m_M, embedding sizes; `None` trains the full size only.
+        depth_weights, matryoshka_weights: alpha and beta, >= 0, one per depth / size; default 1 each.
+        pairs: `"grid"` (default) or `"diagonal"`; the same when either list has one entry.
+        self_distill, self_kl: Optional self-distillation losses; `self_kl` must gather as the contrastive loss does.
+        self_distill_weight, self_kl_weight: w_sd, w_skl, >= 0; a positive weight needs its loss.
+
+    Requirements:
+        1. Those of the wrapped objective.
+        2. `query`, `positive` and, with hard negatives, `negatives` map every depth of `depths` to the raw
+           embeddings `(rows, D)` at that depth, all of the same rows.
+
+    Inputs: as [`DistillationObjective`], with `query`, `positive` and `negatives` dicts `{depth: (rows, D)}`; the
+    teacher's embeddings and the modality ids stay single tensors.
+
+    Returns a dict: `loss`, the total to backpropagate; then detached: `contrastive_loss` (the weighted sum of term 1,
+    before w_c), `distill_loss` and `kl_loss` (term 2, as the wrapped objective names them),
+    `contrastive_loss_d{d}_m{m}` and `accuracy_d{d}_m{m}` at each pair (`_m{m}` left out without
+    `matryoshka_dims`), `self_distill_loss_d{d}` and `self_kl_loss_d{d}_m{m}` (term 3, unweighted), and the
+    contrastive diagnostics (`pos_sim`, ...) of the deepest pair.
+
+    Relations:
+        - With one depth and no `matryoshka_dims`, exactly the wrapped objective.
+        - sentence-transformers' `AdaptiveLayerLoss`, `MatryoshkaLoss` and `Matryoshka2dLoss` train text encoders
+          at sampled layers, whose hidden states skip the final norm; here every depth is the embedding the model
+          truncated to that depth computes, and every pair trains at every step.
+
+    Reference:
+        PUMA (arXiv 2507.08064); Starbucks (arXiv 2410.13230); 2D Matryoshka Sentence Embeddings (arXiv 2402.14776).
+
+    Example:
+        >>> import torch
+        >>> objective = ElasticObjective(
+        ...     DistillationObjective(MACLoss(tau_norm=0.03), contrastive_weight=1.0, distill_weight=0.0),
+        ...     depths=[1, 2, 3], matryoshka_dims=[4, 8, 16], pairs="diagonal",
+        ...     self_kl=KLDistillLoss(temperature=0.03), self_kl_weight=0.5,
+        ... )
+        >>> query = {d: torch.randn(4, 16, requires_grad=True) for d in (1, 2, 3)}
+        >>> positive = {d: torch.randn(4, 16, requires_grad=True) for d in (1, 2, 3)}
+        >>> out = objective(query, positive, modality=torch.tensor([0, 1, 0, 1]))
+        >>> out["loss"].backward()
+        >>> sorted(key for key in out if key.startswith("contrastive_loss_"))
+        ['contrastive_loss_d1_m4', 'contrastive_loss_d2_m8', 'contrastive_loss_d3_m16']
+    """
+
+    def __init__(
+        self,
+        objective: DistillationObjective,
+        depths: list[int],
+        matryoshka_dims: list[int] | None = None,
+        depth_weights: list[float] | None = None,
+        matryoshka_weights: list[float] | None = None,
+        pairs: str = "grid",
+        self_distill: HiddenStateDistillLoss | None = None,
+        self_kl: KLDistillLoss | None = None,
+        self_distill_weight: float = 0.0,
+        self_kl_weight: float = 0.0,
+    ):
+        super().__init__()
+        _require(isinstance(objective, DistillationObjective), "objective", type(objective).__name__,
+                 "a DistillationObjective")
+        self.objective = objective
+        self.depths, self.depth_weights = list(depths or []), _check_sizes("depths", depths, "depth_weights",
+                                                                           depth_weights)
+        self.matryoshka_dims = list(matryoshka_dims) if matryoshka_dims is not None else None
+        self.matryoshka_weights = None
+        dims, dim_weights = [None], [1.0]
+        if matryoshka_dims is not None:
+            dims = self.matryoshka_dims
+            dim_weights = self.matryoshka_weights = _check_sizes("matryoshka_dims", matryoshka_dims,
+                                                                 "matryoshka_weights", matryoshka_weights)
+        else:
+            _require(matryoshka_weights is None, "matryoshka_weights", matryoshka_weights, "None without matryoshka_dims")
+        _require(pairs in PAIR_MODES, "pairs", pairs, f"one of {PAIR_MODES}")
+        self.pairs = pairs
+        by_depth = list(zip(self.depths, self.depth_weights))
+        by_dim = list(zip(dims, dim_weights))
+        if pairs == "diagonal" and len(by_depth) > 1 and len(by_dim) > 1:
+            _require(len(by_dim) == len(by_depth), "matryoshka_dims", matryoshka_dims,
+                     f"one size per depth ({len(by_depth)}) with pairs='diagonal'")
+            chosen = [(depth, dim) for depth, dim in zip(by_depth, by_dim)]
+        else:  # every pair; the same as the diagonal when one of the lists has a single entry
+            chosen = [(depth, dim) for depth in by_depth for dim in by_dim]
+        # (depth, size or None, alpha * beta), the deepest pair last
+        self.trained_pairs = [(depth, dim, alpha * beta) for (depth, alpha), (dim, beta) in chosen]
+
+        for name, weight, part in (("self_distill_weight", self_distill_weight, self_distill),
+                                   ("self_kl_weight", self_kl_weight, self_kl)):
+            _require(weight >= 0, name, weight, ">= 0")
+            _require(weight == 0 or part is not None, name, weight, "0 when its loss is not given")
+        _require(self_distill is None or len(self.depths) > 1, "self_distill", self_distill,
+                 "None with a single depth (there is no shallower depth to distil)")
+        if self_kl is not None:
+            _require(len(self.trained_pairs) > 1 or self.trained_pairs[0][1] is not None, "self_kl", self_kl,
+                     "None when the only pair is the deepest depth at full size")
+            wanted = objective.contrastive._gather_config()
+            _require(self_kl._gather_config() == wanted, "self_kl gather settings", self_kl._gather_config(),
+                     f"those of the contrastive loss, {wanted}")
+        self.self_distill, self.self_kl = self_distill, self_kl
+        self.self_distill_weight, self.self_kl_weight = self_distill_weight, self_kl_weight
+
+    # The wrapped objective's parts, read by the trainer (temperature schedule, teacher checks).
+    @property
+    def contrastive(self) -> InfoNCELoss | MACLoss:
+        return self.objective.contrastive
+
+    @property
+    def hidden_state(self) -> HiddenStateDistillLoss | None:
+        return self.objective.hidden_state
+
+    @property
+    def kl(self) -> KLDistillLoss | None:
+        return self.objective.kl
+
+    @property
+    def citation(self) -> str:
+        return "\n\n".join((CITATION, STARBUCKS_CITATION, MATRYOSHKA_2D_CITATION))
+
+    def forward(
+        self,
+        query: dict[int, Tensor],
+        positive: dict[int, Tensor],
+        teacher_query: Tensor | None = None,
+        teacher_positive: Tensor | None = None,
+        modality: Tensor | None = None,
+        negatives: dict[int, Tensor] | None = None,
+        negative_modality: Tensor | None = None,
+        teacher_negatives: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        return self._loss(query, positive, teacher_query, teacher_positive, modality, negatives, negative_modality,
+                          teacher_negatives, gather=True)
+
+    def compute_loss_from_embeddings(self, *args, **kwargs) -> dict[str, Tensor]:
+        """The loss in one process, without any gather; the arguments of `forward`."""
+        return self._loss(*args, gather=False, **kwargs)
+
+    def _check_depths(self, query: dict, positive: dict, negatives: dict | None) -> None:
+        for name, embeddings in (("query", query), ("positive", positive), ("negatives", negatives)):
+            if embeddings is not None:
+                keys = sorted(embeddings) if isinstance(embeddings, dict) else type(embeddings).__name__
+                _require(isinstance(embeddings, dict) and set(self.depths) <= set(embeddings), f"{name} depths",
+                         keys, f"a dict holding the embeddings at every depth of {self.depths}")
+
+    def _loss(self, query, positive, teacher_query=None, teacher_positive=None, modality=None, negatives=None,
+              negative_modality=None, teacher_negatives=None, *, gather: bool) -> dict[str, Tensor]:
+        self._check_depths(query, positive, negatives)
+        objective, deepest = self.objective, self.depths[-1]
+        deepest_negatives = None if negatives is None else negatives[deepest]
+        # scored[d]: depth d's (query, positive, negatives) as the contrastive loss and the self-KL score them, gathered
+        # once per depth (their gather settings are the same); the vector distillation compares the local rows.
+        scored, label_offset, ids = {}, 0, (modality, negative_modality)
+        for depth in self.depths:
+            rows = (query[depth],), (positive[depth], modality, None if negatives is None else negatives[depth],
+                                     negative_modality)
+            (q,), (p, m, n, nm), label_offset = self.contrastive._gather(*rows) if gather else (*rows, 0)
+            scored[depth], ids = (q, p, n), (m, nm)
+        modality, negative_modality = ids  # gathered as the candidates they label
+        contrastive, pair_parts, diagnostics = 0.0, {}, {}
+        for depth, dim, weight in self.trained_pairs:
+            suffix = f"_d{depth}" + ("" if dim is None else f"_m{dim}")
+            q, p, n = (_truncate(t, dim) for t in scored[depth])
+            out = self.contrastive.compute_loss_from_embeddings(q, p, modality, n, negative_modality, label_offset)
+            term = weight * out["loss"]
+            contrastive = term if isinstance(contrastive, float) else contrastive + term
+            pair_parts[f"contrastive_loss{suffix}"] = out["loss"].detach()
+            pair_parts[f"accuracy{suffix}"] = out["accuracy"]
+            diagnostics = {key: value for key, value in out.items() if key != "loss"}  # the deepest pair's, in the end
+        total = objective.contrastive_weight * contrastive
+        parts = {"contrastive_loss": contrastive.detach()}
+
+        # 2. The external teacher, at the deepest depth and full size (the wrapped objective's own parts).
+        if objective.hidden_state is not None:
+            distill = objective.hidden_state(query[deepest], positive[deepest], teacher_query, teacher_positive)["loss"]
+            total = total + objective.distill_weight * distill
+            parts["distill_loss"] = distill.detach()
+        if objective.kl is not None:
+            kl_loss = objective.kl if gather else objective.kl.compute_loss_from_embeddings
+            kl = kl_loss(query[deepest], positive[deepest], teacher_query, teacher_positive, deepest_negatives,
+                         teacher_negatives)["loss"]
+            total = total + objective.kl_weight * kl
+            parts["kl_loss"] = kl.detach()
+        parts.update(pair_parts)
+
+        # 3. Self-distillation towards the deepest depth at full size. The target is detached: a gradient through it
+        #    would pull the full model towards its weaker truncations.
+        if self.self_distill is not None:
+            self_distill = 0.0
+            for depth in self.depths[:-1]:
+                loss = self.self_distill.compute_loss_from_embeddings(
+                    query[depth], positive[depth], query[deepest].detach(), positive[deepest].detach())["loss"]
+                self_distill = self_distill + loss
+                parts[f"self_distill_loss_d{depth}"] = loss.detach()
+            total = total + self.self_distill_weight * self_distill
+        if self.self_kl is not None:
+            target = [None if t is None else t.detach() for t in scored[deepest]]
+            self_kl = 0.0
+            for depth, dim, _ in self.trained_pairs:
+                if depth == deepest and (dim is None or dim >= target[0].shape[-1]):
+                    continue  # the target itself
+                q, p, n = (_truncate(t, dim) for t in scored[depth])
+                loss = self.self_kl.compute_loss_from_embeddings(q, p, *target[:2], n, target[2])["loss"]
+                self_kl = self_kl + loss
+                parts[f"self_kl_loss_d{depth}" + ("" if dim is None else f"_m{dim}")] = loss.detach()
+            total = total + self.self_kl_weight * self_kl
+        return {"loss": total, **parts, **diagnostics}
+
+    def get_config_dict(self) -> dict[str, object]:
+        def part(loss):
+            return None if loss is None else {"loss": type(loss).__name__, **loss.get_config_dict()}
+
+        return {
+            "objective": self.objective.get_config_dict(),
+            "depths": self.depths,
+            "depth_weights": self.depth_weights,
+            "matryoshka_dims": self.matryoshka_dims,
+            "matryoshka_weights": self.matryoshka_weights,
+            "pairs": self.pairs,
+            "self_distill": part(self.self_distill),
+            "self_kl": part(self.self_kl),
+            "self_distill_weight": self.self_distill_weight,
+            "self_kl_weight": self.self_kl_weight,
+        }
 
 
 LOSSES = {"infonce": InfoNCELoss, "mac": MACLoss}

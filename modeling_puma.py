@@ -328,7 +328,11 @@ class PumaForEmbedding(PumaPreTrainedModel):
         if kwargs:
             raise TypeError(f"PumaForEmbedding.from_pretrained got unexpected keyword arguments {sorted(kwargs)}.")
         if config is not None and is_puma:
-            puma_overrides = {**_puma_fields(config), **puma_overrides}
+            carried = _puma_fields(config)
+            if carried.get("trained_depths") == source_config.trained_depths:
+                # the checkpoint's own depths (the config AutoModel loaded): re-derived below for the layers kept
+                carried.pop("trained_depths", None)
+            puma_overrides = {**carried, **puma_overrides}
         if preset is None and not is_puma:
             preset = detect_preset(name, hub_kwargs)
         if preset is not None:

@@ -7,6 +7,9 @@
     accelerate launch --config_file configs/accelerate/ddp.yaml train.py --config configs/puma_stage2_mbeir.yaml
     # any field from the command line, e.g. a short run:
     python train.py --config configs/puma_stage2_mbeir.yaml --max_steps 10 --output_dir /tmp/try
+    # elastic depth and Matryoshka sizes: one run trains the first 4, 8 and 12 layers, each at 512, 1024 and 1536
+    # dimensions (every pair; --elastic_pairs diagonal: 4 at 512, 8 at 1024, 12 at 1536), from one forward per step
+    python train.py --config configs/puma2b_stage2_mbeir.yaml --depths 4 8 12 --matryoshka_dims 512 1024 1536
     # fill the teacher cache for a dataset (teacher: cached), then train without running the teacher
     python train.py --config configs/puma_stage1_nli.yaml --teacher cached --teacher_cache cache/nli --precompute_teacher
     # push the final model as a complete Hub repository (card, handler, sentence-transformers files)

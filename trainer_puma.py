@@ -28,7 +28,16 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from data_puma import checkpoint_fingerprint, file_fingerprint
-from losses_puma import DistillationObjective, HiddenStateDistillLoss, KLDistillLoss, MACLoss, build_loss, tau_hard_schedule
+from losses_puma import (
+    PAIR_MODES,
+    DistillationObjective,
+    ElasticObjective,
+    HiddenStateDistillLoss,
+    KLDistillLoss,
+    MACLoss,
+    build_loss,
+    tau_hard_schedule,
+)
 from modeling_puma import PumaForEmbedding
 
 
@@ -65,6 +74,14 @@ class PumaTrainingArguments(TrainingArguments):
     module_learning_rates: dict | str | None = field(default=None, metadata={"help": "Per-module learning rates: a mapping of regular expression to rate (a JSON object on the command line), e.g. {\"language_model\\\\.layers\\\\.0\\\\.\": 1e-4}. The first pattern found (re.search) in a trainable parameter's name sets its rate; the others use learning_rate. A pattern that matches no trainable parameter is an error."})
     embedding_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the input-embedding parameters (the embedding token's row): shorthand for a first module_learning_rates rule 'embed_tokens'."})
     merge_lora_on_save: bool = field(default=True, metadata={"help": "Merge LoRA into the base on the final save_model()."})
+    depths: list[int] | None = field(default=None, metadata={"help": "Elastic depth: also train the embedding of the model truncated after each of these numbers of first layers, all from the same forward pass; increasing, ending at the model's kept depth (e.g. 4 8 12). The saved config records them (trained_depths)."})
+    depth_weights: list[float] | None = field(default=None, metadata={"help": "Weight of the contrastive loss at each depth, in the order of depths (default: 1 each)."})
+    matryoshka_dims: list[int] | None = field(default=None, metadata={"help": "Matryoshka: also train the embedding truncated to each of these sizes, increasing (e.g. 256 512 1536). The saved config records them."})
+    matryoshka_weights: list[float] | None = field(default=None, metadata={"help": "Weight of the contrastive loss at each size, in the order of matryoshka_dims (default: 1 each)."})
+    elastic_pairs: str = field(default="grid", metadata={"help": "(depth, size) pairs trained: 'grid' (every pair) or 'diagonal' (the i-th depth at the i-th size, Starbucks; as many sizes as depths)."})
+    self_distill: str = field(default="none", metadata={"help": "Self-distillation of each shallower depth's embedding towards the deepest one's: 'none', 'mse' or 'cosine'."})
+    self_distill_weight: float = field(default=0.0, metadata={"help": "Weight of the self-distillation (summed over the shallower depths)."})
+    self_kl_weight: float = field(default=0.0, metadata={"help": "Weight of the in-batch KL of every other (depth, size) pair towards the deepest depth at full size (Starbucks); 0: off."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -91,6 +108,18 @@ class PumaTrainingArguments(TrainingArguments):
         self.module_learning_rates = _parse_learning_rate_rules(self.module_learning_rates)
         if self.embedding_learning_rate is not None and not (0 < self.embedding_learning_rate < math.inf):
             raise ValueError(f"embedding_learning_rate must be a positive number, got {self.embedding_learning_rate!r}.")
+        if self.elastic_pairs not in PAIR_MODES:
+            raise ValueError(f"elastic_pairs={self.elastic_pairs!r} is not one of {PAIR_MODES}.")
+        if self.self_distill not in DISTILL_METRICS:
+            raise ValueError(f"self_distill={self.self_distill!r} is not one of {DISTILL_METRICS}.")
+        if self.self_distill == "none" and self.self_distill_weight > 0:
+            raise ValueError(f"self_distill_weight={self.self_distill_weight} needs self_distill='mse' or 'cosine'.")
+        if (self.self_distill_weight > 0 or self.self_kl_weight > 0) and not self.depths and not self.matryoshka_dims:
+            raise ValueError("self_distill_weight and self_kl_weight distil towards the deepest depth at full size: set "
+                             "depths (and/or matryoshka_dims).")
+        if self.depths or self.matryoshka_dims:
+            # the list settings fail now, naming the option, rather than when the trainer starts
+            self.build_objective(num_layers=self.depths[-1] if self.depths else 1)
 
     def learning_rate_rules(self) -> list[tuple[str, float]]:
         """`(pattern, rate)` rules for `parameter_groups`, in order: `embedding_learning_rate`, then
@@ -98,16 +127,27 @@ class PumaTrainingArguments(TrainingArguments):
         rules = [(r"embed_tokens", self.embedding_learning_rate)] if self.embedding_learning_rate else []
         return rules + list((self.module_learning_rates or {}).items())
 
-    def build_objective(self) -> DistillationObjective:
-        """The loss module these arguments describe."""
+    def build_objective(self, num_layers: int | None = None) -> DistillationObjective | ElasticObjective:
+        """The loss module these arguments describe: a `DistillationObjective`, wrapped in an `ElasticObjective` when
+        `depths` or `matryoshka_dims` are set. `num_layers`, the model's kept depth, is the only depth trained when
+        `matryoshka_dims` comes without `depths`."""
         kwargs = {"gather_across_devices": self.gather_across_devices, "local_loss": self.local_loss,
                   "gather_with_grad": self.gather_with_grad}
         contrastive = build_loss(self.loss, **({"tau_norm": self.tau_norm} if self.loss == "mac" else {"temperature": self.temperature}), **kwargs)
         hidden = HiddenStateDistillLoss(self.distill, self.distill_scale) if self.distill != "none" else None
         temperature = self.tau_norm if self.loss == "mac" else self.temperature
         kl = KLDistillLoss(temperature, self.kl_teacher_temperature, **kwargs) if self.kl_weight > 0 else None
-        return DistillationObjective(contrastive, hidden, kl, self.contrastive_weight,
-                                     self.distill_weight if hidden is not None else 0.0, self.kl_weight)
+        objective = DistillationObjective(contrastive, hidden, kl, self.contrastive_weight,
+                                          self.distill_weight if hidden is not None else 0.0, self.kl_weight)
+        if not self.depths and not self.matryoshka_dims:
+            return objective
+        if not self.depths and num_layers is None:
+            raise ValueError("matryoshka_dims without depths trains the model's kept depth: pass num_layers.")
+        self_distill = HiddenStateDistillLoss(self.self_distill, 1.0) if self.self_distill != "none" else None
+        self_kl = KLDistillLoss(temperature, self.kl_teacher_temperature, **kwargs) if self.self_kl_weight > 0 else None
+        return ElasticObjective(objective, self.depths or [num_layers], self.matryoshka_dims, self.depth_weights,
+                                self.matryoshka_weights, self.elastic_pairs, self_distill, self_kl,
+                                self.self_distill_weight if self_distill is not None else 0.0, self.self_kl_weight)
 
 
 def _parse_learning_rate_rules(rules) -> dict[str, float] | None:
@@ -391,8 +431,12 @@ class PumaTrainer(Trainer):
     forward per step; the peak memory is one chunk's activations (GradCache, arXiv 2101.06983). Under DDP every
     backward but the last runs under `no_sync`: one all-reduce per optimizer step.
 
+    With `depths` and/or `matryoshka_dims` (an `ElasticObjective`), each forward returns the embedding at every
+    listed depth (`PumaForEmbedding.forward(output_depths=...)`, one pass), the loss covers every (depth, size) pair,
+    GradCache caches every depth's embedding, and the saved config records `trained_depths` and `matryoshka_dims`.
+
     Args (beyond `Trainer`'s):
-        objective (`DistillationObjective`, *optional*): defaults to `args.build_objective()`.
+        objective (`DistillationObjective` or `ElasticObjective`, *optional*): defaults to `args.build_objective()`.
         teacher (*optional*): an object with `embed(features, ids) -> Tensor`; defaults to the one `args.teacher`
             names (`SharedWeightTeacher`, `CachedTeacher` or `SeparateTeacher`).
     """
@@ -400,14 +444,21 @@ class PumaTrainer(Trainer):
     # compute_loss returns a per-batch mean: let the Trainer divide by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, objective: DistillationObjective | None = None, teacher=None, **kwargs):
+    def __init__(self, *args, objective: DistillationObjective | ElasticObjective | None = None, teacher=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, PumaTrainingArguments):
             raise TypeError("PumaTrainer needs PumaTrainingArguments.")
-        self.objective = objective if objective is not None else self.args.build_objective()
+        self.objective = objective if objective is not None else self.args.build_objective(
+            num_layers=self._embedding_model().config.text_config.num_hidden_layers)
         self.teacher = teacher if teacher is not None else self._default_teacher()
         self._tracked, self._eval_tracked = defaultdict(list), defaultdict(list)  # logged components
         self._check_startup()
+
+    def _embedding_model(self) -> PumaForEmbedding:
+        """The `PumaForEmbedding` inside the trained model's wrappers (DDP, peft)."""
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
 
     def _default_teacher(self):
         args = self.args
@@ -416,8 +467,7 @@ class PumaTrainer(Trainer):
         if args.teacher == "shared":
             return SharedWeightTeacher.from_student(self.model, args.teacher_model)
         if args.teacher == "separate":
-            student = self.accelerator.unwrap_model(self.model)
-            student = student.get_base_model() if hasattr(student, "get_base_model") else student
+            student = self._embedding_model()
             # Loaded with its own processor, so its embedding-token row is initialised as the student's was.
             return SeparateTeacher(PumaForEmbedding.from_pretrained(args.teacher_model, dtype=student.dtype,
                                                                     device_map=student.device))
@@ -433,6 +483,16 @@ class PumaTrainer(Trainer):
                 raise ValueError("loss='mac' needs modality labels, but the training examples have no 'modality' field.")
         if self.args.grad_cache_chunk_size and self.is_deepspeed_enabled:
             raise ValueError("GradCache (grad_cache_chunk_size) runs several backward passes per step, which DeepSpeed does not allow.")
+        if isinstance(self.objective, ElasticObjective):
+            config = self._embedding_model().config
+            depth, hidden = config.text_config.num_hidden_layers, config.text_config.hidden_size
+            if self.objective.depths[-1] != depth:
+                raise ValueError(f"depths must end at the model's kept depth {depth} (its number of decoder layers), "
+                                 f"got {self.objective.depths}: end them at {depth}, or load the model with "
+                                 f"num_layers={self.objective.depths[-1]}.")
+            too_wide = [dim for dim in self.objective.matryoshka_dims or [] if dim > hidden]
+            if too_wide:
+                raise ValueError(f"matryoshka_dims {too_wide} exceed the embedding size {hidden}.")
 
     # ---- loss -------------------------------------------------------------------------------------------------
     def _training_progress(self) -> tuple[float, float]:
@@ -483,8 +543,15 @@ class PumaTrainer(Trainer):
         self._track(outputs, tracked)
         return outputs
 
+    def _embed(self, model, features: dict) -> torch.Tensor | dict[int, torch.Tensor]:
+        """The raw embeddings of `features`; for an `ElasticObjective`, `{depth: raw embeddings}` at each of its
+        depths, from the same forward pass."""
+        if not isinstance(self.objective, ElasticObjective):
+            return model(**features).raw_embeddings
+        return model(**features, output_depths=self.objective.depths).depth_embeddings
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        embeddings = {group: model(**inputs[group]).raw_embeddings for group in FEATURE_GROUPS if group in inputs}
+        embeddings = {group: self._embed(model, inputs[group]) for group in FEATURE_GROUPS if group in inputs}
         outputs = self._objective(embeddings, self._teacher_embeddings(inputs), inputs, self._tracked)
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
@@ -492,7 +559,7 @@ class PumaTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            embeddings = {group: model(**inputs[group]).raw_embeddings for group in FEATURE_GROUPS if group in inputs}
+            embeddings = {group: self._embed(model, inputs[group]) for group in FEATURE_GROUPS if group in inputs}
             # Evaluation batches feed the eval_ metrics only, never the logged training components.
             outputs = self._objective(embeddings, self._teacher_embeddings(inputs), inputs, self._eval_tracked)
         return outputs["loss"].detach(), None, None
@@ -517,30 +584,39 @@ class PumaTrainer(Trainer):
         image_token_id = self.accelerator.unwrap_model(model).config.image_token_id
         chunks = {group: split_features(inputs[group], size, image_token_id) for group in FEATURE_GROUPS if group in inputs}
         # 1. Embed every chunk without a graph. Each chunk's RNG state is captured right before its own forward, so
-        #    its replay in 3. draws the dropout masks this forward drew.
+        #    its replay in 3. draws the dropout masks this forward drew. Every group's embeddings are kept as
+        #    {depth: tensor} (the key None without elastic depths): with depths, each depth's embedding is cached.
         states, leaves = defaultdict(list), {}
         with torch.no_grad():
             for group, group_chunks in chunks.items():
                 embedded = []
                 for chunk in group_chunks:
                     states[group].append(RandContext(*chunk.values()))
-                    embedded.append(model(**chunk).raw_embeddings)
-                leaves[group] = torch.cat(embedded).requires_grad_()
+                    embedded.append(_by_depth(self._embed(model, chunk)))
+                leaves[group] = {key: torch.cat([e[key] for e in embedded]).requires_grad_() for key in embedded[0]}
         # 2. The loss on all embeddings; its gradients with respect to them are the cache.
         with self.compute_loss_context_manager():
             teacher = self._teacher_embeddings(inputs, chunks)
-            loss = self._objective(leaves, teacher, inputs, self._tracked)["loss"]
+            loss = self._objective({group: _from_depth(e) for group, e in leaves.items()}, teacher, inputs,
+                                   self._tracked)["loss"]
         loss = loss / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        cached = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+        keys = [(group, key) for group, by_key in leaves.items() for key in by_key]
+        grads = torch.autograd.grad(loss, [leaves[group][key] for group, key in keys], allow_unused=True)
+        cached = defaultdict(dict)
+        for (group, key), grad in zip(keys, grads):  # an unused embedding (a weight of 0 keeps it in the graph) gets 0
+            cached[group][key] = (grad if grad is not None else torch.zeros_like(leaves[group][key])).split(size)
         # 3. Re-embed each chunk with a graph and the same dropout, and backpropagate its cached gradient. Under DDP
         #    only the last backward all-reduces (the Trainer keeps earlier accumulation steps in no_sync too).
-        replays = [(chunk, state, grad) for group, group_chunks in chunks.items()
-                   for chunk, state, grad in zip(group_chunks, states[group], cached[group].split(size))]
+        replays = [(chunk, state, {key: parts[i] for key, parts in cached[group].items()})
+                   for group, group_chunks in chunks.items()
+                   for i, (chunk, state) in enumerate(zip(group_chunks, states[group]))]
         for i, (chunk, state, grad) in enumerate(replays):
             sync = contextlib.nullcontext() if i == len(replays) - 1 else self.accelerator.no_sync(model)
             with sync:
                 with state, self.compute_loss_context_manager():
-                    surrogate = torch.dot(model(**chunk).raw_embeddings.flatten().float(), grad.flatten().float())
+                    embedded = _by_depth(self._embed(model, chunk))
+                    surrogate = sum(torch.dot(embedded[key].flatten().float(), grad[key].flatten().float())
+                                    for key in grad)
                 self.accelerator.backward(surrogate)
         return loss.detach()
 
@@ -569,9 +645,21 @@ class PumaTrainer(Trainer):
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
+    def _record_trained_sizes(self) -> None:
+        """Writes into the model's config the depths (`trained_depths`, when more than one) and the Matryoshka sizes
+        this run trains, so that every save records them; a run that trains neither leaves both fields as loaded."""
+        if isinstance(self.objective, ElasticObjective):
+            config = self._embedding_model().config
+            if len(self.objective.depths) > 1:
+                config.trained_depths = list(self.objective.depths)
+            if self.objective.matryoshka_dims:
+                config.matryoshka_dims = list(self.objective.matryoshka_dims)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Checkpoints during training keep the adapters (for resuming); the final save merges LoRA into the base
-        when `merge_lora_on_save`, writing a PUMA checkpoint that `AutoModel(trust_remote_code=True)` loads."""
+        when `merge_lora_on_save`, writing a PUMA checkpoint that `AutoModel(trust_remote_code=True)` loads. The
+        saved config records the depths and Matryoshka sizes trained."""
+        self._record_trained_sizes()
         model = self.accelerator.unwrap_model(self.model)
         if _internal_call or not self.args.merge_lora_on_save or not hasattr(model, "merge_and_unload"):
             return super().save_model(output_dir, _internal_call)
@@ -591,6 +679,7 @@ class PumaTrainer(Trainer):
             return None
         from hub_puma import push_to_hub  # the Hub packaging module sits beside this one; imported only when pushing
 
+        self._record_trained_sizes()
         model = self.accelerator.unwrap_model(self.model)
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
@@ -598,6 +687,16 @@ class PumaTrainer(Trainer):
         return push_to_hub(model, repo_id, token=token or self.args.hub_token, private=self.args.hub_private_repo,
                            revision=revision or getattr(self.args, "hub_revision", None), commit_message=commit_message,
                            **kwargs)
+
+
+def _by_depth(embeddings: torch.Tensor | dict) -> dict:
+    """Embeddings as `{depth: tensor}`; a single tensor (no elastic depths) under the key `None`."""
+    return embeddings if isinstance(embeddings, dict) else {None: embeddings}
+
+
+def _from_depth(embeddings: dict) -> torch.Tensor | dict:
+    """The inverse of `_by_depth`."""
+    return embeddings[None] if list(embeddings) == [None] else embeddings
 
 
 def _means(tracked: dict) -> dict[str, float]:

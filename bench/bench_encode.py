@@ -28,9 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import (CHECKPOINTS, DEFAULT_DATA, check, ensure_checkpoint, load_note, log, markdown_table,
-                    text_flops_per_sequence,
-                    time_interleaved, vision_flops_per_image)
+from common import CHECKPOINTS, DEFAULT_DATA, check, ensure_checkpoint, load_note, log, markdown_table, time_interleaved
+from cost_puma import text_flops_per_sequence, vision_flops_per_image
 from modeling_puma import PumaForEmbedding
 
 

@@ -1,6 +1,7 @@
-"""Training-step cost of PUMA's teachers, of MAC-Loss and of GradCache.
+"""Training-step cost of PUMA's teachers, of MAC-Loss, of GradCache, and of elastic depth with Matryoshka sizes.
 
     python bench/bench_train_step.py [--shape small|2b] [--steps 6] [--batch 16] [--quick]
+    python bench/bench_train_step.py --elastic [--shape small|2b] [--steps 8] [--batch 16] [--threads 1]
 
 Each configuration runs in a fresh process (so peak memory does not mix) on the same random checkpoint (written once
 to puma_bench/qwen2vl-<shape> in the temporary folder, 28 layers) with a LoRA student keeping 12 layers, on the same
@@ -8,6 +9,11 @@ batches: (a) the release recipe: a separate full-depth teacher copy, online; (b)
 teacher; (d) the student alone. Then MAC vs InfoNCE on (d), and GradCache vs plain at the same batch.
 Step time is the median over the timed steps (after one warm-up step); peak memory is the process's peak RSS above
 its RSS after imports (CPU) or the peak allocated memory (GPU). Printed as a markdown table of ratios against the baseline of the same run.
+
+`--elastic` compares, in one process on the same LoRA student and the same batches, a plain MAC step with a step
+training 3 depths x 3 Matryoshka sizes (the grid of 4, 8, 12 layers x a quarter, half and all of the embedding):
+the two alternate step by step (after one warm-up round), so load from other processes falls on both alike; each
+round's ratio is reported with the median and range over rounds, and the 1-minute load average.
 """
 
 import argparse
@@ -22,7 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import BENCH_DIR  # noqa: E402
+from common import BENCH_DIR, LOAD_AVERAGES, load_note, log, time_interleaved  # noqa: E402
 
 
 def checkpoint_for(shape: str) -> str:
@@ -142,6 +148,77 @@ def run_one(spec: dict) -> dict:
     return {"step_s": statistics.median(step_times[1:]), "peak_bytes": peak}
 
 
+def run_elastic(checkpoint: str, batch: int, rounds: int, threads: int, device: str) -> None:
+    """Plain step vs 3 depths x 3 Matryoshka sizes on the same student and batches, interleaved; prints the table."""
+    import peft
+    import torch
+
+    from modeling_puma import PumaForEmbedding
+    from trainer_puma import PumaTrainer, PumaTrainingArguments
+
+    torch.set_num_threads(threads)
+    base = PumaForEmbedding.from_pretrained(checkpoint, num_layers=12, dtype=torch.float32, device_map=device)
+    hidden = base.config.text_config.hidden_size
+    depths, dims = [4, 8, 12], [hidden // 4, hidden // 2, hidden]
+    lora = peft.LoraConfig(r=16, lora_alpha=32, task_type="FEATURE_EXTRACTION",
+                           target_modules=r".*language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj")
+    student = peft.get_peft_model(base, lora)
+    collator = Collator(base)
+    examples = make_examples(batch * (rounds + 1))
+    batches = [collator(examples[i * batch:(i + 1) * batch]) for i in range(rounds + 1)]
+
+    def trainer(**elastic):
+        args = PumaTrainingArguments(output_dir=os.path.join(BENCH_DIR, "out"), per_device_train_batch_size=batch,
+                                     learning_rate=1e-4, report_to=[], use_cpu=device == "cpu", disable_tqdm=True,
+                                     save_strategy="no", loss="mac", **elastic)
+        built = PumaTrainer(model=student, args=args, train_dataset=examples, data_collator=collator)
+        built.current_gradient_accumulation_steps = 1  # set by the training loop, which this bypasses
+        return built
+
+    trainers = {"plain": trainer(), "elastic": trainer(depths=depths, matryoshka_dims=dims)}
+    forwards = []
+    base.model.language_model.register_forward_hook(lambda *a: forwards.append(1))
+    counts = {name: {"next": 0, "forwards": []} for name in trainers}
+
+    def step(name):
+        def run():
+            state = counts[name]
+            student.zero_grad(set_to_none=True)
+            forwards.clear()
+            trainers[name].training_step(student, batches[state["next"]])
+            if device == "cuda":
+                torch.cuda.synchronize()
+            state["forwards"].append(len(forwards))
+            state["next"] += 1
+        return run
+
+    fns = {name: step(name) for name in trainers}
+    log("warm-up round")
+    for fn in fns.values():
+        fn()
+    LOAD_AVERAGES.clear()
+    cpu = {}
+    times = time_interleaved(fns, rounds, cpu)
+    ratios = [e / p for p, e in zip(times["plain"], times["elastic"])]
+    cpu_ratios = [e / p for p, e in zip(cpu["plain"], cpu["elastic"])]
+    print(f"\n{os.path.basename(checkpoint)}: LoRA r16 student keeping 12 of 28 layers, batch {batch} mixed text/image "
+          f"pairs, MAC-Loss, {device} float32, {threads} thread(s); {rounds} interleaved rounds after a warm-up\n")
+    print("| step | median (s) | min-max (s) | CPU median (s) | student forwards per step |")
+    print("|---|---|---|---|---|")
+    names = {"plain": "plain (12 layers, full size)",
+             "elastic": f"{len(depths)} depths x {len(dims)} sizes ({', '.join(map(str, depths))} layers x "
+                        f"{', '.join(map(str, dims))})"}
+    for name, label in names.items():
+        print(f"| {label} | {statistics.median(times[name]):.3f} | {min(times[name]):.3f}-{max(times[name]):.3f} | "
+              f"{statistics.median(cpu[name]):.3f} | {statistics.median(counts[name]['forwards']):g} |")
+    print(f"\n| check | median | min-max over rounds | goal |\n|---|---|---|---|")
+    print(f"| elastic step / plain step (wall) | {statistics.median(ratios):.3f} | {min(ratios):.3f}-{max(ratios):.3f} "
+          f"| <= 1.15 |")
+    print(f"| elastic step / plain step (CPU) | {statistics.median(cpu_ratios):.3f} | "
+          f"{min(cpu_ratios):.3f}-{max(cpu_ratios):.3f} | <= 1.15 |")
+    print("\n" + load_note(threads))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="small", choices=["small", "2b"])
@@ -149,6 +226,9 @@ def main():
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="2 timed steps, batch 8")
+    parser.add_argument("--elastic", action="store_true",
+                        help="only the plain vs 3 depths x 3 Matryoshka sizes comparison (--steps rounds)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the --elastic comparison")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -157,6 +237,9 @@ def main():
     if args.quick:
         args.steps, args.batch = 2, 8
     checkpoint = checkpoint_for(args.shape)
+    if args.elastic:
+        run_elastic(checkpoint, args.batch, args.steps, args.threads, args.device)
+        return
     common = {"checkpoint": checkpoint, "shape": args.shape, "steps": args.steps, "batch": args.batch,
               "device": args.device}
     runs = {

@@ -1,4 +1,5 @@
-"""Helpers shared by the PUMA benchmarks: checkpoint generation, safetensors header sizes, FLOP counts, tables."""
+"""Helpers shared by the PUMA benchmarks: checkpoint generation, safetensors header sizes, timing, tables (FLOP counts
+are in `cost_puma`)."""
 
 import json
 import os
@@ -78,18 +79,6 @@ def kept_bytes(tensors: dict, num_layers: int | None, element_size: int | None =
     return total
 
 
-def text_flops_per_sequence(text_config, num_layers: int, length: int) -> float:
-    """Forward FLOPs of one text sequence of `length` tokens through the embedding, `num_layers` decoder layers
-    and the final norm (no lm_head): 2 FLOPs per weight per token, attention scores and values at full length."""
-    h, inter = text_config.hidden_size, text_config.intermediate_size
-    head_dim = h // text_config.num_attention_heads
-    q, kv = text_config.num_attention_heads * head_dim, text_config.num_key_value_heads * head_dim
-    weights = h * q + 2 * h * kv + q * h + 3 * h * inter  # q, k, v, o projections; gate, up, down of the MLP
-    per_token_layer = 2 * weights + 4 * length * q + 2 * 4 * h  # matmuls, QK^T and AV, two RMSNorms (~4 FLOPs/elem)
-    per_token = num_layers * per_token_layer + 4 * h  # embedding lookup: no FLOPs; final RMSNorm
-    return float(length * per_token)
-
-
 LOAD_AVERAGES = []  # 1-minute load average after each timed pass: other processes on a shared machine skew timings
 
 
@@ -137,15 +126,3 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 def check(value: float, goal: float, at_most: bool) -> str:
     ok = value <= goal if at_most else value >= goal
     return f"{'PASS' if ok else 'FAIL'} ({value:.3f} {'<=' if at_most else '>='} {goal:.3f})"
-
-
-def vision_flops_per_image(vision_config, grid_h: int, grid_w: int) -> float:
-    """Forward FLOPs of Qwen2-VL's vision tower on one image of `grid_h x grid_w` 14-pixel patches: patch embedding,
-    `depth` blocks (bidirectional attention over the image's patches) and the 2x2 patch merger."""
-    e, patches = vision_config.embed_dim, grid_h * grid_w
-    patch_in = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size ** 2
-    mlp = int(e * vision_config.mlp_ratio)
-    block = 2 * (3 * e * e + e * e + 2 * e * mlp) + 4 * patches * e  # qkv, proj, fc1, fc2; QK^T and AV
-    merged = 4 * e
-    merger = 2 * (merged * merged + merged * vision_config.hidden_size) * patches / 4
-    return float(patches * (2 * patch_in * e + vision_config.depth * block) + merger)

@@ -3,13 +3,14 @@ own data paths resolved in a workspace laid out like the real data (UniIR's M-BE
 benchmark). A config naming a file the real dataset lacks fails here."""
 
 import glob
+import json
 import math
 import os
 
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, TINY_DEPTH
 from mbeir_layout import write_mbeir_tree, write_simcse_nli
 
 pytest.importorskip("trl", reason="train.py parses its arguments with trl.TrlParser")
@@ -35,7 +36,7 @@ def workspace(tmp_path_factory):
 def test_every_config_is_covered():
     names = {os.path.basename(path) for path in CONFIGS}
     assert {"puma_stage1_nli.yaml", "puma_stage2_mbeir.yaml", "puma2b_stage1_nli.yaml", "puma2b_stage2_mbeir.yaml",
-            "demo_stage1.yaml", "demo_stage2.yaml", "qwen3vl_embedding2b_stage1_nli.yaml",
+            "demo_stage1.yaml", "demo_stage2.yaml", "demo_elastic.yaml", "qwen3vl_embedding2b_stage1_nli.yaml",
             "qwen3vl_embedding2b_stage2_mbeir.yaml"} <= names
 
 
@@ -54,7 +55,9 @@ def test_config_trains_one_step_on_data_laid_out_like_the_real_one(config, works
                  "--max_steps", "1", "--per_device_train_batch_size", "2", "--use_cpu", "true", "--bf16", "false",
                  "--dataloader_num_workers", "0", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1",
                  "--output_dir", str(tmp_path / "out")]
-    if "num_layers" in settings:  # the tiny base has 6 layers (Qwen3-VL: DeepStack injects after the first 3)
+    if "depths" in settings:  # an elastic config keeps its depths, which end at its num_layers: within the tiny base
+        assert settings["num_layers"] <= TINY_DEPTH
+    elif "num_layers" in settings:  # the tiny base has 6 layers (Qwen3-VL: DeepStack injects after the first 3)
         overrides += ["--num_layers", "4" if base != tiny_checkpoint else "2"]
     monkeypatch.chdir(workspace)
     trainer = main(*make_parser().parse_args_and_config(["--config", config, *overrides]))
@@ -63,6 +66,11 @@ def test_config_trains_one_step_on_data_laid_out_like_the_real_one(config, works
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses and all(math.isfinite(loss) for loss in losses)
     assert os.path.isfile(tmp_path / "out" / "config.json")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    if "depths" in settings:  # every depth's loss is logged and the saved model records the depths it was trained at
+        logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
+        assert all(math.isfinite(logged[f"contrastive_loss_d{depth}"]) for depth in settings["depths"])
+        assert saved["trained_depths"] == settings["depths"]
     # per-module learning rates took effect (a rule matching no parameter would have failed the run)
     rates = {group["initial_lr"] for group in trainer.optimizer.param_groups}
     assert rates == {float(settings["learning_rate"]), *map(float, settings.get("module_learning_rates", {}).values())}

@@ -206,25 +206,76 @@ def test_card_metadata_round_trips_and_describes_the_model(hub_folder, puma):
     assert "| WebQA (qt -> ct) | 81.2 | 90.1 |" in card.content
 
 
+def run_card_blocks(folder, blocks, photo, tmp_path, monkeypatch) -> list[dict]:
+    """Runs the card's code blocks as a user would: in a local clone holding the image the examples read, the repo id
+    pointing at it, the clone's handler.py importable and the project not (the fresh-process test above covers a
+    fresh interpreter). Returns each block's namespace."""
+    clone = tmp_path / "clone"
+    shutil.copytree(folder, clone)
+    shutil.copy(photo, clone / "photo.jpg")
+    monkeypatch.chdir(clone)
+    monkeypatch.syspath_prepend(str(clone))
+    monkeypatch.delitem(sys.modules, "handler", raising=False)
+    for name in ("modeling_puma", "configuration_puma", "hub_puma", "cost_puma"):
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    namespaces = []
+    for index, block in enumerate(blocks):
+        namespaces.append({"__name__": "__main__"})
+        exec(compile(block.replace(REPO_ID, str(clone)), f"<card block {index}>", "exec"), namespaces[-1])
+    return namespaces
+
+
 def test_card_python_code_runs_against_the_folder(hub_folder, photo, tmp_path, monkeypatch):
     pytest.importorskip("sentence_transformers", reason="the card's Sentence Transformers example needs it")
     blocks = python_blocks((hub_folder / "README.md").read_text())
     assert len(blocks) == 3
     assert [("AutoModel" in b, "SentenceTransformer" in b, "EndpointHandler" in b) for b in blocks] == [
         (True, False, False), (False, True, False), (False, False, True)]
-    # As a user would run them: in a local clone holding the image the examples read, the repo id pointing at it, the
-    # clone's handler.py importable and the project not (the fresh-process test above covers a fresh interpreter).
-    clone = tmp_path / "clone"
-    shutil.copytree(hub_folder, clone)
-    shutil.copy(photo, clone / "photo.jpg")
-    monkeypatch.chdir(clone)
-    monkeypatch.syspath_prepend(str(clone))
-    monkeypatch.delitem(sys.modules, "handler", raising=False)
-    for name in ("modeling_puma", "configuration_puma", "hub_puma"):
-        monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    for index, block in enumerate(blocks):
-        exec(compile(block.replace(REPO_ID, str(clone)), f"<card block {index}>", "exec"), {"__name__": "__main__"})
+    run_card_blocks(hub_folder, blocks, photo, tmp_path, monkeypatch)
+
+
+DEPTH_RESULTS = {1: {"WebQA (qt -> ct)": {"Recall@5": 61.5}},
+                 3: {"WebQA (qt -> ct)": {"Recall@5": 81.2, "Recall@10": 90.1}, "NIGHTS (qi -> ci)": {"Recall@5": 30.5}}}
+
+
+def test_card_of_an_elastic_model_tables_each_depth_and_its_code_loads_one(tiny_checkpoint, photo, tmp_path,
+                                                                           monkeypatch):
+    pytest.importorskip("sentence_transformers", reason="the card's Sentence Transformers example needs it")
+    # Given a 3-layer model trained at depths 1, 2, 3 and sizes 16, 64, with results measured at depths 1 and 3
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=3, trained_depths=[1, 2, 3],
+                                             matryoshka_dims=[16, 64])
+    folder = hub_puma.save_hub_folder(model, tmp_path / "puma-elastic", license="apache-2.0", repo_id=REPO_ID,
+                                      depth_results=DEPTH_RESULTS)
+    card = (Path(folder) / "README.md").read_text()
+    # Then the card tables each depth's cost and results: a text query costs d/3 of the layers' FLOPs; an image
+    # also runs the whole vision tower, so its share falls less with depth
+    assert "| trained depths | 1, 2, 3 decoder layers" in card
+    assert "| | 1 layer | 2 layers | 3 layers (full) |" in card
+    assert "| FLOPs, text query | 0.33× | 0.67× | 1.00× |" in card
+    image = [float(cell.strip().rstrip("×")) for cell in re.search(r"\| FLOPs, image \|(.*)\|", card).group(1).split("|")]
+    assert 0.33 < image[0] < image[1] < image[2] == 1.0
+    assert "| WebQA (qt -> ct) Recall@5 | 61.5 |  | 81.2 |" in card and "| NIGHTS (qi -> ci) Recall@5 |  |  | 30.5 |" in card
+    # and its code loads the first layer alone and cuts the embeddings to 16 dimensions, in transformers and in
+    # Sentence Transformers
+    blocks = python_blocks(card)
+    assert len(blocks) == 4 and "num_layers=1" in blocks[1]
+    namespace = run_card_blocks(folder, blocks[1:2], photo, tmp_path, monkeypatch)[0]
+    assert namespace["model"].config.text_config.num_hidden_layers == 1 and namespace["queries"].shape == (1, 16)
+    assert namespace["st_model"][0].model.config.text_config.num_hidden_layers == 1
+    assert namespace["st_model"].encode(["a red circle"]).shape == (1, 16)
+
+
+def test_depth_results_must_name_trained_depths(tiny_checkpoint):
+    elastic = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=3, trained_depths=[1, 3])
+    with pytest.raises(ValueError, match=r"depth_results has depths \[2\] the model was not trained at; its trained "
+                                         r"depths are \[1, 3\]"):
+        hub_puma.build_model_card(elastic, license="apache-2.0", repo_id=REPO_ID, depth_results={2: {"t": {"R@5": 1}}})
+    with pytest.raises(ValueError, match=r"depth_results\[3\] must be a non-empty dict of task"):
+        hub_puma.build_model_card(elastic, license="apache-2.0", repo_id=REPO_ID, depth_results={3: {"t": 80.0}})
+    plain = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=3)
+    with pytest.raises(ValueError, match="depth_results needs a model trained at several depths"):
+        hub_puma.build_model_card(plain, license="apache-2.0", repo_id=REPO_ID, depth_results={3: {"t": {"R@5": 1}}})
 
 
 def test_card_of_non_contiguous_layers_matryoshka_and_no_prompts(tiny_checkpoint):

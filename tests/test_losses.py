@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
 import losses_puma
 from losses_puma import (
     DistillationObjective,
+    ElasticObjective,
     HiddenStateDistillLoss,
     InfoNCELoss,
     KLDistillLoss,
@@ -411,6 +413,182 @@ def test_objective_rejects_a_weight_without_its_loss_or_below_zero(kwargs, name)
         DistillationObjective(InfoNCELoss(), **{"distill_weight": 0.0, **kwargs})
 
 
+# ---------------------------------------------------------------- elastic depths and Matryoshka sizes
+
+
+def _by_depth(depths=(1, 2, 3), batch=5, dim=8, negatives=0, seed=30):
+    """Seeded float64 `(query, positive, negatives or None)`, each `{depth: (rows, dim)}` requiring gradient."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(rows):
+        return {d: torch.randn(rows, dim, generator=generator, dtype=torch.float64).requires_grad_() for d in depths}
+
+    return draw(batch), draw(batch), draw(negatives) if negatives else None
+
+
+@pytest.mark.parametrize("name", ["mac", "infonce"])
+def test_elastic_grid_is_the_weighted_sum_of_the_contrastive_loss_at_every_depth_and_size(name):
+    # Given 3 depths, 3 sizes and 2 hard negatives per pair, with weights per depth and per size
+    query, positive, negatives = _by_depth(negatives=10)
+    modality, negative_modality = [0, 1, 0, 2, 1], [1, 0, 0, 2, 2, 1, 0, 1, 1, 2]
+    contrastive = MACLoss(tau_norm=0.05, tau_hard=0.02) if name == "mac" else InfoNCELoss(temperature=0.05)
+    taus = (0.02, 0.05) if name == "mac" else (0.05, 0.05)
+    depth_weights, dim_weights = {1: 0.2, 2: 0.3, 3: 1.0}, {2: 0.5, 4: 1.0, 8: 2.0}
+    objective = ElasticObjective(DistillationObjective(contrastive, contrastive_weight=0.7, distill_weight=0.0),
+                                 depths=[1, 2, 3], matryoshka_dims=[2, 4, 8], depth_weights=list(depth_weights.values()),
+                                 matryoshka_weights=list(dim_weights.values()))
+
+    out = objective(query, positive, modality=torch.tensor(modality), negatives=negatives,
+                    negative_modality=torch.tensor(negative_modality))
+
+    # Then every pair's loss is the hand-computed loss of the first m coordinates, and the total their weighted sum
+    total = 0.0
+    for depth, alpha in depth_weights.items():
+        candidates = positive[depth].tolist() + negatives[depth].tolist()
+        for dim, beta in dim_weights.items():
+            hand = _hand_contrastive([q[:dim] for q in query[depth].tolist()], [c[:dim] for c in candidates], modality,
+                                     modality + negative_modality, *taus)
+            assert out[f"contrastive_loss_d{depth}_m{dim}"].item() == pytest.approx(hand, rel=1e-10)
+            total += alpha * beta * hand
+    assert out["contrastive_loss"].item() == pytest.approx(total, rel=1e-10)
+    assert out["loss"].item() == pytest.approx(0.7 * total, rel=1e-10)
+    assert len([key for key in out if key.startswith("contrastive_loss_")]) == 9
+    # and the diagnostics are the deepest pair's, here the full depth and size
+    full = contrastive(query[3], positive[3], torch.tensor(modality), negatives[3], torch.tensor(negative_modality))
+    for key in ("pos_sim", "intra_neg_sim", "accuracy"):
+        torch.testing.assert_close(out[key], full[key], rtol=0, atol=0)
+
+
+def test_elastic_diagonal_trains_the_ith_depth_at_the_ith_size_only():
+    query, positive, _ = _by_depth()
+    objective = ElasticObjective(DistillationObjective(InfoNCELoss(0.05), contrastive_weight=1.0, distill_weight=0.0),
+                                 depths=[1, 2, 3], matryoshka_dims=[2, 4, 8], depth_weights=[1.0, 2.0, 3.0],
+                                 pairs="diagonal")
+
+    out = objective(query, positive)
+
+    assert sorted(key for key in out if key.startswith("contrastive_loss_")) == [
+        "contrastive_loss_d1_m2", "contrastive_loss_d2_m4", "contrastive_loss_d3_m8"]
+    expected = sum(weight * InfoNCELoss(0.05)(query[depth][:, :dim], positive[depth][:, :dim])["loss"]
+                   for depth, dim, weight in ((1, 2, 1.0), (2, 4, 2.0), (3, 8, 3.0)))
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-12, atol=0)
+
+
+def test_elastic_with_one_depth_and_the_full_size_is_exactly_the_wrapped_objective():
+    query, positive, negatives = _by_depth(depths=(3,), negatives=5)
+    teacher_query, teacher_positive, teacher_negatives = (t[3].detach() for t in _by_depth((3,), negatives=5, seed=31))
+    modality, negative_modality = torch.tensor([0, 1, 0, 2, 1]), torch.tensor([1, 1, 0, 2, 0])
+    objective = DistillationObjective(MACLoss(0.03, 0.02), HiddenStateDistillLoss("mse", 0.05), KLDistillLoss(0.05),
+                                      contrastive_weight=0.9, distill_weight=0.1, kl_weight=0.3)
+    arguments = (teacher_query, teacher_positive, modality)
+
+    plain = objective(query[3], positive[3], *arguments, negatives[3], negative_modality, teacher_negatives)
+    plain_grads = torch.autograd.grad(plain["loss"], (query[3], positive[3], negatives[3]))
+    elastic = ElasticObjective(objective, depths=[3])(query, positive, *arguments, negatives, negative_modality,
+                                                      teacher_negatives)
+    elastic_grads = torch.autograd.grad(elastic["loss"], (query[3], positive[3], negatives[3]))
+
+    for key, value in plain.items():
+        torch.testing.assert_close(elastic[key], value, rtol=0, atol=0)
+    for got, expected in zip(elastic_grads, plain_grads):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert set(elastic) - set(plain) == {"contrastive_loss_d3", "accuracy_d3"}
+
+
+def test_the_teacher_distils_the_deepest_depth_and_self_distillation_pulls_the_others_towards_it():
+    # Given no contrastive term, an MSE teacher term and cosine self-distillation
+    query, positive, _ = _by_depth()
+    teacher_query, teacher_positive = (t[3].detach() for t in _by_depth(seed=32)[:2])
+    objective = ElasticObjective(
+        DistillationObjective(InfoNCELoss(0.05), HiddenStateDistillLoss("mse", 1.0), contrastive_weight=0.0,
+                              distill_weight=0.5),
+        depths=[1, 2, 3], self_distill=HiddenStateDistillLoss("cosine", 1.0), self_distill_weight=0.25)
+
+    out = objective(query, positive, teacher_query, teacher_positive)
+
+    # Then the teacher term is the deepest depth's MSE and each shallower depth's cosine distance is to depth 3
+    mse = F.mse_loss(query[3], teacher_query) + F.mse_loss(positive[3], teacher_positive)
+
+    def distance(student, target):
+        return sum(1 - _cos(u, v) for u, v in zip(student.tolist(), target.tolist())) / len(student)
+
+    self_terms = {d: distance(query[d], query[3]) + distance(positive[d], positive[3]) for d in (1, 2)}
+    assert out["distill_loss"].item() == pytest.approx(mse.item(), rel=1e-10)
+    assert out["self_distill_loss_d1"].item() == pytest.approx(self_terms[1], rel=1e-10)
+    assert out["loss"].item() == pytest.approx(0.5 * mse.item() + 0.25 * sum(self_terms.values()), rel=1e-10)
+    # and the deepest depth, the target, gets the teacher term's gradient alone
+    got = torch.autograd.grad(out["loss"], query[3])[0]
+    expected = torch.autograd.grad(0.5 * F.mse_loss(query[3], teacher_query), query[3])[0]
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
+def test_self_kl_distils_every_other_pair_towards_the_deepest_depth_at_full_size():
+    query, positive, _ = _by_depth()
+    objective = ElasticObjective(
+        DistillationObjective(InfoNCELoss(0.05), contrastive_weight=0.0, distill_weight=0.0),
+        depths=[1, 2, 3], matryoshka_dims=[4, 8], self_kl=KLDistillLoss(0.05), self_kl_weight=2.0)
+
+    out = objective(query, positive)
+
+    pairs = [(1, 4), (1, 8), (2, 4), (2, 8), (3, 4)]  # not (3, 8): the deepest depth at full size is the target
+    assert {key for key in out if key.startswith("self_kl_loss")} == {f"self_kl_loss_d{d}_m{m}" for d, m in pairs}
+    target = (query[3].detach(), positive[3].detach())
+    expected = sum(KLDistillLoss(0.05)(query[d][:, :m], positive[d][:, :m], *target)["loss"] for d, m in pairs)
+    torch.testing.assert_close(out["loss"], 2.0 * expected, rtol=1e-12, atol=0)
+    # the target is detached: the deepest depth's last coordinates, beyond every smaller size, get no gradient
+    assert torch.all(torch.autograd.grad(out["loss"], query[3])[0][:, 4:] == 0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"depths": [2, 1]}, r"depths must be strictly increasing, got \[2, 1\]"),
+        ({"depths": []}, r"depths must be a non-empty list, got \[\]"),
+        ({"depths": [0, 3]}, "depths must be positive integers"),
+        ({"depth_weights": [1.0]}, r"depth_weights must be a list of 3 weights, one per entry of depths, got \[1.0\]"),
+        ({"matryoshka_dims": [4, 8], "matryoshka_weights": [1.0, -1.0]}, "matryoshka_weights must be finite and >= 0"),
+        ({"matryoshka_weights": [1.0]}, "matryoshka_weights must be None without matryoshka_dims"),
+        ({"pairs": "random"}, "pairs must be one of .*got 'random'"),
+        ({"matryoshka_dims": [4, 8], "pairs": "diagonal"}, r"one size per depth \(3\) with pairs='diagonal'"),
+        ({"depths": [3], "self_distill": HiddenStateDistillLoss()}, "self_distill must be None with a single depth"),
+        ({"self_kl_weight": 0.5}, "self_kl_weight must be 0 when its loss is not given"),
+        ({"self_kl": KLDistillLoss(gather_across_devices=True)}, "self_kl gather settings must be those of"),
+        ({"depths": [3], "self_kl": KLDistillLoss()}, "self_kl must be None when the only pair is the deepest"),
+    ],
+)
+def test_elastic_objective_rejects_bad_settings_naming_them(kwargs, match):
+    arguments = {"depths": [1, 2, 3], **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ElasticObjective(DistillationObjective(InfoNCELoss(), distill_weight=0.0), **arguments)
+
+
+def test_elastic_objective_rejects_missing_depths_and_oversized_dims_at_call_time():
+    query, positive, _ = _by_depth(depths=(1, 3))
+    objective = ElasticObjective(DistillationObjective(InfoNCELoss(), distill_weight=0.0), depths=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"query depths must be a dict holding the embeddings at every depth of "
+                                         r"\[1, 2, 3\], got \[1, 3\]"):
+        objective(query, positive)
+    query, positive, _ = _by_depth()
+    too_wide = ElasticObjective(DistillationObjective(InfoNCELoss(), distill_weight=0.0), depths=[3],
+                                matryoshka_dims=[16])
+    with pytest.raises(ValueError, match="matryoshka_dims entry must be <= the embedding size 8, got 16"):
+        too_wide(query, positive)
+
+
+def test_elastic_objective_config_and_citations():
+    objective = ElasticObjective(DistillationObjective(MACLoss(0.03), distill_weight=0.0), depths=[1, 2],
+                                 matryoshka_dims=[4, 8], pairs="diagonal", self_kl=KLDistillLoss(0.03),
+                                 self_kl_weight=0.5)
+
+    config = objective.get_config_dict()
+
+    assert config["depths"] == [1, 2] and config["depth_weights"] == [1.0, 1.0] and config["pairs"] == "diagonal"
+    assert config["matryoshka_dims"] == [4, 8] and config["matryoshka_weights"] == [1.0, 1.0]
+    assert config["objective"]["contrastive"]["loss"] == "MACLoss" and config["self_kl"]["loss"] == "KLDistillLoss"
+    assert config["self_distill"] is None and config["self_kl_weight"] == 0.5
+    assert all(arxiv in objective.citation for arxiv in ("2507.08064", "2410.13230", "2402.14776"))
+
+
 # ---------------------------------------------------------------- construction, config, citation
 
 
@@ -491,6 +669,8 @@ SCENARIOS = (
     "hidden_state",
     "objective_global",
     "plain_gather",
+    "elastic_global",
+    "elastic_local",
 )
 
 
@@ -527,6 +707,17 @@ def _scenario_loss(name, student, teacher, batch):
     if name == "objective_global":
         objective = DistillationObjective(mac, HiddenStateDistillLoss(), kl, 0.9, 0.1, 0.5)
         return objective(q, c, tq, tc, m, n, nm, tn)["loss"]
+    if name.startswith("elastic"):  # "depth 2" is a further function of "depth 1"; sizes 3 and all 5
+        objective = ElasticObjective(
+            DistillationObjective(mac, HiddenStateDistillLoss(), kl, 0.9, 0.1, 0.5), depths=[1, 2],
+            matryoshka_dims=[3, 5], depth_weights=[0.5, 1.0], self_distill=HiddenStateDistillLoss("cosine", 1.0),
+            self_kl=KLDistillLoss(0.05, gather_across_devices=True, local_loss=local), self_distill_weight=0.2,
+            self_kl_weight=0.3)
+
+        def depths(x):
+            return {1: x, 2: x + torch.tanh(x)}
+
+        return objective(depths(q), depths(c), tq, tc, m, depths(n), nm, tn)["loss"]
     return MACLoss(0.05, 0.02, gather_across_devices=True, gather_with_grad=False)(q, c, m, n, nm)["loss"]
 
 

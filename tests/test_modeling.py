@@ -351,6 +351,23 @@ def test_puma_checkpoint_can_be_pruned_further(tiny_checkpoint, images, tmp_path
         PumaForEmbedding.from_pretrained(str(tmp_path / "puma"), kept_layers=[3])
 
 
+def test_a_trained_depth_of_an_elastic_checkpoint_loads_through_auto_model(tiny_checkpoint, images, tmp_path):
+    from transformers import AutoModel
+
+    # Given a checkpoint trained at depths 1, 2 and 3 of its 3 layers
+    elastic = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=3, trained_depths=[1, 2, 3])
+    elastic.save_pretrained(tmp_path / "elastic")
+    # When AutoModel loads its first 2 layers (the config it reads first still lists depth 3)
+    model = AutoModel.from_pretrained(str(tmp_path / "elastic"), trust_remote_code=True, num_layers=2)
+    # Then it holds 2 layers, keeps the depths trained up to 2, and embeds as the 3-layer model does at depth 2
+    assert model.config.kept_layers == [0, 1] and model.config.trained_depths == [1, 2]
+    features = features_for(elastic, inputs_of_every_kind(images))
+    with torch.no_grad():
+        expected = elastic(**features, output_depths=[2]).depth_embeddings[2]
+        got = model(**features).raw_embeddings
+    assert (got - expected).abs().max() <= TOL
+
+
 def test_save_writes_auto_map_model_files_and_processor(tiny_checkpoint, tmp_path):
     model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2)
     model.save_pretrained(tmp_path / "puma")

@@ -228,7 +228,10 @@ def test_a_retrained_teacher_of_the_same_file_sizes_makes_the_cache_stale(tiny_c
 @pytest.mark.parametrize("objective", [
     dict(loss="mac", tau_norm=0.05),
     dict(loss="infonce", distill="mse", distill_weight=0.1, contrastive_weight=0.9, kl_weight=0.3, teacher="cached"),
-])
+    dict(loss="mac", tau_norm=0.05, depths=[1, 2, 3], matryoshka_dims=[16, 64], depth_weights=[0.5, 0.5, 1.0],
+         distill="mse", distill_weight=0.1, kl_weight=0.3, teacher="cached", self_distill="cosine",
+         self_distill_weight=0.2, self_kl_weight=0.3),
+], ids=["mac", "infonce-distill", "elastic"])
 def test_grad_cache_gradients_equal_the_plain_step(tiny_checkpoint, images, tmp_path, objective):
     # Without dropout the cached step must equal the plain one; the replay under dropout is tested below. float64
     # keeps summation-order rounding far below the tolerance (1/tau scales the gradients to ~10).
@@ -264,6 +267,77 @@ def test_grad_cache_gradients_equal_the_plain_step(tiny_checkpoint, images, tmp_
     assert plain.keys() == cached.keys() and len(plain) > 0
     for name in plain:
         assert (plain[name] - cached[name]).abs().max() <= 1e-5, name
+
+
+def test_an_elastic_step_is_one_forward_and_equals_the_loss_of_the_separately_loaded_truncated_models(
+        tiny_checkpoint, images, tmp_path):
+    # Given a 3-layer student trained at depths 1, 2, 3 and sizes 16, 64 with the separate teacher and
+    # self-distillation
+    student = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=3)
+    dataset = PairDataset(images)
+    collator = Collator(student.processor, student.config)
+    args = training_args(tmp_path, loss="mac", tau_norm=0.05, depths=[1, 2, 3], depth_weights=[0.2, 0.3, 1.0],
+                         matryoshka_dims=[16, 64], distill="mse", distill_weight=0.1, kl_weight=0.2, teacher="separate",
+                         teacher_model=tiny_checkpoint, self_distill="mse", self_distill_weight=0.05,
+                         self_kl_weight=0.3)
+    trainer = PumaTrainer(model=student, args=args, train_dataset=dataset, data_collator=collator)
+    batch = one_batch(dataset, collator)
+    forwards = []
+    hook = student.model.language_model.register_forward_hook(lambda *a: forwards.append(1))
+    # When one step's loss is computed
+    try:
+        with torch.no_grad():
+            loss, outputs = trainer.compute_loss(student, batch, return_outputs=True)
+    finally:
+        hook.remove()
+    # Then the student ran once per feature group, and the loss is the objective on the embeddings of models loaded
+    # with 1, 2 and 3 layers and of the full-depth teacher
+    assert len(forwards) == 2
+    embeddings = {"query": {}, "candidate": {}}
+    with torch.no_grad():
+        for depth in (1, 2, 3):
+            model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=depth)
+            for group in embeddings:
+                embeddings[group][depth] = model(**batch[group]).raw_embeddings
+        teacher = PumaForEmbedding.from_pretrained(tiny_checkpoint)
+        expected = args.build_objective().compute_loss_from_embeddings(
+            embeddings["query"], embeddings["candidate"], teacher(**batch["query"]).raw_embeddings,
+            teacher(**batch["candidate"]).raw_embeddings, modality=batch["modality"])
+    for key in ("loss", "contrastive_loss_d1_m16", "contrastive_loss_d2_m64", "distill_loss", "kl_loss",
+                "self_distill_loss_d1", "self_kl_loss_d2_m16"):
+        assert outputs[key].item() == pytest.approx(expected[key].item(), abs=1e-5), key
+    # and every pair's component is logged; the saved config records the depths and sizes
+    logs = {"loss": loss.item()}
+    trainer.log(logs)
+    assert {f"contrastive_loss_d{d}_m{m}" for d in (1, 2, 3) for m in (16, 64)} <= set(logs)
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["trained_depths"] == [1, 2, 3] and saved["matryoshka_dims"] == [16, 64]
+
+
+def test_elastic_settings_are_checked_naming_the_option(tiny_checkpoint, images, tmp_path):
+    with pytest.raises(ValueError, match=r"elastic_pairs='random' is not one of \('grid', 'diagonal'\)"):
+        training_args(tmp_path, depths=[1, 2], elastic_pairs="random")
+    with pytest.raises(ValueError, match=r"depths must be strictly increasing, got \[2, 1\]"):
+        training_args(tmp_path, depths=[2, 1])
+    with pytest.raises(ValueError, match=r"matryoshka_dims must be one size per depth \(3\) with pairs='diagonal', got \[16, 32\]"):
+        training_args(tmp_path, depths=[1, 2, 3], matryoshka_dims=[16, 32], elastic_pairs="diagonal")
+    with pytest.raises(ValueError, match="self_distill_weight=0.1 needs self_distill='mse' or 'cosine'"):
+        training_args(tmp_path, depths=[1, 2], self_distill_weight=0.1)
+    with pytest.raises(ValueError, match="set depths"):
+        training_args(tmp_path, self_kl_weight=0.1)
+    student = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=3)
+    collator = Collator(student.processor, student.config)
+    with pytest.raises(ValueError, match=r"depths must end at the model's kept depth 3 .*got \[1, 2\]"):
+        PumaTrainer(model=student, args=training_args(tmp_path, depths=[1, 2]), train_dataset=PairDataset(images),
+                    data_collator=collator)
+    with pytest.raises(ValueError, match=r"matryoshka_dims \[128\] exceed the embedding size 64"):
+        PumaTrainer(model=student, args=training_args(tmp_path, matryoshka_dims=[32, 128]),
+                    train_dataset=PairDataset(images), data_collator=collator)
+    # Matryoshka sizes alone train the kept depth
+    trainer = PumaTrainer(model=student, args=training_args(tmp_path, matryoshka_dims=[32, 64]),
+                          train_dataset=PairDataset(images), data_collator=collator)
+    assert trainer.objective.depths == [3] and trainer.objective.matryoshka_dims == [32, 64]
 
 
 def test_rand_context_replays_dropout_masks(tiny_checkpoint, images):
