@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from common import check, log, markdown_table, time_interleaved
-from eval_puma import _import_faiss, encode_cached, search_index, torch_search
+from puma_eval.encoding import encode_cached
+from puma_eval.index import import_faiss as _import_faiss, search_index, torch_search
 from modeling_puma import PumaForEmbedding
 from tiny_qwen2vl import build_tiny_qwen2vl
 
