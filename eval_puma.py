@@ -5,7 +5,7 @@ MMEB (VLM2Vec's format), semantic search over a folder or JSONL corpus, and trai
     python eval_puma.py --model my-puma --mbeir-root M-BEIR --out eval_out                # 16 tasks, local pools
     python eval_puma.py --model my-puma --mbeir-root M-BEIR --pool global --index ivf-sq8 --tasks cirr_task7
     accelerate launch eval_puma.py --model my-puma --mbeir-root M-BEIR                    # pools sharded over GPUs
-    accelerate launch --cpu --num_processes 2 eval_puma.py --model my-puma --mbeir-root demo_data   # CPU processes
+    accelerate launch --multi_gpu --num_processes 2 eval_puma.py ...   # on a machine without GPUs: 2 CPU processes
     python eval_puma.py mmeb --model my-puma --mmeb-root MMEB-eval --out mmeb_out
     python eval_puma.py search --model my-puma --corpus photos/ --query "a dog on a beach" --top-k 5
     python eval_puma.py curves --trainer-state out/trainer_state.json --out curves.png
