@@ -8,7 +8,7 @@ the GPUs faiss sees, saved to disk and reused when their fingerprint matches.
 | `flat-fp16` | `SQfp16` | 2d | exhaustive on float16 vectors |
 | `ivf-flat` | `IVF{nlist},Flat` | 4d + 8 | `nprobe` of `nlist` lists |
 | `ivf-sq8` | `IVF{nlist},SQ8` | d + 8 | `nprobe` lists, 8-bit scalar quantised |
-| `ivf-pq` | `IVF{nlist},PQ{m}` | m + 8 | `nprobe` lists, product quantised (m bytes) |
+| `ivf-pq` | `IVF{nlist},PQ{m}np` | m + 8 | `nprobe` lists, product quantised (m bytes) |
 | `hnsw` | `HNSW{M},Flat` | 4d + ~8M | graph, beam `ef_search` |
 | `hnsw-sq8` | `HNSW{M},SQ8` | d + ~8M | graph on 8-bit vectors |
 
@@ -100,7 +100,7 @@ class IndexSpec:
     def factory(self) -> str:
         """The faiss `index_factory` string."""
         return {"flat": "Flat", "flat-fp16": "SQfp16", "ivf-flat": f"IVF{self.nlist},Flat",
-                "ivf-sq8": f"IVF{self.nlist},SQ8", "ivf-pq": f"IVF{self.nlist},PQ{self.pq_m}",
+                "ivf-sq8": f"IVF{self.nlist},SQ8", "ivf-pq": f"IVF{self.nlist},PQ{self.pq_m}np",
                 "hnsw": f"HNSW{self.hnsw_m},Flat", "hnsw-sq8": f"HNSW{self.hnsw_m},SQ8"}[self.kind]
 
     @property
