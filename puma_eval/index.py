@@ -166,7 +166,8 @@ def _training_sample(num_rows: int, chunks, wanted: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(sample)[:wanted])
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
+    """Bytes the kernel can give without swapping (MemAvailable), or `None` where /proc/meminfo is absent."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -206,7 +207,7 @@ def build_index(source, kind: str = "flat", *, use_gpu: bool | None = None, show
         raise ValueError("There are no vectors to index.")
     spec = IndexSpec(kind, num_rows, dim, **options)
     estimate = index_memory_bytes(spec)
-    available = _available_memory()
+    available = available_memory()
     logger.info(f"Building a {kind} index ({spec.factory}) of {num_rows:,} x {dim} vectors: about "
                 f"{estimate / 2**30:.2f} GiB" + (f" ({available / 2**30:.1f} GiB available)" if available else ""))
     if available is not None and estimate > available:
