@@ -48,8 +48,9 @@ def summarize(results: list[dict], full_average: dict[str, float] | None = None)
     `full_average` gives each system's own published average, used when every task of the benchmark ran (the
     M-BEIR table's); otherwise the published average is the mean of the published figures of the tasks that ran.
     """
-    keys = ["score", *[f"recall@{k}" for k in K_VALUES], *[f"ndcg@{k}" for k in K_VALUES], f"mrr@{max(K_VALUES)}"]
-    keys = [key for key in keys if all(key in result for result in results)]
+    # every score the rows share (counts are not scores)
+    keys = [key for key, value in results[0].items() if isinstance(value, float) and
+            all(isinstance(result.get(key), float) for result in results)]
     average = {key: sum(result[key] for result in results) / len(results) for key in keys}
     published = {}
     if results and all(result["published"] for result in results):
