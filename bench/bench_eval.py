@@ -245,12 +245,12 @@ def bench_indexes(args) -> None:
     faiss = import_faiss()
     n, dim = args.index_size, args.index_dims
     rows = []
-    for data_kind in ("random", "clustered"):
+    for data_kind in ("clustered", "random"):
         path = os.path.join(args.data_dir, f"{data_kind}_{n}x{dim}.npy")
         os.makedirs(args.data_dir, exist_ok=True)
         data, queries = make_vectors(path, data_kind, n, dim, args.index_queries)
         shards = MappedShards(data)
-        nlist = IndexSpec("ivf-flat", n, dim).nlist
+        nlist = IndexSpec("ivf-flat", n, dim, nlist=args.nlist).nlist
         log(f"(c) {data_kind}: k-means of {nlist} coarse centroids")
         start = time.perf_counter()
         sample = np.ascontiguousarray(data[::max(1, n // (MIN_TRAIN_POINTS_PER_LIST * nlist))])
@@ -266,7 +266,7 @@ def bench_indexes(args) -> None:
             subset = kind.startswith("hnsw") and args.hnsw_size < n
             size = args.hnsw_size if subset else n
             part = MappedShards(data[:size]) if subset else shards
-            spec = IndexSpec(kind, size, dim, nprobe=args.nprobe)
+            spec = IndexSpec(kind, size, dim, nprobe=args.nprobe, nlist=args.nlist if kind.startswith("ivf") else None)
             if ("flat", size) not in truth:  # the exact top 10 on these candidates
                 reference = build_for_bench(part, IndexSpec("flat", size, dim), None)
                 truth[("flat", size)] = search_index(reference, queries, TOP_K)[1]
@@ -289,12 +289,12 @@ def bench_indexes(args) -> None:
             rows.append([data_kind, kind, f"{size:,}", f"{recall:.4f}", f"{memory / 2**30:.3f}",
                          f"{estimate / 2**30:.3f}", f"{build:.0f}",
                          f"{statistics.median(times):.3f} ({min(times):.3f}-{max(times):.3f})",
-                         f"{index_memory_bytes(IndexSpec(kind, 5_600_000, dim, nprobe=args.nprobe)) / 2**30:.1f}"])
+                         f"{index_memory_bytes(IndexSpec(kind, 5_600_000, dim)) / 2**30:.1f}"])
             log("    " + " | ".join(rows[-1]))
             del index
         del data, shards
     print(f"\n### (c) Index kinds: {n:,} candidates of {dim} dimensions, {args.index_queries} queries, top-{TOP_K}, "
-          f"nprobe {args.nprobe}, float32 on CPU ({torch.get_num_threads()} threads)\n")
+          f"nlist {nlist}, nprobe {args.nprobe}, float32 on CPU ({torch.get_num_threads()} threads)\n")
     print(markdown_table(["data", "index", "candidates", "Recall@10 vs flat", "memory (GiB)", "estimate (GiB)",
                           "build (s)", "search (ms/query, median (range) of 3)", "estimate at 5.6 M (GiB)"], rows))
 
@@ -363,6 +363,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timed-queries", type=int, default=200, help="queries per timed search pass of (c)")
     parser.add_argument("--hnsw-size", type=int, default=50_000, help="candidates of the HNSW kinds in (c)")
     parser.add_argument("--nprobe", type=int, default=64, help="IVF lists searched per query in (c)")
+    parser.add_argument("--nlist", type=int, help="IVF lists in (c) (default: 4*sqrt(n), as eval_puma.py)")
     parser.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "puma_bench_eval"),
                         help="where (c) keeps its generated vectors (float32 files, reused by the next run)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per setting (best reported)")
