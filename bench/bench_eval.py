@@ -245,7 +245,7 @@ def bench_indexes(args) -> None:
     faiss = import_faiss()
     n, dim = args.index_size, args.index_dims
     rows = []
-    for data_kind in ("clustered", "random"):
+    for data_kind in args.data_kinds:
         path = os.path.join(args.data_dir, f"{data_kind}_{n}x{dim}.npy")
         os.makedirs(args.data_dir, exist_ok=True)
         data, queries = make_vectors(path, data_kind, n, dim, args.index_queries)
@@ -262,7 +262,7 @@ def bench_indexes(args) -> None:
         lists = np.concatenate([quantizer.search(chunk, 1)[1][:, 0] for chunk in shards.chunks()])
         centroid_time = time.perf_counter() - start
         truth = {}
-        for kind in INDEX_KINDS:
+        for kind in args.kinds:
             subset = kind.startswith("hnsw") and args.hnsw_size < n
             size = args.hnsw_size if subset else n
             part = MappedShards(data[:size]) if subset else shards
@@ -291,6 +291,20 @@ def bench_indexes(args) -> None:
                          f"{statistics.median(times):.3f} ({min(times):.3f}-{max(times):.3f})",
                          f"{index_memory_bytes(IndexSpec(kind, 5_600_000, dim)) / 2**30:.1f}"])
             log("    " + " | ".join(rows[-1]))
+            for nprobe in args.nprobe_sweep if kind.startswith("ivf") else ():  # the same index, more lists probed
+                swept = IndexSpec(kind, size, dim, nprobe=nprobe, nlist=spec.nlist)
+                set_search_parameters(index, swept)
+                found = search_index(index, queries, TOP_K)[1]
+                recall = float(np.mean([len(set(f) & set(e)) / TOP_K for f, e in zip(found.tolist(), exact.tolist())]))
+                times = []
+                for _ in range(3):
+                    start = time.perf_counter()
+                    search_index(index, timed, TOP_K)
+                    times.append((time.perf_counter() - start) / len(timed) * 1000)
+                rows.append([data_kind, f"{kind}, nprobe {nprobe}", f"{size:,}", f"{recall:.4f}", rows[-1][4],
+                             rows[-1][5], rows[-1][6], f"{statistics.median(times):.3f} ({min(times):.3f}-{max(times):.3f})",
+                             rows[-1][8]])
+                log("    " + " | ".join(rows[-1]))
             del index
         del data, shards
     print(f"\n### (c) Index kinds: {n:,} candidates of {dim} dimensions, {args.index_queries} queries, top-{TOP_K}, "
@@ -363,6 +377,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timed-queries", type=int, default=200, help="queries per timed search pass of (c)")
     parser.add_argument("--hnsw-size", type=int, default=50_000, help="candidates of the HNSW kinds in (c)")
     parser.add_argument("--nprobe", type=int, default=64, help="IVF lists searched per query in (c)")
+    parser.add_argument("--nprobe-sweep", type=int, nargs="*", default=[128, 256],
+                        help="further nprobe values searched on each IVF index of (c)")
+    parser.add_argument("--kinds", nargs="+", default=list(INDEX_KINDS), choices=INDEX_KINDS, help="index kinds of (c)")
+    parser.add_argument("--data-kinds", nargs="+", default=["clustered", "random"], choices=["clustered", "random"],
+                        help="data sets of (c)")
     parser.add_argument("--nlist", type=int, help="IVF lists in (c) (default: 4*sqrt(n), as eval_puma.py)")
     parser.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "puma_bench_eval"),
                         help="where (c) keeps its generated vectors (float32 files, reused by the next run)")
