@@ -19,10 +19,12 @@ several processes, as `eval_puma.py` runs them.
     faiss.write_index writes it: what it holds in memory) beside the estimate `eval_puma.py` prints, build time,
     and search time per query (a batch of `--timed-queries`; median and range of 3 passes). The IVF kinds share one
     coarse quantiser and list assignment per data set (faiss's spherical k-means on 39 points per list, 10
-    iterations; its time is added to each IVF kind's build time); HNSW kinds are built on the first `--hnsw-size` vectors only, since an HNSW graph
-    of 10^6 vectors takes hours on 2 CPU cores; their recall is then relative to flat on that subset.
-(d) Encoding throughput of `accelerate launch eval_puma.py`'s sharded encoding with 1 process (all threads) vs 2 CPU
-    processes (one thread each, gloo), on the tiny model: the items/s between the first and the last barrier.
+    iterations; its time is added to each IVF kind's build time); HNSW kinds are built on the first `--hnsw-size`
+    vectors only, since an HNSW graph of 10^6 vectors takes hours on 2 CPU cores; their recall is then relative to
+    flat on that subset. `--nprobe-sweep` searches each IVF index again with more lists probed.
+(d) Encoding throughput of `accelerate launch eval_puma.py`'s sharded encoding with 1 process (1 thread, then all
+    threads) vs 2 CPU processes (gloo, the threads split between them), on the tiny model: the items/s between the
+    first and the last barrier.
 Timed passes alternate between the settings compared (other processes on a shared machine then slow both alike);
 the best of `--repeats` passes is reported unless said otherwise.
 
@@ -166,7 +168,8 @@ class ClusteredModel:
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         labels = torch.randint(len(self.centres), (n,), generator=generator)
-        points = self.mean + self.centres[labels] + 0.6 * self.shaped(torch.randn(n, len(self.mean), generator=generator))
+        noise = self.shaped(torch.randn(n, len(self.mean), generator=generator))
+        points = self.mean + self.centres[labels] + 0.6 * noise
         return torch.nn.functional.normalize(points, dim=-1)
 
 
@@ -301,9 +304,9 @@ def bench_indexes(args) -> None:
                     start = time.perf_counter()
                     search_index(index, timed, TOP_K)
                     times.append((time.perf_counter() - start) / len(timed) * 1000)
-                rows.append([data_kind, f"{kind}, nprobe {nprobe}", f"{size:,}", f"{recall:.4f}", rows[-1][4],
-                             rows[-1][5], rows[-1][6], f"{statistics.median(times):.3f} ({min(times):.3f}-{max(times):.3f})",
-                             rows[-1][8]])
+                timing = f"{statistics.median(times):.3f} ({min(times):.3f}-{max(times):.3f})"
+                rows.append([data_kind, f"{kind}, nprobe {nprobe}", f"{size:,}", f"{recall:.4f}", *rows[-1][4:7],
+                             timing, rows[-1][8]])
                 log("    " + " | ".join(rows[-1]))
             del index
         del data, shards
@@ -353,9 +356,11 @@ def bench_processes(args) -> None:
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
                 output = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
                 results[(processes, threads)].append(json.loads(output.strip().splitlines()[-1])["items_per_s"])
-                log(f"(d) {processes} process(es) x {threads} thread(s): {results[(processes, threads)][-1]:.1f} items/s")
+                speed = results[(processes, threads)][-1]
+                log(f"(d) {processes} process(es) x {threads} thread(s): {speed:.1f} items/s")
     base = max(results[settings[0]])
-    print(f"\n### (d) Sharded encoding under accelerate launch: {args.pool_size} texts, tiny model ({args.layers} layers), "
+    print(f"\n### (d) Sharded encoding under accelerate launch: {args.pool_size} texts, tiny model "
+          f"({args.layers} layers), "
           f"batch {args.batch_size}, {cores} CPU cores, best of {args.repeats}\n")
     print(markdown_table(["processes x threads", "items/s (best)", "all passes", "ratio to 1 x 1"],
                          [[f"{p} x {t}", max(results[(p, t)]), str([round(x, 1) for x in results[(p, t)]]),

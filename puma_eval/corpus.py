@@ -93,7 +93,8 @@ class CorpusIndex:
         ids, items, root = load_corpus(corpus)
         return cls(model, ids, items, root, name=file_stem(os.path.normpath(os.fspath(corpus))), **kwargs)
 
-    def search(self, query: str | None = None, image=None, top_k: int = 5, instruction: str | None = None) -> list[dict]:
+    def search(self, query: str | None = None, image=None, top_k: int = 5,
+               instruction: str | None = None) -> list[dict]:
         """The `top_k` items closest to the query (text, image path or PIL image, or both): dicts with `rank`,
         `score`, `id`, `text`, `image` (the item's path, relative to `root`)."""
         if query is None and image is None:
@@ -107,7 +108,8 @@ class CorpusIndex:
 
 
 def search_corpus(model, corpus, query: str | None = None, image=None, top_k: int = 5,
-                  instruction: str | None = None, batch_size: int = 16, cache_dir=None, index: str = "flat") -> list[dict]:
+                  instruction: str | None = None, batch_size: int = 16, cache_dir=None,
+                  index: str = "flat") -> list[dict]:
     """The `top_k` corpus items closest to the query (text, image or both): dicts with `rank`, `score`, `id`,
     `text`, `image`."""
     if query is None and image is None:

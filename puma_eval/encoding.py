@@ -107,7 +107,8 @@ def encode_items(model, items: list[dict], instructions: list[str | None] | None
         groups.setdefault(instruction, []).append(index)
     out = torch.empty(len(items), model.config.text_config.hidden_size)
     for instruction, indices in groups.items():
-        inputs = [{"text": items[i].get("text"), "image": join_path(image_root, items[i].get("image"))} for i in indices]
+        inputs = [{"text": items[i].get("text"), "image": join_path(image_root, items[i].get("image"))}
+                  for i in indices]
         out[indices] = model.encode(inputs, instruction=instruction, is_query=is_query, batch_size=batch_size,
                                     show_progress_bar=False)
     return out

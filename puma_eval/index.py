@@ -6,6 +6,7 @@ the GPUs faiss sees, saved to disk and reused when their fingerprint matches.
 |---|---|---|---|
 | `flat` | `Flat` | 4d | exact (the reported protocol) |
 | `flat-fp16` | `SQfp16` | 2d | exhaustive on float16 vectors |
+| `flat-sq8` | `SQ8` | d | exhaustive on 8-bit scalar-quantised vectors |
 | `ivf-flat` | `IVF{nlist},Flat` | 4d + 8 | `nprobe` of `nlist` lists |
 | `ivf-sq8` | `IVF{nlist},SQ8` | d + 8 | `nprobe` lists, 8-bit scalar quantised |
 | `ivf-pq` | `IVF{nlist},PQ{m}np` | m + 8 | `nprobe` lists, product quantised (m bytes) |
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-INDEX_KINDS = ("flat", "flat-fp16", "ivf-flat", "ivf-sq8", "ivf-pq", "hnsw", "hnsw-sq8")
+INDEX_KINDS = ("flat", "flat-fp16", "flat-sq8", "ivf-flat", "ivf-sq8", "ivf-pq", "hnsw", "hnsw-sq8")
 # Kinds faiss runs on GPUs (it has no GPU HNSW, and GPU IVF-PQ takes few code sizes).
 GPU_KINDS = ("flat", "flat-fp16", "ivf-flat", "ivf-sq8")
 # IVF probes IVF_NPROBE of its ~4*sqrt(n) lists; HNSW links each vector to HNSW_NEIGHBOURS others and searches with a
@@ -99,7 +100,7 @@ class IndexSpec:
     @property
     def factory(self) -> str:
         """The faiss `index_factory` string."""
-        return {"flat": "Flat", "flat-fp16": "SQfp16", "ivf-flat": f"IVF{self.nlist},Flat",
+        return {"flat": "Flat", "flat-fp16": "SQfp16", "flat-sq8": "SQ8", "ivf-flat": f"IVF{self.nlist},Flat",
                 "ivf-sq8": f"IVF{self.nlist},SQ8", "ivf-pq": f"IVF{self.nlist},PQ{self.pq_m}np",
                 "hnsw": f"HNSW{self.hnsw_m},Flat", "hnsw-sq8": f"HNSW{self.hnsw_m},SQ8"}[self.kind]
 
@@ -119,7 +120,7 @@ class IndexSpec:
 def index_memory_bytes(spec: IndexSpec) -> int:
     """Estimated memory of a filled index: vectors or codes, ids, centroids and codebooks, HNSW links."""
     n, d = spec.num_vectors, spec.dim
-    code = {"flat": 4 * d, "flat-fp16": 2 * d, "ivf-flat": 4 * d, "ivf-sq8": d, "ivf-pq": spec.pq_m or 0,
+    code = {"flat": 4 * d, "flat-fp16": 2 * d, "flat-sq8": d, "ivf-flat": 4 * d, "ivf-sq8": d, "ivf-pq": spec.pq_m or 0,
             "hnsw": 4 * d, "hnsw-sq8": d}[spec.kind]
     total = n * code
     if spec.kind.startswith("ivf"):

@@ -108,5 +108,6 @@ def write_results(results: list[dict], out_dir, name: str, *, average: dict | No
 
         os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
         for row in [*results, average]:
-            plot_task(row, os.path.join(out_dir, "plots", f"{name.removeprefix('results_')}_{safe_name(row['task'])}.png"))
+            chart = f"{name.removeprefix('results_')}_{safe_name(row['task'])}.png"
+            plot_task(row, os.path.join(out_dir, "plots", chart))
     return table

@@ -25,7 +25,8 @@ try:
     from mteb.models.abs_encoder import AbsEncoder
     from mteb.types import PromptType
 except ImportError as err:  # an optional extra
-    raise ImportError("The MTEB wrapper needs mteb 2.x: pip install 'mteb>=2.0' (or pip install -e '.[mteb]').") from err
+    raise ImportError("The MTEB wrapper needs mteb 2.x: pip install 'mteb>=2.0' (or pip install -e '.[mteb]').") \
+        from err
 
 
 PUMA_CITATION = """@inproceedings{lyu2025puma,

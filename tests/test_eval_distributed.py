@@ -40,7 +40,8 @@ def benchmark(tmp_path):
     root, tasks = tmp_path / "bench", []
     for dataset, name in enumerate(("alpha_task1", "beta_task1"), 1):
         texts = [" ".join(WORDS[(i * 7 + j * (dataset + 2)) % len(WORDS)] for j in range(3 + i % 5)) for i in range(60)]
-        write_jsonl(str(root / f"{name}_cand_pool.jsonl"), [candidate(f"{dataset}:{i}", t) for i, t in enumerate(texts)])
+        write_jsonl(str(root / f"{name}_cand_pool.jsonl"),
+                    [candidate(f"{dataset}:{i}", t) for i, t in enumerate(texts)])
         write_jsonl(str(root / f"{name}_test.jsonl"), [query(f"{dataset}:{i}", texts[4 * i][::-1], f"{dataset}:{4 * i}")
                                                       for i in range(15)])
         tasks.append({"name": name, "test_file": f"{name}_test.jsonl", "local_pool_file": f"{name}_cand_pool.jsonl",

@@ -77,7 +77,8 @@ def test_identical_candidates_are_encoded_once_and_ties_go_to_the_target(mmeb_ro
     row = score_mmeb(task, torch.ones(5, 4), torch.ones(5, 4))
     assert row["precision@1"] == row["mrr"] == 100.0
     # the target strictly below one candidate: rank 2
-    row = score_mmeb(task, torch.eye(5, 4)[:1].repeat(5, 1), torch.tensor([[0.5, 0, 0, 0], [1.0, 0, 0, 0]] + [[0.0] * 4] * 3))
+    candidates = torch.tensor([[0.5, 0, 0, 0], [1.0, 0, 0, 0]] + [[0.0] * 4] * 3)
+    row = score_mmeb(task, torch.eye(5, 4)[:1].repeat(5, 1), candidates)
     assert row["precision@1"] < 100.0 and row["hit@5"] == 100.0
 
 
