@@ -99,6 +99,7 @@ def test_global_pool_index_is_saved_and_reused_by_the_next_evaluation(model, ben
     cache = tmp_path / "cache"
     first = evaluate_mbeir(model, benchmark, pool="global", cache_dir=cache, index="hnsw", show_progress_bar=False)
     (saved,) = cache.glob("mbeir_union_test_cand_pool/*/index-hnsw.faiss")
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="puma_eval"):
         second = evaluate_mbeir(model, benchmark, pool="global", cache_dir=cache, index="hnsw",
                                 show_progress_bar=False)
