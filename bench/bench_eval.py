@@ -183,7 +183,7 @@ def make_vectors(path: str, kind: str, n: int, dim: int, queries: int, seed: int
             return model.sample(count, generator)
         return torch.nn.functional.normalize(torch.randn(count, dim, generator=generator), dim=-1)
 
-    if not os.path.isfile(path) or os.path.getsize(path) != n * dim * 4:
+    if not os.path.isfile(path) or np.load(path, mmap_mode="r").shape != (n, dim):
         log(f"(c) writing {n:,} {kind} vectors of {dim} dimensions to {path}")
         data = np.lib.format.open_memmap(path + ".tmp.npy", mode="w+", dtype=np.float32, shape=(n, dim))
         for start in range(0, n, CHUNK):
