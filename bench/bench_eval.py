@@ -254,16 +254,20 @@ def bench_indexes(args) -> None:
         data, queries = make_vectors(path, data_kind, n, dim, args.index_queries)
         shards = MappedShards(data)
         nlist = IndexSpec("ivf-flat", n, dim, nlist=args.nlist).nlist
-        log(f"(c) {data_kind}: k-means of {nlist} coarse centroids")
-        start = time.perf_counter()
-        sample = np.ascontiguousarray(data[::max(1, n // (MIN_TRAIN_POINTS_PER_LIST * nlist))])
-        kmeans = faiss.Kmeans(dim, nlist, niter=10, spherical=True, seed=0)
-        kmeans.train(sample)
-        del sample
-        quantizer = faiss.IndexFlatIP(dim)
-        quantizer.add(kmeans.centroids)
-        lists = np.concatenate([quantizer.search(chunk, 1)[1][:, 0] for chunk in shards.chunks()])
-        centroid_time = time.perf_counter() - start
+        centroids = lists = None
+        centroid_time = 0.0
+        if any(kind.startswith("ivf") for kind in args.kinds):
+            log(f"(c) {data_kind}: k-means of {nlist} coarse centroids")
+            start = time.perf_counter()
+            sample = np.ascontiguousarray(data[::max(1, n // (MIN_TRAIN_POINTS_PER_LIST * nlist))])
+            kmeans = faiss.Kmeans(dim, nlist, niter=10, spherical=True, seed=0)
+            kmeans.train(sample)
+            del sample
+            centroids = kmeans.centroids
+            quantizer = faiss.IndexFlatIP(dim)
+            quantizer.add(centroids)
+            lists = np.concatenate([quantizer.search(chunk, 1)[1][:, 0] for chunk in shards.chunks()])
+            centroid_time = time.perf_counter() - start
         truth = {}
         for kind in args.kinds:
             subset = kind.startswith("hnsw") and args.hnsw_size < n
@@ -276,7 +280,7 @@ def bench_indexes(args) -> None:
                 del reference
             log(f"(c) {data_kind}: {kind} ({spec.factory}) on {size:,} vectors")
             start = time.perf_counter()
-            index = build_for_bench(part, spec, kmeans.centroids, lists)
+            index = build_for_bench(part, spec, centroids, lists)
             build = time.perf_counter() - start + (centroid_time if kind.startswith("ivf") else 0.0)
             memory = serialized_bytes(index, args.data_dir)
             found = search_index(index, queries, TOP_K)[1]
