@@ -1,6 +1,7 @@
 # Copyright 2026 The PUMA contributors. Licensed under the Apache License, Version 2.0.
-"""Tests of the M-BEIR evaluation (`puma_eval`, `eval_puma.py`: protocol, strict checks, resumable encoding cache, faiss search, CLIs) and of the
-local `evaluate` metric module, offline on CPU with hand-written M-BEIR files and the tiny random model."""
+"""Tests of the M-BEIR evaluation (`puma_eval`, `eval_puma.py`: protocol, strict checks, resumable encoding cache,
+faiss search, CLIs) and of the local `evaluate` metric module, offline on CPU with hand-written M-BEIR files and the
+tiny random model."""
 
 import json
 import logging
