@@ -7,7 +7,7 @@ image→text, image→image and composed (image,text)→image tasks over PIL-dra
 tiny model of the chosen family (Qwen2-VL by default; 6 layers, random weights: it is NOT pretrained, nothing can be
 downloaded here); PUMA keeps its first 3 layers (all of a tiny Qwen3-VL's DeepStack injections); stage 1 (`configs/demo_stage1.yaml`: NLI-style pairs, InfoNCE + distillation from the shared-weight
 full-depth teacher, LoRA) and stage 2 (`configs/demo_stage2.yaml`: M-BEIR-format training set, MAC-Loss) run through
-`train.py`; `eval_puma.py` scores the untrained pruned model and the trained one on every task's local pool.
+`train.py`; `puma_eval` scores the untrained pruned model and the trained one on every task's local pool.
 Writes `OUT/results.md`, the trained model's full evaluation with per-task bar charts in `OUT/eval/`, and
 training-curve plots `OUT/curves_stage{1,2}.png`.
 
@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from eval_puma import evaluate_mbeir, plot_training_curves, summarize, write_results
+from puma_eval import evaluate_mbeir, mbeir_summary, plot_training_curves, write_mbeir_results
 from make_demo_data import make_demo_benchmark
 from modeling_puma import PumaForEmbedding
 from tiny_qwen_vl import FAMILIES, build_tiny_checkpoint
@@ -59,7 +59,7 @@ def make_reproducible(threads: int) -> None:
 
 def recall_table(before: list[dict], after: list[dict]) -> str:
     lines = ["| task | metric | untrained | trained |", "|---|---|---|---|"]
-    for untrained, trained in zip(before + [summarize(before)], after + [summarize(after)]):
+    for untrained, trained in zip(before + [mbeir_summary(before)], after + [mbeir_summary(after)]):
         lines.append(f"| {trained['label']} | {trained['metric'].replace('recall@', 'Recall@')} | "
                      f"{untrained['score']:.1f} | {trained['score']:.1f} |")
     return "\n".join(lines)
@@ -97,7 +97,7 @@ def main():
 
     print("5/5 evaluating the trained model", flush=True)
     after = evaluate_mbeir(PumaForEmbedding.from_pretrained(stage2), data, show_progress_bar=False)
-    write_results(after, os.path.join(args.out, "eval"), "local")  # the full table, JSON and per-task bar charts
+    write_mbeir_results(after, os.path.join(args.out, "eval"), "local")  # the full table, JSON and per-task bar charts
     table = recall_table(before, after)
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")

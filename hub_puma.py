@@ -126,7 +126,7 @@ def push_to_hub(model, repo_id: str, *, private: bool | None = None, token: str 
     once with an error naming the repository instead of hanging. `save_kwargs` go to `save_hub_folder`.
     """
     api = HfApi(endpoint=endpoint, token=token)
-    _check_hub_reachable(api.endpoint, repo_id)
+    check_hub_reachable(api.endpoint, repo_id)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_hub_folder(model, os.path.join(tmp, repo_id.split("/")[-1]), repo_id=repo_id, **save_kwargs)
@@ -134,22 +134,23 @@ def push_to_hub(model, repo_id: str, *, private: bool | None = None, token: str 
                                  create_pr=create_pr, commit_message=commit_message)
 
 
-def _check_hub_reachable(endpoint: str, repo_id: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> None:
-    """Raises `ConnectionError` naming `repo_id` when the Hub is off (HF_HUB_OFFLINE) or does not answer in time."""
+def check_hub_reachable(endpoint: str, repo_id: str, timeout: float = HUB_PROBE_TIMEOUT_S,
+                        fallback: str = "write the repository with save_hub_folder() and upload that folder later") -> None:
+    """Raises `ConnectionError` naming `repo_id` when the Hub is off (HF_HUB_OFFLINE) or does not answer in time;
+    `fallback` says what to do instead."""
     # huggingface_hub >= 1.0 reads the variable at call time; older releases expose the constant read at import.
     offline = constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE
     if offline:
         raise ConnectionError(
-            f"Cannot push to '{repo_id}': Hugging Face Hub offline mode is on (HF_HUB_OFFLINE). Unset it, or write the "
-            "repository with save_hub_folder() and upload that folder later."
+            f"Cannot push to '{repo_id}': Hugging Face Hub offline mode is on (HF_HUB_OFFLINE). Unset it, or "
+            f"{fallback}."
         )
     try:
         get_session().head(endpoint, timeout=timeout)
     except Exception as err:  # any transport failure (DNS, refused, timeout, proxy) means "unreachable"
         raise ConnectionError(
             f"Cannot push to '{repo_id}': the Hugging Face Hub at {endpoint} did not answer within {timeout:g} s "
-            f"({type(err).__name__}: {err}). Check the network, or write the repository with save_hub_folder() and "
-            "upload that folder later."
+            f"({type(err).__name__}: {err}). Check the network, or {fallback}."
         ) from err
 
 

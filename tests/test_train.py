@@ -182,7 +182,7 @@ def test_push_to_hub_uploads_the_complete_hub_folder(tiny_checkpoint, demo_data,
     from train import main, make_parser
 
     sent = {}
-    monkeypatch.setattr(hub_puma, "_check_hub_reachable", lambda endpoint, repo_id, **kw: None)
+    monkeypatch.setattr(hub_puma, "check_hub_reachable", lambda endpoint, repo_id, **kw: None)
     monkeypatch.setattr(hub_puma.HfApi, "create_repo", lambda self, repo_id, **kw: sent.setdefault("repo", repo_id))
 
     def upload_folder(self, repo_id, folder_path, **kwargs):

@@ -1,0 +1,131 @@
+# Copyright 2026 The PUMA contributors. Licensed under the Apache License, Version 2.0.
+"""`mteb.evaluate` runs PUMA through `PumaMTEBEncoder` on a text-to-image retrieval task defined here from local
+files, offline; its scores equal the project's own evaluation of the same data in M-BEIR format."""
+
+import json
+import os
+
+import pytest
+
+from eval_puma import main
+
+
+mteb = pytest.importorskip("mteb", reason="the MTEB wrapper needs mteb 2.x (pip install -e '.[mteb]')")
+
+from mteb.abstasks.retrieval import AbsTaskRetrieval  # noqa: E402
+from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData  # noqa: E402
+from mteb.abstasks.task_metadata import TaskMetadata  # noqa: E402
+
+from puma_eval.mteb_model import PumaMTEBEncoder  # noqa: E402
+
+
+pytest_plugins = ("eval_fixtures",)  # puma_checkpoint, model
+
+INSTRUCTION = "Find the picture that matches the caption."
+COLOURS = {f"c{i}": ((37 * i) % 256, (91 * i + 40) % 256, (53 * i + 120) % 256) for i in range(14)}
+QUERIES = {f"q{i}": f"a square painted in colour number {i} of the palette" for i in range(0, 14, 2)}
+
+
+def write_local_dataset(root) -> None:
+    """Queries, an image corpus and qrels as plain files: what a user's own retrieval data looks like."""
+    from PIL import Image, ImageDraw
+
+    (root / "images").mkdir(parents=True)
+    for did, colour in COLOURS.items():
+        image = Image.new("RGB", (48, 40), colour)
+        ImageDraw.Draw(image).rectangle([8, 6, 30 + int(did[1:]), 30], fill=colour[::-1])
+        image.save(root / "images" / f"{did}.png")
+    (root / "queries.jsonl").write_text("".join(json.dumps({"id": q, "text": t}) + "\n" for q, t in QUERIES.items()))
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"id": d, "image": f"images/{d}.png"}) + "\n"
+                                               for d in COLOURS))
+    (root / "qrels.tsv").write_text("".join(f"{q}\tc{q[1:]}\t1\n" for q in QUERIES))
+
+
+class LocalPaletteT2IRetrieval(AbsTaskRetrieval):
+    """A text-to-image retrieval task whose data are local files."""
+
+    metadata = TaskMetadata(
+        name="LocalPaletteT2IRetrieval", description="Captions to drawn squares, from local files.",
+        reference=None, dataset={"path": "local/palette", "revision": "local"}, type="Any2AnyRetrieval",
+        category="t2i", modalities=["text", "image"], eval_splits=["test"], eval_langs=["eng-Latn"],
+        main_score="ndcg_at_10", date=("2026-01-01", "2026-01-01"), domains=[], task_subtypes=[],
+        license="cc-by-4.0", annotations_creators="derived", dialect=[], sample_creation="created",
+        bibtex_citation="")
+    root = None
+
+    def load_data(self, num_proc=None, **kwargs) -> None:
+        from datasets import Dataset, Features, Image, Value
+
+        with open(os.path.join(self.root, "queries.jsonl")) as f:
+            queries = [json.loads(line) for line in f]
+        with open(os.path.join(self.root, "corpus.jsonl")) as f:
+            corpus = [json.loads(line) for line in f]
+        qrels = {}
+        with open(os.path.join(self.root, "qrels.tsv")) as f:
+            for line in f:
+                qid, did, score = line.split()
+                qrels.setdefault(qid, {})[did] = int(score)
+        images = Dataset.from_dict({"id": [d["id"] for d in corpus],
+                                    "image": [os.path.join(self.root, d["image"]) for d in corpus]},
+                                   features=Features({"id": Value("string"), "image": Image()}))
+        self.dataset = {"default": {"test": RetrievalSplitData(
+            queries=Dataset.from_dict({"id": [q["id"] for q in queries], "text": [q["text"] for q in queries]}),
+            corpus=images, relevant_docs=qrels, top_ranked=None)}}
+        self.data_loaded = True
+
+
+def write_mbeir_copy(source, root) -> None:
+    """The same queries, corpus and qrels in M-BEIR's format with a task table."""
+    root.mkdir()
+    (root / "pool.jsonl").write_text("".join(json.dumps(
+        {"did": f"1:{d[1:]}", "txt": None, "img_path": os.path.join(source, "images", f"{d}.png"), "modality": "image"})
+        + "\n" for d in COLOURS))
+    (root / "queries.jsonl").write_text("".join(json.dumps(
+        {"qid": f"1:{q[1:]}", "query_txt": t, "query_img_path": None, "query_modality": "text",
+         "pos_cand_list": [f"1:{q[1:]}"]}) + "\n" for q, t in QUERIES.items()))
+    (root / "instructions.tsv").write_text(f"q\tc\tdataset\tid\tprompt\ntext\timage\tPalette\t1\t{INSTRUCTION}\n")
+    (root / "tasks.json").write_text(json.dumps({"instructions_file": "instructions.tsv", "tasks": [
+        {"name": "palette", "test_file": "queries.jsonl", "local_pool_file": "pool.jsonl", "query_modality": "text",
+         "cand_modality": "image"}]}))
+
+
+def test_mteb_evaluate_runs_puma_offline_and_equals_the_project_evaluation(puma_checkpoint, model, tmp_path,
+                                                                          monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    write_local_dataset(tmp_path / "palette")
+    task = LocalPaletteT2IRetrieval()
+    task.root = str(tmp_path / "palette")
+
+    encoder = PumaMTEBEncoder(puma_checkpoint, model=model, prompts={"query": INSTRUCTION})
+    result = mteb.evaluate(encoder, [task], cache=None, show_progress_bar=False)
+    scores = result.task_results[0].scores["test"][0]
+
+    write_mbeir_copy(tmp_path / "palette", tmp_path / "mbeir")
+    main(["--model", puma_checkpoint, "--mbeir-root", str(tmp_path / "mbeir"), "--out", str(tmp_path / "out"),
+          "--no-cache"])
+    (ours,) = json.loads((tmp_path / "out" / "results_local.json").read_text())["tasks"]
+    assert 0 < ours["recall@5"] < 100  # a ranking with something to get right and wrong
+    for k in (1, 5, 10):
+        assert scores[f"recall_at_{k}"] == pytest.approx(ours[f"recall@{k}"] / 100, abs=1e-5)
+        assert scores[f"ndcg_at_{k}"] == pytest.approx(ours[f"ndcg@{k}"] / 100, abs=1e-5)
+    assert scores["mrr_at_10"] == pytest.approx(ours["mrr@10"] / 100, abs=1e-5)
+    assert encoder.mteb_model_meta.embed_dim == model.config.text_config.hidden_size
+
+
+def test_documents_are_encoded_without_instruction_and_queries_with_the_task_prompt(model):
+    from mteb.types import PromptType
+
+    encoder = PumaMTEBEncoder("local/puma", model=model, prompts={"Any2AnyRetrieval": "Find the image."})
+    metadata = LocalPaletteT2IRetrieval.metadata
+    batches = [{"text": ["a red square", "a blue circle"]}]
+    as_query = encoder.encode(batches, task_metadata=metadata, hf_split="test", hf_subset="default",
+                              prompt_type=PromptType.query)
+    as_document = encoder.encode(batches, task_metadata=metadata, hf_split="test", hf_subset="default",
+                                 prompt_type=PromptType.document)
+    expected_query = model.encode(["a red square", "a blue circle"], instruction="Find the image.", is_query=True)
+    expected_document = model.encode(["a red square", "a blue circle"])
+    assert as_query.shape == (2, model.config.text_config.hidden_size)
+    assert abs(as_query - expected_query.numpy()).max() < 1e-5
+    assert abs(as_document - expected_document.numpy()).max() < 1e-5
+    assert abs(as_query - as_document).max() > 1e-3
