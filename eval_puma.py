@@ -1,6 +1,7 @@
 # Copyright 2026 The PUMA contributors. Licensed under the Apache License, Version 2.0.
 """Command line of the PUMA evaluation (`puma_eval`): M-BEIR retrieval (UniIR's protocol, as the paper reports it),
-MMEB (VLM2Vec's format), semantic search over a folder or JSONL corpus, and training curves.
+MMEB (VLM2Vec's format), semantic search over a folder or JSONL corpus, training curves, and the layer analysis that
+shows which depth to keep before training (`puma_eval.analysis`).
 
     python eval_puma.py --model my-puma --mbeir-root M-BEIR --out eval_out                # 16 tasks, local pools
     python eval_puma.py --model my-puma --mbeir-root M-BEIR --pool global --index ivf-sq8 --tasks cirr_task7
@@ -9,6 +10,9 @@ MMEB (VLM2Vec's format), semantic search over a folder or JSONL corpus, and trai
     python eval_puma.py mmeb --model my-puma --mmeb-root MMEB-eval --out mmeb_out
     python eval_puma.py search --model my-puma --corpus photos/ --query "a dog on a beach" --top-k 5
     python eval_puma.py curves --trainer-state out/trainer_state.json --out curves.png
+    python eval_puma.py analyze --model Qwen/Qwen2-VL-7B-Instruct --mbeir-root M-BEIR --max-cost 0.5 --out analysis
+    python eval_puma.py analyze --model base --hf-dataset my/pairs --columns '{"query_text": "caption", "positive_image": "image"}'
+    python eval_puma.py analyze --model base --pairs-folder photos/   # images with same-named .txt captions
 
 `eval` prints and writes the per-task table (`results_{pool}.md`, `results_{pool}.json`) and one bar chart per task
 beside the paper's published figures (`plots/`). Embeddings are cached as safetensors shards under `--cache-dir`
@@ -111,6 +115,39 @@ def _run_curves(args) -> None:
     print(f"Plotted {', '.join(keys)} to {args.out}")
 
 
+def _run_analyze(args) -> None:
+    from puma_eval.analysis import analyze, folder_pairs, mbeir_sample, pair_task, write_analysis
+
+    sources = [source for source in (args.mbeir_root, args.hf_dataset, args.pairs_folder) if source]
+    if len(sources) != 1:
+        raise SystemExit("analyze needs exactly one of --mbeir-root, --hf-dataset, --pairs-folder.")
+    image_root = args.image_root
+    if args.mbeir_root:
+        from puma_eval.tasks import load_benchmark
+
+        tasks = mbeir_sample(args.mbeir_root, args.tasks, args.max_queries, args.max_candidates, args.seed)
+        image_root = image_root or load_benchmark(args.mbeir_root).image_root
+    elif args.pairs_folder:
+        tasks = [pair_task(folder_pairs(args.pairs_folder), "pairs", args.instruction, args.max_queries, args.seed)]
+        image_root = image_root or args.pairs_folder
+    else:
+        import datasets
+
+        from data_puma import ColumnPairDataset
+
+        if not args.columns:
+            raise SystemExit("--hf-dataset needs --columns, e.g. '{\"query_text\": \"q\", \"positive_image\": \"img\"}'.")
+        data = datasets.load_dataset(args.hf_dataset, split=args.hf_split)
+        examples = ColumnPairDataset(data, image_root=image_root, **json.loads(args.columns))
+        tasks = [pair_task(examples, args.hf_dataset.replace("/", "_"), args.instruction, args.max_queries,
+                           args.seed)]
+    model = load_model(args.model, args.dtype)
+    result = analyze(model, tasks, image_root, depths=args.depths, batch_size=args.batch_size,
+                     max_layers=args.max_layers, max_cost=args.max_cost, tolerance=args.tolerance)
+    print(write_analysis(result, args.out))
+    print(f"Wrote analysis.json, analysis.md and analysis.png to {args.out}")
+
+
 def _add_cache_arguments(parser) -> None:
     parser.add_argument("--cache-dir", help="embedding shards and saved indexes, reused and resumed (default: "
                                             "OUT/embeddings); must be shared by every process of a multi-process run")
@@ -172,6 +209,32 @@ def make_parser() -> argparse.ArgumentParser:
     search.add_argument("--index", choices=INDEX_KINDS, default="flat", help="index kind (see eval --index)")
     search.add_argument("--dtype", help="model dtype")
     search.set_defaults(run=_run_search)
+
+    analysis = commands.add_parser("analyze", help="per-layer statistics and zero-training quality and cost of every "
+                                                   "depth from one full-depth pass; a depth for your budget")
+    analysis.add_argument("--model", required=True, help="the full-depth base (any family) or a PUMA checkpoint")
+    analysis.add_argument("--mbeir-root", help="benchmark root (M-BEIR, or one with tasks.json): its test queries")
+    analysis.add_argument("--tasks", nargs="+", help="M-BEIR task names (default: all)")
+    analysis.add_argument("--hf-dataset", help="a 🤗 dataset name or folder of (query, positive) pairs")
+    analysis.add_argument("--hf-split", default="test", help="its split (default: test, a held-out one)")
+    analysis.add_argument("--columns", help="ColumnPairDataset columns as JSON, e.g. "
+                                            "'{\"query_text\": \"caption\", \"positive_image\": \"image\"}'")
+    analysis.add_argument("--pairs-folder", help="images with same-named .txt captions (caption -> image)")
+    analysis.add_argument("--image-root", help="folder relative image paths resolve against")
+    analysis.add_argument("--instruction", help="query instruction of --hf-dataset / --pairs-folder pairs")
+    analysis.add_argument("--max-queries", type=int, default=200, help="queries (pairs) drawn per task")
+    analysis.add_argument("--max-candidates", type=int, default=2000, help="candidates per task's sampled pool")
+    analysis.add_argument("--depths", type=int, nargs="+", help="depths to score (default: every depth)")
+    budget = analysis.add_mutually_exclusive_group()
+    budget.add_argument("--max-layers", type=int, help="budget: at most this many layers")
+    budget.add_argument("--max-cost", type=float, help="budget: at most this FLOP ratio of the full depth")
+    analysis.add_argument("--tolerance", type=float, default=1.0,
+                          help="recommend the smallest depth within this many points of the best mean score")
+    analysis.add_argument("--batch-size", type=int, default=8)
+    analysis.add_argument("--seed", type=int, default=0)
+    analysis.add_argument("--dtype", help="model dtype (default: float32 on CPU, bfloat16 on GPU)")
+    analysis.add_argument("--out", default="analysis_out", help="folder of analysis.json, analysis.md, analysis.png")
+    analysis.set_defaults(run=_run_analyze)
 
     curves = commands.add_parser("curves", help="plot loss and logged components of a Trainer run")
     curves.add_argument("--trainer-state", required=True, help="trainer_state.json of a Trainer output folder")

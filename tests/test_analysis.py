@@ -1,0 +1,176 @@
+"""Layer analysis (`puma_eval.analysis`, `eval_puma.py analyze`): statistics on a model built to have a known answer,
+per-depth quality against the models pruned to each depth, budgets, and the command line on every data source."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from modeling_puma import PumaForEmbedding
+from puma_eval.analysis import analyze, folder_pairs, mbeir_sample, pair_task, recommend
+from puma_eval.encoding import encode_items
+from puma_eval.mbeir import score_task
+
+pytest.importorskip("faiss", reason="the analysis scores depths with the evaluation's faiss search")
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory):
+    from make_demo_data import make_demo_benchmark
+
+    root = tmp_path_factory.mktemp("demo_benchmark")
+    make_demo_benchmark(root, num_train=6, num_test=6, num_negatives=1, num_nli=8, image_size=40)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def identity_layer_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny Qwen2-VL with decoder layer 3 turned into the identity: its attention output and MLP down
+    projections are zero, so the residual stream leaves it as it entered."""
+    folder = tmp_path_factory.mktemp("identity") / "qwen2vl"
+    shutil.copytree(tiny_checkpoint, folder)
+    tensors = load_file(folder / "model.safetensors")
+    for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+        tensors[f"model.layers.3.{name}"] = torch.zeros_like(tensors[f"model.layers.3.{name}"])
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return str(folder)
+
+
+def test_a_layer_whose_output_equals_its_input_ranks_least_important(identity_layer_checkpoint, benchmark):
+    model = PumaForEmbedding.from_pretrained(identity_layer_checkpoint)
+    tasks = mbeir_sample(benchmark, ["DemoCaptionToImage", "DemoImageToCaption"], max_queries=4, max_candidates=12)
+    result = analyze(model, tasks, tasks_image_root(benchmark), batch_size=4, max_layers=5, show_progress_bar=False)
+    influence = [layer["block_influence"] for layer in result["layers"]]
+    assert influence[3] <= 1e-6 and min(i for i in influence if i > 1e-6) > 1e-3
+    assert result["recommendation"]["least_important_layer"] == 3
+    assert 3 not in result["recommendation"]["block_influence_layers"] or result["recommendation"]["depth"] == 6
+    # the stream after 3 layers is the stream after 4: no angular distance, and the same retrieval quality
+    assert result["layers"][3]["angular_distance"][1] <= 1e-4
+    assert result["removable_blocks"][1] == 3
+    by_depth = {row["depth"]: row for row in result["depths"]}
+    assert by_depth[3]["scores"] == by_depth[4]["scores"]
+
+
+def tasks_image_root(benchmark):
+    from puma_eval.tasks import load_benchmark
+
+    return load_benchmark(benchmark).image_root
+
+
+def test_per_depth_quality_equals_the_model_pruned_to_that_depth(family_checkpoints, benchmark):
+    # Qwen3-VL, whose DeepStack injections make the truncated streams the delicate case
+    checkpoint = family_checkpoints["qwen3_vl"]
+    full = PumaForEmbedding.from_pretrained(checkpoint)
+    tasks = mbeir_sample(benchmark, ["DemoCaptionToImage", "DemoSameScene", "DemoComposed"], max_queries=6,
+                         max_candidates=40)
+    image_root = tasks_image_root(benchmark)
+    result = analyze(full, tasks, image_root, depths=[1, 2, 4], batch_size=4, show_progress_bar=False)
+    assert [row["depth"] for row in result["depths"]] == [1, 2, 4, 6]  # the full depth is always scored
+    for row in result["depths"]:
+        pruned = PumaForEmbedding.from_pretrained(checkpoint, num_layers=row["depth"])
+        for data in tasks:
+            queries = encode_items(pruned, data.query_items, data.query_instructions, True, 4, image_root)
+            pool = encode_items(pruned, data.pool_items, None, False, 4, image_root)
+            expected, _ = score_task(data, queries, pool)
+            assert row["scores"][data.task.name] == pytest.approx(expected["score"]), (row["depth"], data.task.name)
+    costs = [row["cost_text"] for row in result["depths"]]
+    assert costs == sorted(costs) and costs[-1] == pytest.approx(1.0) and 0 < costs[0] < 0.5
+    assert all(row["cost_image"] >= row["cost_text"] for row in result["depths"])  # the vision tower always runs
+
+
+def _result(means, costs):
+    return {"depths": [{"depth": d, "mean": m, "cost": c} for d, m, c in zip(range(1, len(means) + 1), means, costs)],
+            "layers": [{"block_influence": b} for b in (0.5, 0.1, 0.4, 0.3)], "kept_layers": [0, 1, 2, 3]}
+
+
+@pytest.mark.parametrize("budget,expected_depth,best", [
+    (dict(), 3, 4),                            # best 4 (50.0); 3 is within a point of it
+    (dict(max_layers=2), 2, 2),
+    (dict(max_cost=0.5), 2, 2),                # depth 3 costs 0.6
+    (dict(max_layers=4, tolerance=0.0), 4, 4),
+])
+def test_the_recommendation_is_the_smallest_depth_near_the_best_within_budget(budget, expected_depth, best):
+    tolerance = budget.pop("tolerance", 1.0)
+    recommendation = recommend(_result([10.0, 30.0, 49.5, 50.0], [0.2, 0.4, 0.6, 1.0]), tolerance=tolerance,
+                               **budget)
+    assert (recommendation["depth"], recommendation["best_depth"]) == (expected_depth, best)
+    assert recommendation["kept_layers"] == list(range(expected_depth))
+    # the layers of highest block influence, in order: 0.5, 0.4, 0.3, 0.1
+    assert recommendation["block_influence_layers"] == sorted([0, 2, 3, 1][:expected_depth])
+    assert recommendation["least_important_layer"] == 1
+
+
+def test_a_budget_no_depth_fits_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"No depth fits the budget .*max_cost=0.1.*cheapest analysed depth, 1, "
+                                         r"costs 0\.200"):
+        recommend(_result([10.0, 30.0], [0.2, 1.0]), max_cost=0.1)
+
+
+def test_analyze_refuses_impossible_budgets(tiny_checkpoint):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2)
+    with pytest.raises(ValueError, match=r"max_layers=3 is outside 1\.\.2"):
+        analyze(model, [object()], max_layers=3)
+    with pytest.raises(ValueError, match=r"max_cost=1.5 must be a FLOP ratio"):
+        analyze(model, [object()], max_cost=1.5)
+    with pytest.raises(ValueError, match="not both"):
+        analyze(model, [object()], max_layers=1, max_cost=0.5)
+
+
+@pytest.fixture(scope="module")
+def pairs_folder(tmp_path_factory):
+    from PIL import Image, ImageDraw
+
+    folder = tmp_path_factory.mktemp("pairs")
+    for index, (colour, shape) in enumerate([("red", "circle"), ("blue", "square"), ("green", "circle"),
+                                             ("yellow", "square"), ("purple", "circle")]):
+        image = Image.new("RGB", (48, 40), "white")
+        draw = ImageDraw.Draw(image)
+        (draw.ellipse if shape == "circle" else draw.rectangle)([8, 6, 40, 34], fill=colour)
+        image.save(folder / f"item{index}.png")
+        (folder / f"item{index}.txt").write_text(f"a {colour} {shape}")
+    image.save(folder / "no_caption.png")  # skipped: no caption beside it
+    return folder
+
+
+def test_the_command_line_analyses_a_folder_of_captioned_images(tiny_checkpoint, pairs_folder, tmp_path):
+    from eval_puma import main
+
+    assert len(folder_pairs(pairs_folder)) == 5
+    main(["analyze", "--model", tiny_checkpoint, "--pairs-folder", str(pairs_folder), "--max-layers", "4",
+          "--batch-size", "3", "--out", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    assert [row["depth"] for row in result["depths"]] == [1, 2, 3, 4, 5, 6]
+    assert result["tasks"][0]["num_queries"] == 5 and result["tasks"][0]["pool_size"] == 5
+    assert result["recommendation"]["depth"] <= 4 and len(result["layers"]) == 6
+    markdown = (tmp_path / "out" / "analysis.md").read_text()
+    assert "### Recommendation (at most 4 layers)" in markdown and "| layer | base layer | block influence |" in markdown
+    assert (tmp_path / "out" / "analysis.png").stat().st_size > 10_000
+
+
+def test_the_command_line_analyses_a_datasets_dataset(tiny_checkpoint, pairs_folder, tmp_path):
+    pytest.importorskip("datasets", reason="the 🤗 datasets source")
+    from eval_puma import main
+
+    dataset = tmp_path / "my_pairs"
+    dataset.mkdir()
+    rows = [{"caption": (pairs_folder / f"item{i}.txt").read_text(), "image": str(pairs_folder / f"item{i}.png")}
+            for i in range(5)]
+    (dataset / "test.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    main(["analyze", "--model", tiny_checkpoint, "--hf-dataset", str(dataset), "--depths", "2", "--max-cost", "1",
+          "--columns", json.dumps({"query_text": "caption", "positive_image": "image"}),
+          "--out", str(tmp_path / "out"), "--batch-size", "5"])
+    result = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    assert [row["depth"] for row in result["depths"]] == [2, 6] and result["tasks"][0]["num_queries"] == 5
+
+
+def test_pair_tasks_rank_each_query_against_every_positive():
+    examples = [{"query": {"text": f"q{i}", "image": None}, "positive": {"text": f"p{i}", "image": None},
+                 "modality": "text", "instruction": None} for i in range(4)]
+    data = pair_task(examples, "pairs", instruction="Find the match.", max_pairs=3)
+    assert len(data.query_ids) == 3 and data.relevant == [[pool_id] for pool_id in data.pool_ids]
+    assert data.query_instructions == ["Find the match."] * 3
+    with pytest.raises(ValueError, match="no examples"):
+        pair_task([], "empty")
