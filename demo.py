@@ -1,6 +1,7 @@
 """The built-in demo: make the offline benchmark, prune a tiny base, train both stages, evaluate, plot.
 
     python demo.py [--out demo_out] [--family qwen2_vl|qwen2_5_vl|qwen3_vl|qwen3_vl_moe] [--quick] [--threads 2]
+                   [--elastic]
 
 Steps: `make_demo_data.py` writes a small M-BEIR-format benchmark (text→image, text→text, text→(image,text),
 image→text, image→image and composed (image,text)→image tasks over PIL-drawn scenes); `tiny_qwen_vl.py` writes a
@@ -9,7 +10,9 @@ downloaded here); PUMA keeps its first 3 layers (all of a tiny Qwen3-VL's DeepSt
 full-depth teacher, LoRA) and stage 2 (`configs/demo_stage2.yaml`: M-BEIR-format training set, MAC-Loss) run through
 `train.py`; `puma_eval` scores the untrained pruned model and the trained one on every task's local pool.
 Writes `OUT/results.md`, the trained model's full evaluation with per-task bar charts in `OUT/eval/`, and
-training-curve plots `OUT/curves_stage{1,2}.png`.
+training-curve plots `OUT/curves_stage{1,2}.png`. `--elastic` adds the elastic-depth evidence: stage 2 trained once
+for depths 1, 2 and 3 against one run per depth (`OUT/elastic.md`), and the layer analysis of the untrained base and
+of the elastic model (`OUT/analysis_untrained/`, `OUT/analysis_elastic/`).
 
 The run is deterministic on one machine: every draw is seeded, torch runs deterministic algorithms on a fixed number
 of CPU threads (`--threads`, default 2), and MKL keeps that thread count (no dynamic adjustment) with conditional
@@ -65,12 +68,57 @@ def recall_table(before: list[dict], after: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def elastic_evidence(args, data: str, base: str, stage1: str, quick: list[str]) -> str:
+    """One stage-2 run trained for depths 1, 2 and 3 at once (`configs/demo_elastic.yaml`) against three runs each
+    trained for one depth (`configs/demo_stage2.yaml` pruned to it), from the same stage-1 model: Recall@5 per task and
+    depth side by side; the layer analysis of the untrained base (6 layers) and of the elastic model (3 layers)."""
+    from puma_eval.analysis import analyze, mbeir_sample, write_analysis
+    from puma_eval.tasks import load_benchmark
+
+    elastic_dir = os.path.join(args.out, "elastic")
+    print("elastic: stage 2 once for depths 1, 2 and 3", flush=True)
+    run_stage("demo_elastic.yaml", "--model_name_or_path", stage1, "--mbeir_root", data, "--output_dir", elastic_dir,
+              *quick)
+    results = {}
+    for depth in (1, 2, 3):
+        separate_dir = os.path.join(args.out, f"separate-{depth}")
+        print(f"elastic: stage 2 for depth {depth} alone", flush=True)
+        run_stage("demo_stage2.yaml", "--model_name_or_path", stage1, "--num_layers", str(depth), "--mbeir_root", data,
+                  "--output_dir", separate_dir, *quick)
+        for name, folder in (("elastic", elastic_dir), ("separate", separate_dir)):
+            model = PumaForEmbedding.from_pretrained(folder, num_layers=depth)
+            results[(name, depth)] = evaluate_mbeir(model, data, show_progress_bar=False)
+    rows = results[("elastic", 1)]
+    lines = ["| task | " + " | ".join(f"depth {d} elastic | depth {d} separate" for d in (1, 2, 3)) + " |",
+             "|---|" + "---|" * 6]
+    for index, row in enumerate(rows + [mbeir_summary(rows)]):
+        cells = []
+        for depth in (1, 2, 3):
+            for name in ("elastic", "separate"):
+                result = results[(name, depth)]
+                cells.append(f"{(result + [mbeir_summary(result)])[index]['score']:.1f}")
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    with open(os.path.join(args.out, "elastic.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    image_root = load_benchmark(data).image_root
+    tasks = mbeir_sample(data, max_queries=40, max_candidates=200)
+    for name, model in (("untrained", PumaForEmbedding.from_pretrained(base)),
+                        ("elastic", PumaForEmbedding.from_pretrained(elastic_dir))):
+        write_analysis(analyze(model, tasks, image_root, show_progress_bar=False),
+                       os.path.join(args.out, f"analysis_{name}"))
+    return table
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out")
     parser.add_argument("--family", default="qwen2_vl", choices=FAMILIES, help="family of the tiny base model")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps (a smoke run, not a result)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads; fixed so that reruns give the same figures")
+    parser.add_argument("--elastic", action="store_true",
+                        help="also train depths 1-3 at once vs one run per depth, and analyse the layers (4 more "
+                             "stage-2 runs)")
     args = parser.parse_args()
     start = time.time()
     make_reproducible(args.threads)
@@ -104,6 +152,10 @@ def main():
     for name, folder in (("stage1", stage1), ("stage2", stage2)):
         plot_training_curves(os.path.join(folder, "trainer_state.json"), os.path.join(args.out, f"curves_{name}.png"))
     print(f"\nDemo benchmark, local pools (tiny random base, so only the trained column means anything):\n\n{table}\n")
+    if args.elastic:
+        evidence = elastic_evidence(args, data, base, stage1, quick)
+        print(f"Elastic depth vs one run per depth, Recall@5 (elastic.md; layer analyses in analysis_*/):\n\n"
+              f"{evidence}\n")
     print(f"results: {os.path.join(args.out, 'results.md')}; curves: {os.path.join(args.out, 'curves_stage*.png')}; "
           f"{time.time() - start:.0f} s")
 

@@ -912,24 +912,28 @@ def _key_mapping(source_config, local_layers: list[int], has_model_prefix: bool)
     mergers and the LM head go to `puma_dropped.*`, which the model ignores.
 
     transformers 4.x applies the first matching pattern, 5.x applies every pattern in turn. The order below gives the
-    same result under both: patterns of dropped tensors come first (their targets match no later pattern), then
-    renames in increasing source index (a rename's target index is at most its source's, so it matches no later
-    pattern), then the layout patterns, which map an already mapped key to itself.
+    same result under both: the pattern of dropped tensors comes first (its targets match no later pattern), then the
+    renames of layers whose index changes, in increasing source index (a rename's target index is below its source's,
+    so it matches no later rename), then the layout patterns, which map an already mapped key to itself. Pruning to
+    the first k layers renames nothing, so it costs two patterns per key however deep the model.
     """
     # transformers 4.x adds the `model.` prefix itself to a checkpoint whose keys lack it
     prefix = "model." if has_model_prefix or _TRANSFORMERS_5 else ""
     mapping = {}
+    layouts = {}
     for source_prefix, target_prefix, count, kept in (
         (_LAYER_PREFIX, "language_model.layers.", source_config.text_config.num_hidden_layers, local_layers),
         (_MERGER_PREFIX, "visual.deepstack_merger_list.", _num_mergers(source_config),
          [i for i in local_layers if i < _num_mergers(source_config)]),
     ):
         target = {source: position for position, source in enumerate(kept)}
-        for index in range(count):
-            if index not in target:
-                mapping[source_prefix + rf"{index}\."] = f"{prefix}{_DROPPED}.{target_prefix}{index}."
-        for index in sorted(target):
+        dropped = [str(index) for index in range(count) if index not in target]
+        if dropped:
+            mapping[source_prefix + f"({'|'.join(dropped)})\\."] = rf"{prefix}{_DROPPED}.{target_prefix}\1."
+        for index in sorted(source for source, position in target.items() if source != position):
             mapping[source_prefix + rf"{index}\."] = f"{prefix}{target_prefix}{target[index]}."
+        layouts[source_prefix] = f"{prefix}{target_prefix}"
+    mapping.update(layouts)  # kept at their index: the layout alone changes
     mapping[r"^(?:model\.language_model|model|language_model)\.(embed_tokens|norm)\."] = rf"{prefix}language_model.\1."
     mapping[r"^(?:model\.)?visual\."] = f"{prefix}visual."
     mapping[r"^lm_head\."] = f"{prefix}{_DROPPED}.lm_head."

@@ -17,6 +17,8 @@ pytest.importorskip("matplotlib", reason="the demo plots training curves")
 def test_quick_demo_runs_every_step_and_writes_its_outputs(tmp_path, family):
     out = tmp_path / "demo"
     command = [sys.executable, os.path.join(ROOT, "demo.py"), "--out", str(out), "--quick", "--family", family]
+    elastic = family == "qwen2_vl"  # the elastic-depth evidence, once
+    command += ["--elastic"] if elastic else []
     result = subprocess.run(command, cwd=ROOT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -27,3 +29,11 @@ def test_quick_demo_runs_every_step_and_writes_its_outputs(tmp_path, family):
     assert (out / "curves_stage1.png").stat().st_size > 0 and (out / "curves_stage2.png").stat().st_size > 0
     assert json.loads((out / "stage2" / "config.json").read_text())["base_model_type"] == family
     assert (out / "eval" / "results_local.md").is_file() and list((out / "eval" / "plots").glob("*.png"))
+    if elastic:
+        table = (out / "elastic.md").read_text()
+        assert "depth 1 elastic | depth 1 separate" in table and "average (6 tasks)" in table
+        assert json.loads((out / "elastic" / "config.json").read_text())["trained_depths"] == [1, 2, 3]
+        for name in ("untrained", "elastic"):
+            result = json.loads((out / f"analysis_{name}" / "analysis.json").read_text())
+            assert result["num_layers"] == (6 if name == "untrained" else 3)
+            assert (out / f"analysis_{name}" / "analysis.png").is_file()
