@@ -157,7 +157,9 @@ def _collect(model, items: list[dict], instructions: list[str | None], is_query:
 
     def enter(index):
         def hook(module, args, kwargs):
-            captured[("in", index)] = args[0] if args else kwargs["hidden_states"]
+            # setdefault: the final norm's first call is the model's own; `output_depths` then calls it again on the
+            # shallower streams, which must not replace the stream after the last layer
+            captured.setdefault(("in", index), args[0] if args else kwargs["hidden_states"])
         return hook
 
     def leave(index):
@@ -335,7 +337,8 @@ def analysis_markdown(result: dict) -> str:
                    else "no budget")
     lines += ["", f"### Recommendation ({budget_text})\n",
               f"- keep the first {recommendation['depth']} layers: `kept_layers={recommendation['kept_layers']}` "
-              f"(mean {recommendation['mean']:.1f}, FLOP ratio {recommendation['cost']:.3f}); the best depth within the "
+              f"(mean {recommendation['mean']:.1f}, FLOP ratio {recommendation['cost']:.3f} at the sample's mix of text "
+              f"and image inputs); the best depth within the "
               f"budget is {recommendation['best_depth']} (mean {recommendation['best_mean']:.1f}), and this is the "
               f"smallest within {budget['tolerance']:g} point(s) of it",
               f"- the {recommendation['depth']} layers of highest block influence (ShortGPT): "
@@ -360,7 +363,8 @@ def plot_analysis(result: dict, path) -> None:
     quality.axvline(result["recommendation"]["depth"], color="grey", linestyle=":", label="recommended")
     quality.set_xlabel("depth (layers kept)")
     quality.set_ylabel("score (%)")
-    quality.set_title("zero-training quality and cost vs depth")
+    quality.set_title("quality when truncated (no further training) and cost vs depth")
+    quality.set_xticks(depths)
     cost = quality.twinx()
     cost.plot(depths, [row["cost_text"] for row in result["depths"]], color="tab:red", linestyle="--",
               label="FLOP ratio, text")
@@ -372,7 +376,9 @@ def plot_analysis(result: dict, path) -> None:
     quality.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="lower right")
     layers.bar([layer["layer"] for layer in result["layers"]],
                [layer["block_influence"] for layer in result["layers"]], color="tab:blue")
-    layers.set_xlabel("layer")
+    layers.set_xticks([layer["layer"] for layer in result["layers"]],
+                      [str(layer["original_layer"]) for layer in result["layers"]])
+    layers.set_xlabel("layer (numbered as in the base model)")
     layers.set_ylabel("block influence (1 - cos)")
     layers.set_title("block influence per layer")
     figure.tight_layout()

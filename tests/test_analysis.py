@@ -54,6 +54,19 @@ def test_a_layer_whose_output_equals_its_input_ranks_least_important(identity_la
     assert by_depth[3]["scores"] == by_depth[4]["scores"]
 
 
+def test_layer_statistics_do_not_depend_on_the_depths_scored(tiny_checkpoint, benchmark):
+    # scoring shallower depths runs the final norm again on their streams: the stream after the last layer must stay
+    # the model's own (the angular distance of the last layer is not zero on a random model)
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint)
+    tasks = mbeir_sample(benchmark, ["DemoCaptionToImage", "DemoSameScene"], max_queries=4, max_candidates=12)
+    every = analyze(model, tasks, tasks_image_root(benchmark), batch_size=4, show_progress_bar=False)
+    last_only = analyze(model, tasks, tasks_image_root(benchmark), depths=[model.num_layers], batch_size=4,
+                        show_progress_bar=False)
+    assert len(every["depths"]) == model.num_layers and len(last_only["depths"]) == 1
+    assert every["layers"] == last_only["layers"]
+    assert every["layers"][-1]["angular_distance"][1] > 1e-3
+
+
 def tasks_image_root(benchmark):
     from puma_eval.tasks import load_benchmark
 
