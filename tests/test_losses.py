@@ -744,6 +744,7 @@ def _distributed_worker(rank, world_size, init_file, out_file):
             results[name] = {"grad": grad / world_size, "losses": torch.stack(losses)}
         if rank == 0:
             torch.save(results, out_file)
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 

@@ -320,6 +320,23 @@ def test_only_kept_tensors_are_read(tiny_checkpoint, tmp_path):
         PumaForEmbedding.from_pretrained(str(folder))
 
 
+def test_embedding_token_row_of_a_large_vocabulary_is_the_mean_of_evenly_spaced_rows(tiny_checkpoint):
+    # a Qwen-sized vocabulary: every ceil(rows / EMBEDDING_MEAN_ROWS)-th row, read as a view (the mapped table of a
+    # real checkpoint is not copied), and close to the mean of every row
+    from modeling_puma import EMBEDDING_MEAN_ROWS
+
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=1)
+    rows = 3 * EMBEDDING_MEAN_ROWS - 7
+    model.resize_token_embeddings(rows + 1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_()
+    model._init_embedding_token_row(rows, rows)
+    weight = model.get_input_embeddings().weight
+    assert torch.allclose(weight[rows], weight[:rows:3].mean(0), atol=1e-5)
+    assert (weight[rows] - weight[:rows].mean(0)).abs().max() < 0.15  # rows have unit spread; 1/sqrt(1k) ~ 0.03
+
+
 def test_embedding_token_row_is_initialised_trainable_and_saved(tiny_checkpoint, tmp_path):
     model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2)
     tokenizer = model.processor.tokenizer
