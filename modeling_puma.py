@@ -18,8 +18,6 @@ import json
 import math
 import os
 import re
-import tempfile
-import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -368,6 +366,8 @@ class PumaForEmbedding(PumaPreTrainedModel):
                 model = super().from_pretrained(None, state_dict=weights.lazy_state_dict(is_kept, files),
                                                 **load_kwargs)
         else:
+            import tempfile
+
             # transformers 4 reads the files itself: a folder with the pruned config and links to the needed files
             with tempfile.TemporaryDirectory(prefix="puma-load-") as view:
                 weights.write_view(view, target)
@@ -534,6 +534,8 @@ def format_string(text: str | None) -> str:
 def punctuate(instruction: str) -> str:
     """Qwen3-VL-Embedding's instruction rule: strip, and end with a full stop unless the last character is
     punctuation (any Unicode category P)."""
+    import unicodedata
+
     instruction = instruction.strip()
     if instruction and not unicodedata.category(instruction[-1]).startswith("P"):
         instruction += "."
@@ -910,7 +912,7 @@ def _num_mergers(config) -> int:
     return len(getattr(config.vision_config, "deepstack_visual_indexes", None) or [])
 
 
-def _key_mapping(source_config, local_layers: list[int], has_model_prefix: bool) -> dict[str, str]:
+def _key_mapping(source_config, local_layers: list[int], has_model_prefix: bool | None) -> dict[str, str]:
     """transformers `key_mapping` from the checkpoint's tensor names to the pruned model's.
 
     Every key layout real checkpoints use is read: the transformers <= 4.51 one (`model.layers.N`, `visual.*`, as
@@ -968,17 +970,16 @@ def _is_kept_key_function(source_config, local_layers: list[int]):
 class _CheckpointWeights:
     """The safetensors files of a checkpoint that hold kept tensors, resolved (downloaded only if needed)."""
 
-    def __init__(self, name: str, files: dict[str, str], weight_map: dict[str, str] | None, has_model_prefix: bool):
+    def __init__(self, name: str, files: dict[str, str], weight_map: dict[str, str] | None,
+                 has_model_prefix: bool | None):
         self.name, self.files, self.weight_map, self.has_model_prefix = name, files, weight_map, has_model_prefix
 
     def lazy_state_dict(self, is_kept, stack: contextlib.ExitStack) -> dict:
         """`{name: lazy slice}` of the kept tensors, from memory-mapped files held open by `stack` (transformers 5's
         own loader reads `safe_open(...).get_slice(name)` the same way, so tensors stay file-backed until cast)."""
-        from safetensors import safe_open
-
         state_dict = {}
         for path in self.files.values():
-            handle = stack.enter_context(_open_safetensors(path, safe_open))
+            handle = stack.enter_context(_open_safetensors(path))
             state_dict.update({key: handle.get_slice(key) for key in handle.keys() if is_kept(key)})
         return state_dict
 
@@ -1024,19 +1025,21 @@ def _checkpoint_weights(name: str, hub_kwargs: dict, is_kept, check_files: bool 
             file_keys = _safetensors_keys(path)
             if keys is None:
                 keys = file_keys
-    return _CheckpointWeights(name, files, weight_map, any(key.startswith("model") for key in keys or ()))
+    # unknown (None) without the headers of a single-file checkpoint: transformers 5 needs no prefix (_key_mapping)
+    has_model_prefix = None if keys is None else any(key.startswith("model") for key in keys)
+    return _CheckpointWeights(name, files, weight_map, has_model_prefix)
 
 
 def _safetensors_keys(path: str) -> list[str]:
     """The tensor names of a safetensors file; a file that is not one is an `OSError` naming it."""
-    from safetensors import safe_open
-
-    with _open_safetensors(path, safe_open) as f:
+    with _open_safetensors(path) as f:
         return list(f.keys())
 
 
-def _open_safetensors(path: str, safe_open):
+def _open_safetensors(path: str):
     """`safe_open(path)` on CPU; a file that is not valid safetensors is an `OSError` naming it."""
+    from safetensors import safe_open
+
     try:
         return safe_open(path, framework="pt", device="cpu")
     except Exception as err:  # safetensors raises its own error type, or OverflowError/ValueError on garbage
