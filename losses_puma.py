@@ -120,14 +120,15 @@ def gather_features(*tensors: Tensor | None, with_grad: bool = True) -> tuple[Te
     return tuple(gathered)
 
 
-def _at_least_fp32(tensor: Tensor) -> Tensor:
+def at_least_fp32(tensor: Tensor) -> Tensor:
+    """`tensor` in float32, or kept in its own dtype when that is wider (float64 stays float64)."""
     # At tau = 0.03 the bf16 rounding of s / tau is as large as the gaps between logits.
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def _cosine_scores(query: Tensor, positive: Tensor, negatives: Tensor | None) -> Tensor:
     candidates = positive if negatives is None else torch.cat([positive, negatives])  # (p + n, d)
-    query, candidates = _at_least_fp32(query), _at_least_fp32(candidates)
+    query, candidates = at_least_fp32(query), at_least_fp32(candidates)
     return F.normalize(query, dim=-1) @ F.normalize(candidates, dim=-1).T  # (q, p + n)
 
 
@@ -430,7 +431,7 @@ class HiddenStateDistillLoss(_PumaLoss):
         for student, teacher in ((query, teacher_query), (positive, teacher_positive)):
             _require(student.shape == teacher.shape, "teacher shape", tuple(teacher.shape), str(tuple(student.shape)))
             # The teacher is the fixed target: a gradient through it would pull the teacher towards the student.
-            student, teacher = _at_least_fp32(student), _at_least_fp32(teacher.detach())  # (b, d)
+            student, teacher = at_least_fp32(student), at_least_fp32(teacher.detach())  # (b, d)
             if self.metric == "mse":
                 distance = distance + F.mse_loss(student, teacher)
             else:

@@ -35,6 +35,7 @@ from losses_puma import (
     HiddenStateDistillLoss,
     KLDistillLoss,
     MACLoss,
+    at_least_fp32,
     build_loss,
     tau_hard_schedule,
 )
@@ -615,8 +616,9 @@ class PumaTrainer(Trainer):
             with sync:
                 with state, self.compute_loss_context_manager():
                     embedded = _by_depth(self._embed(model, chunk))
-                    surrogate = sum(torch.dot(embedded[key].flatten().float(), grad[key].flatten().float())
-                                    for key in grad)
+                    # never below float32 (bf16 dot products), never below the model's own precision either
+                    surrogate = sum(torch.dot(at_least_fp32(embedded[key].flatten()),
+                                              at_least_fp32(grad[key].flatten())) for key in grad)
                 self.accelerator.backward(surrogate)
         return loss.detach()
 
