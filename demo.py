@@ -3,8 +3,8 @@
     python demo.py [--out demo_out] [--family qwen2_vl|qwen2_5_vl|qwen3_vl|qwen3_vl_moe] [--quick] [--threads 2]
                    [--elastic]
 
-Steps: `make_demo_data.py` writes a small M-BEIR-format benchmark (text→image, text→text, text→(image,text),
-image→text, image→image and composed (image,text)→image tasks over PIL-drawn scenes); `tiny_qwen_vl.py` writes a
+Steps: `demo_data_puma.py` writes a small M-BEIR-format benchmark (text→image, text→text, text→(image,text),
+image→text, image→image and composed (image,text)→image tasks over PIL-drawn scenes); `tiny_puma.py` writes a
 tiny model of the chosen family (Qwen2-VL by default; 6 layers, random weights: it is NOT pretrained, nothing can be
 downloaded here); PUMA keeps its first 3 layers (all of a tiny Qwen3-VL's DeepStack injections); stage 1 (`configs/demo_stage1.yaml`: NLI-style pairs, InfoNCE + distillation from the shared-weight
 full-depth teacher, LoRA) and stage 2 (`configs/demo_stage2.yaml`: M-BEIR-format training set, MAC-Loss) run through
@@ -33,11 +33,11 @@ import time
 import torch
 
 from puma_eval import evaluate_mbeir, mbeir_summary, plot_training_curves, write_mbeir_results
-from make_demo_data import make_demo_benchmark
+from demo_data_puma import make_demo_benchmark
 from modeling_puma import PumaForEmbedding
-from tiny_qwen_vl import FAMILIES, build_tiny_checkpoint
-from train import main as train_main
-from train import make_parser
+from tiny_puma import FAMILIES, build_tiny_checkpoint
+from train_puma import main as train_main
+from train_puma import make_parser
 
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

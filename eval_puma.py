@@ -23,7 +23,7 @@ they all share) and the main process searches and writes the results.
 Protocol. Each task ranks the queries of one M-BEIR test file against its local pool (MSCOCO: the 5K test pool) or
 against the union pool of all tasks (`--pool global`), by inner product of L2-normalised embeddings (exact search with
 faiss by default; `--index` chooses a compressed or approximate index for the 5.6 M-candidate global pool). Queries
-carry one instruction each, drawn once per query for determinism (`data_puma.mbeir_eval_queries`). The score is
+carry one instruction each, drawn once per query for determinism (`mbeir_puma.mbeir_eval_queries`). The score is
 Recall@5 (Recall@10 for Fashion200K and FashionIQ), where Recall@k is M-BEIR's hit rate: a query counts when any
 positive is among its first k results. Inputs are checked as strictly as UniIR does: unique query and candidate ids,
 query and candidate modalities as the task says, every positive in the pool (for OVEN/InfoSeek positives of the other
@@ -116,7 +116,7 @@ def _run_curves(args) -> None:
 
 
 def _run_analyze(args) -> None:
-    from puma_eval.analysis import analyze, folder_pairs, mbeir_sample, pair_task, write_analysis
+    from puma_eval.analysis import DatasetPairs, analyze, folder_pairs, mbeir_sample, pair_task, write_analysis
 
     sources = [source for source in (args.mbeir_root, args.hf_dataset, args.pairs_folder) if source]
     if len(sources) != 1:
@@ -133,12 +133,12 @@ def _run_analyze(args) -> None:
     else:
         import datasets
 
-        from data_puma import ColumnPairDataset
+        from mbeir_puma import ColumnMapping
 
         if not args.columns:
             raise SystemExit("--hf-dataset needs --columns, e.g. '{\"query_text\": \"q\", \"positive_image\": \"img\"}'.")
         data = datasets.load_dataset(args.hf_dataset, split=args.hf_split)
-        examples = ColumnPairDataset(data, image_root=image_root, **json.loads(args.columns))
+        examples = DatasetPairs(data, ColumnMapping(image_root=image_root, **json.loads(args.columns)))
         tasks = [pair_task(examples, args.hf_dataset.replace("/", "_"), args.instruction, args.max_queries,
                            args.seed)]
     model = load_model(args.model, args.dtype)
@@ -241,6 +241,11 @@ def make_parser() -> argparse.ArgumentParser:
     curves.add_argument("--out", required=True, help="PNG file to write")
     curves.set_defaults(run=_run_curves)
     return parser
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """The `puma-eval` command and `python eval_puma.py`."""
+    main(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,11 +34,27 @@ from modeling_puma import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, build_prom
 
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-HUB_CARD_DIR = os.path.join(ROOT, "hub_card")
+
+
+def asset_folder(folder: str, package: str) -> str:
+    """The repository folder `folder` (`hub_card`, `space`): beside this file in a checkout, or where an
+    installation put it, as the package `package` (setup.cfg's `package_dir` maps one to the other)."""
+    local = os.path.join(ROOT, folder)
+    if os.path.isdir(local):
+        return local
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"Neither {local} nor the installed package {package} exists; reinstall puma-embed.")
+    return list(spec.submodule_search_locations)[0]
+
+
+HUB_CARD_DIR = asset_folder("hub_card", "puma_hub_card")
 CARD_TEMPLATE = os.path.join(HUB_CARD_DIR, "README.md.j2")
 EXPORT_CARD_TEMPLATE = os.path.join(HUB_CARD_DIR, "export_README.md.j2")
 VLLM_TEMPLATE = os.path.join(HUB_CARD_DIR, "vllm.md.j2")
-HANDLER_FILE = os.path.join(ROOT, "handler.py")
+HANDLER_FILE = os.path.join(HUB_CARD_DIR, "handler.py")
 
 REQUIRED_TAGS = ["sentence-transformers", "feature-extraction", "multimodal", "retrieval", "qwen2-vl", "puma"]
 EXAMPLE_QUERY = "A dog catching a frisbee on the beach"

@@ -323,7 +323,7 @@ class MACLoss(_ContrastiveLoss):
 
     Requirements:
         1. Positives are distinct within the global batch.
-        2. Modality ids from one vocabulary shared by every batch and rank (`data_puma.modality_id`, which the
+        2. Modality ids from one vocabulary shared by every batch and rank (`mbeir_puma.modality_id`, which the
            collator uses), on the embeddings' device (NCCL gathers CUDA tensors only).
         3. With `gather_across_devices`, every rank holds the same number of pairs and of hard negatives.
 

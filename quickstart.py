@@ -13,7 +13,7 @@ import os
 from PIL import Image, ImageDraw
 
 from modeling_puma import PumaForEmbedding
-from tiny_qwen_vl import build_tiny_checkpoint
+from tiny_puma import build_tiny_checkpoint
 
 
 def shape_image(colour: str, shape: str, size: int = 96) -> Image.Image:

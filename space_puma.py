@@ -19,13 +19,13 @@ import tempfile
 
 from huggingface_hub import HfApi, SpaceCard, SpaceCardData
 
-from hub_puma import check_hub_reachable
+from hub_puma import asset_folder, check_hub_reachable
 
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-APP_FILE = os.path.join(ROOT, "space", "app.py")
+APP_FILE = os.path.join(asset_folder("space", "puma_space"), "app.py")
 # What app.py imports from the project (puma_eval.corpus and its imports).
-PROJECT_FILES = ("configuration_puma.py", "modeling_puma.py", "data_puma.py", "puma_eval")
+PROJECT_FILES = ("configuration_puma.py", "modeling_puma.py", "mbeir_puma.py", "puma_eval")
 # Gradio comes with the Space's SDK; these are what the app adds.
 REQUIREMENTS = ("torch>=2.4", "torchvision>=0.19", "transformers>=4.57,<6", "safetensors>=0.4.3", "accelerate>=1.0",
                 "faiss-cpu>=1.8", "pillow>=10", "numpy>=1.24", "datasets>=3.0")
@@ -56,7 +56,7 @@ def save_space_folder(out_dir, model_id: str, *, gallery=None, gallery_split: st
             shutil.copytree(gallery, os.path.join(out_dir, "gallery"), dirs_exist_ok=True)
             gallery_entry = "gallery"
         else:
-            from data_puma import read_jsonl
+            from mbeir_puma import read_jsonl
 
             os.makedirs(os.path.join(out_dir, "gallery"), exist_ok=True)
             shutil.copy(gallery, os.path.join(out_dir, "gallery", os.path.basename(gallery)))

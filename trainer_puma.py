@@ -27,7 +27,7 @@ from torch.utils.checkpoint import get_device_states, set_device_states
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from data_puma import checkpoint_fingerprint, file_fingerprint
+from mbeir_puma import checkpoint_fingerprint, file_fingerprint
 from losses_puma import (
     PAIR_MODES,
     DistillationObjective,
@@ -253,7 +253,7 @@ class SharedWeightTeacher:
 
 def teacher_fingerprint(teacher_path: str, config, data_files: list[str]) -> dict:
     """What a cached teacher embedding depends on: the teacher checkpoint's content, prompt template, pixel limits
-    and the data files' content (`data_puma.checkpoint_fingerprint` / `file_fingerprint`)."""
+    and the data files' content (`mbeir_puma.checkpoint_fingerprint` / `file_fingerprint`)."""
     prompt_fields = ("embedding_token", "system_prompt", "instruction_template", "user_suffix_template",
                      "modality_words", "assistant_template", "format_text", "max_text_tokens", "pooling")
     return {

@@ -51,7 +51,7 @@ from puma_eval.encoding import distributed_state, encode_cached, encode_sharded
 from puma_eval.index import INDEX_KINDS, MIN_TRAIN_POINTS_PER_LIST, IndexSpec, available_memory, import_faiss, \
     index_memory_bytes, search_index, set_search_parameters, torch_search
 from modeling_puma import PumaForEmbedding
-from tiny_qwen_vl import build_tiny_checkpoint
+from tiny_puma import build_tiny_checkpoint
 
 
 WORDS = ("the a photo of dog cat man woman red blue green small large two three running sitting on in at with near "
@@ -340,7 +340,7 @@ def encode_worker(args) -> None:
 
 
 def bench_processes(args) -> None:
-    from tiny_qwen_vl import build_tiny_checkpoint
+    from tiny_puma import build_tiny_checkpoint
 
     cores = os.cpu_count() or 2
     settings = [(1, 1), (1, cores), (2, max(1, cores // 2))]  # (processes, threads per process)

@@ -34,9 +34,9 @@ from common import BENCH_DIR, LOAD_AVERAGES, load_note, log, time_interleaved  #
 def checkpoint_for(shape: str) -> str:
     path = os.path.join(BENCH_DIR, f"qwen2vl-{shape}")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        from tiny_qwen_vl import main as build
+        from tiny_puma import main as build
 
-        sys.argv = ["tiny_qwen_vl.py", path, "--shape", shape, "--shards", "2"]
+        sys.argv = ["tiny_puma.py", path, "--shape", shape, "--shards", "2"]
         build()
     return path
 

@@ -43,7 +43,7 @@ def ensure_checkpoint(name: str, folder: str = DEFAULT_DATA) -> str:
     path = os.path.join(folder, name)
     if not os.path.isfile(os.path.join(path, "config.json")):
         log(f"writing a random {name} checkpoint to {path}")
-        subprocess.run([sys.executable, os.path.join(ROOT, "tiny_qwen_vl.py"), path, "--family", family, "--shape",
+        subprocess.run([sys.executable, os.path.join(ROOT, "tiny_puma.py"), path, "--family", family, "--shape",
                         shape, "--layout", layout, "--shards", "4", "--dtype", "bfloat16"], check=True,
                        stdout=sys.stderr)
     return path

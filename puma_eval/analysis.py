@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import statistics
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cost_puma import depth_costs
-from data_puma import join_path
+from mbeir_puma import join_path
 
 from .mbeir import score_task
 from .tasks import RetrievalTask, TaskData, load_benchmark, load_instructions, load_task, select_tasks
@@ -80,12 +81,14 @@ def mbeir_sample(benchmark_root, tasks: list[str] | None = None, max_queries: in
 
 def pair_task(examples, name: str = "pairs", instruction: str | None = None, max_pairs: int | None = None,
               seed: int = 0) -> TaskData:
-    """A retrieval task from (query, positive) examples — `data_puma` datasets such as `ColumnPairDataset` over a
-    🤗 dataset, or `folder_pairs`: each query ranks every example's positive, its own being the relevant one."""
-    examples = list(examples)
+    """A retrieval task from a sequence of (query, positive) examples — `DatasetPairs` of a 🤗 dataset or
+    `folder_pairs` of a folder: each query ranks every example's positive, its own being the relevant one. Only the
+    `max_pairs` sampled examples are read."""
+    indices = range(len(examples))
     if max_pairs is not None and len(examples) > max_pairs:
         rng = np.random.default_rng(seed)
-        examples = [examples[i] for i in sorted(rng.permutation(len(examples))[:max_pairs].tolist())]
+        indices = sorted(rng.permutation(len(examples))[:max_pairs].tolist())
+    examples = [examples[i] for i in indices]
     if not examples:
         raise ValueError(f"{name}: there are no examples to analyse.")
     modality = examples[0]["modality"]
@@ -98,6 +101,20 @@ def pair_task(examples, name: str = "pairs", instruction: str | None = None, max
                     query_items=[dict(example["query"]) for example in examples],
                     query_instructions=[example.get("instruction") or instruction for example in examples],
                     relevant=[[pool_id] for pool_id in pool_ids], published={})
+
+
+class DatasetPairs(Sequence):
+    """The examples of a 🤗 dataset's rows under a `mbeir_puma.ColumnMapping`, read (and decoded) on access."""
+
+    def __init__(self, dataset, mapping):
+        mapping.check_columns(dataset.column_names)
+        self.dataset, self.mapping = dataset, mapping
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.mapping.example(self.dataset[index], index)
 
 
 def folder_pairs(folder) -> list[dict]:

@@ -4,7 +4,7 @@
 import logging
 import os
 
-from data_puma import read_jsonl, repeated_ids
+from mbeir_puma import read_jsonl, repeated_ids
 
 from .encoding import encode_sharded
 from .index import load_or_build_index, search_index

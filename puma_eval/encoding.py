@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from data_puma import checkpoint_fingerprint, join_path, repeated_ids
+from mbeir_puma import checkpoint_fingerprint, join_path, repeated_ids
 
 from .tasks import SHOWN_IDS
 
@@ -44,7 +44,7 @@ def distributed_state():
 def model_fingerprint(model) -> str:
     """Hash of what determines the model's embeddings: its configuration (kept layers, prompts, pixel limits),
     dtype and attention, and, for a local checkpoint folder, the content of its files
-    (`data_puma.checkpoint_fingerprint`)."""
+    (`mbeir_puma.checkpoint_fingerprint`)."""
     digest = hashlib.sha256()
     digest.update(model.config.to_json_string(use_diff=False).encode())
     digest.update(f"{model.dtype}|{model.config._attn_implementation}".encode())

@@ -1,6 +1,6 @@
 # Copyright 2026 The PUMA contributors. Licensed under the Apache License, Version 2.0.
 """Retrieval metrics and result reports: Recall@k, MRR and nDCG@k through the local `evaluate` module
-`metrics/recall_at_k`, the per-task result rows, the average row, and the markdown/JSON tables."""
+`puma_eval/recall_at_k`, the per-task result rows, the average row, and the markdown/JSON tables."""
 
 import functools
 import json
@@ -8,14 +8,13 @@ import os
 import re
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METRIC_PATH = os.path.join(ROOT, "metrics", "recall_at_k")
+METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recall_at_k")
 K_VALUES = (1, 5, 10)
 
 
 @functools.lru_cache(maxsize=1)
 def load_metric():
-    """The local `evaluate` module `metrics/recall_at_k` (Recall@k, MRR, nDCG@k), never fetched from the Hub."""
+    """The local `evaluate` module `puma_eval/recall_at_k` (Recall@k, MRR, nDCG@k), never fetched from the Hub."""
     try:
         import evaluate
     except ImportError as err:

@@ -5,7 +5,7 @@ import json
 import math
 import os
 
-from .tasks import require_file
+from mbeir_puma import require_file
 
 
 # Systems drawn beside this model's bar in the per-task charts.

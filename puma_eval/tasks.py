@@ -3,7 +3,7 @@
 published figures, and `load_task`, which reads one task's queries and pool and checks them as strictly as UniIR
 does before anything is encoded.
 
-A benchmark root holding `tasks.json` (or `demo_benchmark.json`, written by `make_demo_data.py`) supplies its own task
+A benchmark root holding `tasks.json` (or `demo_benchmark.json`, written by `demo_data_puma.py`) supplies its own task
 table: `{"tasks": [{"name", "test_file", "local_pool_file", "query_modality", "cand_modality", "metric_k"?,
 "label"?}, ...], "union_test_pool_file"?, "instructions_file"?, "image_root"?}` with paths relative to the root;
 otherwise the 16 M-BEIR tasks below are read under UniIR's file names.
@@ -13,8 +13,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from data_puma import (dataset_id, load_mbeir_pool, load_mbeir_queries, load_query_instructions, mbeir_eval_queries,
-                       own_dataset_positives, repeated_ids)
+from mbeir_puma import (dataset_id, load_mbeir_pool, load_mbeir_queries, load_query_instructions, mbeir_eval_queries,
+                        own_dataset_positives, repeated_ids, require_file)
 
 from .metrics import K_VALUES
 
@@ -156,13 +156,6 @@ def select_tasks(benchmark: Benchmark, names: list[str] | None) -> list[Retrieva
 # ----------------------------------------------------------------------------------------------------------------
 # Loading and strict checks
 # ----------------------------------------------------------------------------------------------------------------
-def require_file(path: str, what: str) -> str:
-    """`path`, or `FileNotFoundError` naming `what` when it is not a file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: {path} does not exist.")
-    return path
-
-
 def load_pool(path: str, what: str) -> dict[str, dict]:
     """Candidate records keyed by did; raises on a missing file, duplicate ids or an empty pool."""
     pool = load_mbeir_pool(require_file(path, what))
@@ -261,7 +254,7 @@ class TaskData:
 
 
 def load_instructions(benchmark: Benchmark) -> dict:
-    """The benchmark's query instructions, keyed as `data_puma.load_query_instructions` reads them."""
+    """The benchmark's query instructions, keyed as `mbeir_puma.load_query_instructions` reads them."""
     return load_query_instructions(require_file(benchmark.instructions_file, "Query instructions"))
 
 

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tiny_qwen_vl import build_tiny_checkpoint  # noqa: E402
+from tiny_puma import build_tiny_checkpoint  # noqa: E402
 
 
 TINY_DEPTH = 6

@@ -66,7 +66,7 @@ def save(out):
 
     from hub_puma import _cut_after_pooled_token, export_plain_checkpoint
     from modeling_puma import PumaForEmbedding, parse_input
-    from tiny_qwen_vl import build_tiny_checkpoint
+    from tiny_puma import build_tiny_checkpoint
 
     os.makedirs(out, exist_ok=True)
     items = inputs(out)
@@ -92,7 +92,7 @@ def save(out):
 def check(out):
     import transformers
 
-    for name in ("modeling_puma", "configuration_puma", "hub_puma", "tiny_qwen_vl"):  # only the folders' own code
+    for name in ("modeling_puma", "configuration_puma", "hub_puma", "tiny_puma"):  # only the folders' own code
         sys.modules[name] = None
     from transformers import AutoModel
 

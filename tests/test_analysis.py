@@ -19,7 +19,7 @@ pytest.importorskip("faiss", reason="the analysis scores depths with the evaluat
 
 @pytest.fixture(scope="module")
 def benchmark(tmp_path_factory):
-    from make_demo_data import make_demo_benchmark
+    from demo_data_puma import make_demo_benchmark
 
     root = tmp_path_factory.mktemp("demo_benchmark")
     make_demo_benchmark(root, num_train=6, num_test=6, num_negatives=1, num_nli=8, image_size=40)

@@ -24,7 +24,7 @@ MBEIR_ROOT, NLI_FILE, DEMO_DATA = "data/M-BEIR", "data/nli_for_simcse.csv", "dem
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A working directory holding the data trees at the paths the shipped configs name."""
-    from make_demo_data import make_demo_benchmark
+    from demo_data_puma import make_demo_benchmark
 
     root = tmp_path_factory.mktemp("workspace")
     write_mbeir_tree(root / MBEIR_ROOT)
@@ -43,7 +43,7 @@ def test_every_config_is_covered():
 @pytest.mark.parametrize("config", CONFIGS, ids=os.path.basename)
 def test_config_trains_one_step_on_data_laid_out_like_the_real_one(config, workspace, tiny_checkpoint,
                                                                    embedder_checkpoints, tmp_path, monkeypatch):
-    from train import main, make_parser
+    from train_puma import main, make_parser
 
     with open(config, encoding="utf-8") as f:
         settings = yaml.safe_load(f)
@@ -77,7 +77,7 @@ def test_config_trains_one_step_on_data_laid_out_like_the_real_one(config, works
 
 
 def test_a_wrong_data_path_fails_before_the_model_loads_naming_the_option(workspace, tmp_path, monkeypatch):
-    from train import main, make_parser
+    from train_puma import main, make_parser
 
     monkeypatch.chdir(workspace)
     args = make_parser().parse_args_and_config([

@@ -14,12 +14,9 @@ import torch
 from PIL import Image
 
 import losses_puma
-from data_puma import (
+from data_puma import ColumnPairDataset, MBEIRTrainDataset, NLIDataset, PumaCollator
+from mbeir_puma import (
     MODALITY_IDS,
-    ColumnPairDataset,
-    MBEIRTrainDataset,
-    NLIDataset,
-    PumaCollator,
     load_mbeir_pool,
     load_mbeir_queries,
     load_query_instructions,
@@ -27,7 +24,7 @@ from data_puma import (
     modality_id,
     read_jsonl,
 )
-from make_demo_data import TASKS, make_demo_benchmark
+from demo_data_puma import TASKS, make_demo_benchmark
 from modeling_puma import PumaForEmbedding
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from conftest import TINY_DEPTH
 from modeling_puma import PumaForEmbedding, load_image
 from test_modeling import features_for, inputs_of_every_kind, oracle
-from tiny_qwen_vl import build_tiny_checkpoint
+from tiny_puma import build_tiny_checkpoint
 
 
 TOL = 1e-5

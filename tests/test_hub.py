@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 
 import hub_puma
 from conftest import ROOT
-from handler import EndpointHandler
+from puma_hub_card.handler import EndpointHandler
 from modeling_puma import PumaForEmbedding, featurize, parse_input
 
 
@@ -132,7 +132,7 @@ def test_hub_folder_is_a_complete_trust_remote_code_repository(hub_folder, puma)
     config = json.loads((hub_folder / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_puma.PumaConfig",
                                   "AutoModel": "modeling_puma.PumaForEmbedding"}
-    assert (hub_folder / "handler.py").read_bytes() == Path(ROOT, "handler.py").read_bytes()
+    assert (hub_folder / "handler.py").read_bytes() == Path(ROOT, "hub_card", "handler.py").read_bytes()
     assert json.loads((hub_folder / "modules.json").read_text())[0]["type"] == "modeling_puma.PumaSentenceTransformer"
     tokenizer = AutoTokenizer.from_pretrained(hub_folder)
     assert tokenizer.convert_tokens_to_ids("[RET]") == config["embedding_token_id"] == puma.config.embedding_token_id
@@ -153,7 +153,7 @@ FRESH_LOAD_SCRIPT = textwrap.dedent(
     """
     import sys
     # The project must not be importable, only the Hub folder's own files.
-    for name in ("modeling_puma", "configuration_puma", "hub_puma", "tiny_qwen_vl"):
+    for name in ("modeling_puma", "configuration_puma", "hub_puma", "tiny_puma"):
         sys.modules[name] = None
     import numpy as np
     from PIL import Image
@@ -453,7 +453,7 @@ def test_handler_fetches_image_urls_only_when_allowed(endpoint, puma, photo, pho
 
 def test_handler_imports_only_stdlib_pil_torch_and_transformers():
     allowed = {"PIL", "torch", "transformers"} | set(sys.stdlib_module_names)
-    tree = ast.parse(Path(ROOT, "handler.py").read_text())
+    tree = ast.parse(Path(ROOT, "hub_card", "handler.py").read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             assert node.level == 0 and node.module.split(".")[0] in allowed, node.module

@@ -399,7 +399,7 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
     """
     import sys
     # The project must not be importable: block its modules even if it is pip-installed.
-    for name in ("modeling_puma", "configuration_puma", "tiny_qwen_vl"):
+    for name in ("modeling_puma", "configuration_puma", "tiny_puma"):
         sys.modules[name] = None
     import numpy as np
     from PIL import Image

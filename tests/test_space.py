@@ -141,7 +141,7 @@ def test_space_folder_has_app_modules_gallery_requirements_and_metadata(gallery,
     card = SpaceCard.load(folder / "README.md")
     assert card.data.sdk == "gradio" and card.data.app_file == "app.py" and card.data.models == ["my-org/puma-2b"]
     assert card.data.sdk_version == gr.__version__
-    assert {"app.py", "space_config.json", "requirements.txt", "modeling_puma.py", "data_puma.py", "puma_eval",
+    assert {"app.py", "space_config.json", "requirements.txt", "modeling_puma.py", "mbeir_puma.py", "puma_eval",
             "gallery"} <= set(os.listdir(folder))
     assert "faiss-cpu" in (folder / "requirements.txt").read_text()
     assert sorted(os.listdir(folder / "gallery" / "photos")) == sorted(f"{name}.png" for name in COLOURS)

@@ -19,7 +19,7 @@ pytest.importorskip("peft", reason="the stage configs train LoRA adapters")
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    from make_demo_data import make_demo_benchmark
+    from demo_data_puma import make_demo_benchmark
 
     root = tmp_path_factory.mktemp("demo")
     make_demo_benchmark(str(root), num_train=48, num_test=4, num_negatives=1, num_nli=48, image_size=48)
@@ -41,7 +41,7 @@ def run_train(args, env=None, **kwargs):
 def test_stage1_then_stage2_from_the_merged_output(tiny_checkpoint, demo_data, tmp_path):
     from transformers import AutoModel
 
-    from train import main, make_parser
+    from train_puma import main, make_parser
 
     stage1 = str(tmp_path / "stage1")
     main(*make_parser().parse_args_and_config([
@@ -60,7 +60,7 @@ def test_stage1_then_stage2_from_the_merged_output(tiny_checkpoint, demo_data, t
 
 def test_a_run_is_reproducible_whatever_the_rng_state_before_it(tiny_checkpoint, demo_data, tmp_path):
     # LoRA matrices are drawn when the adapters are added, before the Trainer seeds: main() must seed first.
-    from train import main, make_parser
+    from train_puma import main, make_parser
 
     weights = []
     for outer_seed in (1, 2):
@@ -99,7 +99,7 @@ def test_two_cpu_processes_gather_negatives_across_ranks(tiny_checkpoint, demo_d
 
 KILL_AFTER_STEP_4 = """
 import os, signal, sys
-import train
+import train_puma
 from transformers import TrainerCallback
 
 
@@ -109,14 +109,14 @@ class KillAfterStep4(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-class KilledTrainer(train.PumaTrainer):
+class KilledTrainer(train_puma.PumaTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_callback(KillAfterStep4())
 
 
-train.PumaTrainer = KilledTrainer
-train.main(*train.make_parser().parse_args_and_config(sys.argv[1:]))
+train_puma.PumaTrainer = KilledTrainer
+train_puma.main(*train_puma.make_parser().parse_args_and_config(sys.argv[1:]))
 """
 
 
@@ -156,7 +156,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_loss(tiny_checkp
 
 
 def test_precompute_teacher_fills_the_cache_that_training_then_reads(tiny_checkpoint, demo_data, tmp_path):
-    from train import main, make_parser
+    from train_puma import main, make_parser
     from trainer_puma import CachedTeacher
 
     cache = str(tmp_path / "cache")
@@ -179,7 +179,7 @@ def test_precompute_teacher_fills_the_cache_that_training_then_reads(tiny_checkp
 
 def test_push_to_hub_uploads_the_complete_hub_folder(tiny_checkpoint, demo_data, tmp_path, monkeypatch):
     import hub_puma
-    from train import main, make_parser
+    from train_puma import main, make_parser
 
     sent = {}
     monkeypatch.setattr(hub_puma, "check_hub_reachable", lambda endpoint, repo_id, **kw: None)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from data_puma import modality_id
+from mbeir_puma import modality_id
 from numerics import assert_close
 from modeling_puma import PumaForEmbedding, build_prompt, featurize, parse_input
 from trainer_puma import (

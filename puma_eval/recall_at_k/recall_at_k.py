@@ -3,7 +3,7 @@
 
 A local `evaluate` module, loaded by path so that it never touches the Hub:
 
-    evaluate.load("metrics/recall_at_k")
+    evaluate.load("puma_eval/recall_at_k")
 """
 
 import math
@@ -34,7 +34,7 @@ Returns:
 
 Example:
     >>> import evaluate
-    >>> metric = evaluate.load("metrics/recall_at_k")
+    >>> metric = evaluate.load("puma_eval/recall_at_k")
     >>> metric.compute(predictions=[["b", "a"], ["c", "d"]], references=[["a"], ["x"]], k_values=[1, 2])
     {'recall@1': 0.0, 'recall@2': 0.5, 'ndcg@1': 0.0, 'ndcg@2': 0.31546487678572877, 'mrr': 0.25}
 """

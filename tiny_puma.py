@@ -6,7 +6,7 @@ for Qwen3-VL), safetensors weights (one file or shards with `model.safetensors.i
 real checkpoints use, and, for the tiny shape, a byte-level BPE tokenizer trained on the fly with the family's
 special tokens plus the family's real processor and chat template. Nothing here is pretrained: the weights are random.
 
-    python tiny_qwen_vl.py OUT_DIR [--family qwen2_vl|qwen2_5_vl|qwen3_vl] [--layout old|new|base] [--shards N]
+    python tiny_puma.py OUT_DIR [--family qwen2_vl|qwen2_5_vl|qwen3_vl] [--layout old|new|base] [--shards N]
                                    [--shape tiny|small|2b|8b] [--dtype bfloat16]
 
 Layouts: "old" is transformers <= 4.51's (`model.layers.N`, `visual.*`; Qwen/Qwen2-VL-* and Qwen2.5-VL-* are

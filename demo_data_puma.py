@@ -2,7 +2,7 @@
 """Writes PUMA's demo benchmark: a small M-BEIR-format retrieval benchmark of drawn shapes, offline and
 deterministic (the same seed gives byte-identical files).
 
-    python make_demo_data.py OUT_DIR [--seed 0] [--num-train 480] [--num-test 40] [--image-size 96]
+    python demo_data_puma.py OUT_DIR [--seed 0] [--num-train 480] [--num-test 40] [--image-size 96]
 
 A scene is a shape (8 kinds) in a colour (8), a count (1-3), a position (5) and a background (2): 1,920 scenes,
 split in half between training and test, so test queries never show a training scene. Captions name all five
