@@ -40,6 +40,13 @@ def command_name() -> str:
     return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "puma"
 
 
+def invocation() -> str:
+    """The command as the user typed it, for usage lines: `python train.py` for a script, `puma-eval` for a
+    console command."""
+    name = command_name()
+    return f"python {name}" if name.endswith(".py") else name
+
+
 def one_line(message: str) -> str:
     """`message` on one line: a line ending in ':' runs on into the next, other lines are joined by '; '."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
@@ -127,4 +134,4 @@ def check_model_path(path: str, option: str = "--model") -> str:
 
 
 __all__ = ["ArgumentParser", "MISTAKES", "OneLineErrors", "UsageError", "check_model_path", "debugging", "fail",
-           "looks_like_path", "one_line", "require_path", "run_command", "to_bool"]
+           "invocation", "looks_like_path", "one_line", "require_path", "run_command", "to_bool"]

@@ -43,8 +43,8 @@ import logging
 import os
 import sys
 
-from cli_puma import (ArgumentParser, UsageError, check_model_path, command_name, looks_like_path, require_path,
-                      run_command)
+from cli_puma import (USAGE_EXIT_STATUS, ArgumentParser, UsageError, check_model_path, invocation, looks_like_path,
+                      require_path, run_command)
 from puma_eval.corpus import search_corpus
 from puma_eval.encoding import distributed_state
 from puma_eval.index import HNSW_EF_SEARCH, HNSW_NEIGHBOURS, INDEX_KINDS, IVF_NPROBE
@@ -383,8 +383,7 @@ def _check_curves(args) -> None:
 
 
 def _usage() -> str:
-    prog = command_name()
-    prog = f"python {prog}" if prog.endswith(".py") else prog
+    prog = invocation()
     return (f"usage: {prog} [eval] --model MODEL --mbeir-root DIR [--tasks TASK ...] [--out DIR]\n"
             f"       {prog} mmeb|search|analyze|curves ...\n"
             f"  {prog} --help describes the commands, {prog} COMMAND --help its options")
@@ -396,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         print(_usage(), file=sys.stderr)
-        sys.exit(2)
+        sys.exit(USAGE_EXIT_STATUS)
     if argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv.insert(0, "eval")  # `eval` is the default command
     parser = make_parser()

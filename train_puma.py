@@ -23,7 +23,7 @@ from typing import get_type_hints
 
 from trl import TrlParser
 
-from cli_puma import USAGE_EXIT_STATUS, OneLineErrors, UsageError, check_model_path, command_name, run_command, to_bool
+from cli_puma import USAGE_EXIT_STATUS, OneLineErrors, UsageError, check_model_path, invocation, run_command, to_bool
 from mbeir_puma import join_path
 
 
@@ -368,7 +368,7 @@ def check_before_loading(argv: list[str]) -> None:
         from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
         if not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
-            raise UsageError(f"--{bf16[0]} true (set in {sources[bf16[0]]}) needs a GPU that computes in bfloat16 "
+            raise UsageError(f"--{bf16[0]} true (from {sources[bf16[0]]}) needs a GPU that computes in bfloat16 "
                              f"(NVIDIA Ampere or newer) and this machine has none: pass --{bf16[0]} false to train in "
                              "float32")
 
@@ -376,8 +376,7 @@ def check_before_loading(argv: list[str]) -> None:
 def _train(argv: list[str] | None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        prog = command_name()
-        prog = f"python {prog}" if prog.endswith(".py") else prog
+        prog = invocation()
         print(f"usage: {USAGE % {'prog': prog}}\n  e.g. {prog} --config configs/demo_stage1.yaml --max_steps 10\n"
               f"  {prog} --help lists PUMA's options, {prog} --help-all every option", file=sys.stderr)
         sys.exit(USAGE_EXIT_STATUS)

@@ -123,7 +123,7 @@ def test_train_with_bf16_on_a_machine_without_it_says_to_turn_it_off(demo_data, 
     assert_one_line_error(run("train.py", "--config", os.path.join(ROOT, "configs", "demo_stage2.yaml"),
                               "--mbeir_root", demo_data, "--model_name_or_path", model_folder, "--bf16", "true",
                               "--use_cpu", "false"),
-                          "--bf16 true (set in the command line)", "pass --bf16 false")
+                          "--bf16 true (from the command line)", "pass --bf16 false")
 
 
 def test_train_names_an_unknown_option(demo_data, model_folder):
