@@ -55,7 +55,7 @@ def plot_task(result: dict, path: str, baselines: dict[str, float] | None = None
     axes.set_ylim(0, 115)  # room above a 100 % bar for its label and the legend
     pool = f" ({result['pool']} pool)" if result.get("pool") else ""
     axes.set_title(f"{result['label']}{pool}", fontsize=10)
-    if len(legend) > 1:
+    if published:  # tells the published figures (hatched) from this run's bars; the axis names the rest
         axes.legend(handles=legend, loc="upper right", fontsize=8, ncols=len(legend))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
