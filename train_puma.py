@@ -210,9 +210,6 @@ def main(script_args: ScriptArguments, training_args, model_args):
         trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
     if push:
         trainer.push_to_hub(base_model=model_args.model_name_or_path, license=script_args.license)
-    if trainer.is_world_process_zero():
-        print(f"\nSaved the trained model to {os.path.abspath(training_args.output_dir)}. Evaluate it with:\n  "
-              f"{eval_command(training_args.output_dir, script_args.mbeir_root)}", flush=True)
     return trainer
 
 
@@ -384,7 +381,12 @@ def _train(argv: list[str] | None):
         make_parser(full_help="--help-all" in argv).print_help()
         return None
     check_before_loading(argv)
-    return main(*make_parser().parse_args_and_config(argv))
+    script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
+    trainer = main(script_args, training_args, model_args)
+    if trainer.is_world_process_zero():
+        print(f"\nSaved the trained model to {os.path.abspath(training_args.output_dir)}. Evaluate it with:\n  "
+              f"{eval_command(training_args.output_dir, script_args.mbeir_root)}", flush=True)
+    return trainer
 
 
 def cli(argv: list[str] | None = None):
