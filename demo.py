@@ -6,13 +6,15 @@
 Steps: `demo_data_puma.py` writes a small M-BEIR-format benchmark (text→image, text→text, text→(image,text),
 image→text, image→image and composed (image,text)→image tasks over PIL-drawn scenes); `tiny_puma.py` writes a
 tiny model of the chosen family (Qwen2-VL by default; 6 layers, random weights: it is NOT pretrained, nothing can be
-downloaded here); PUMA keeps its first 3 layers (all of a tiny Qwen3-VL's DeepStack injections); stage 1 (`configs/demo_stage1.yaml`: NLI-style pairs, InfoNCE + distillation from the shared-weight
-full-depth teacher, LoRA) and stage 2 (`configs/demo_stage2.yaml`: M-BEIR-format training set, MAC-Loss) run through
-`train.py`; `puma_eval` scores the untrained pruned model and the trained one on every task's local pool.
-Writes `OUT/results.md`, the trained model's full evaluation with per-task bar charts in `OUT/eval/`, and
-training-curve plots `OUT/curves_stage{1,2}.png`. `--elastic` adds the elastic-depth evidence: stage 2 trained once
-for depths 1, 2 and 3 against one run per depth (`OUT/elastic.md`), and the layer analysis of the untrained base and
-of the elastic model (`OUT/analysis_untrained/`, `OUT/analysis_elastic/`).
+downloaded here); PUMA keeps its first 3 layers (all of a tiny Qwen3-VL's DeepStack injections); stage 1
+(`configs/demo_stage1.yaml`: NLI-style pairs, InfoNCE + distillation from the shared-weight full-depth teacher, LoRA)
+and stage 2 (`configs/demo_stage2.yaml`: M-BEIR-format training set, MAC-Loss) run through `train.py`, each with a
+progress bar and one log line per logging step; `puma_eval` scores the untrained pruned model and the trained one on
+every task's local pool. Writes `OUT/results.md`, the trained model's full evaluation in `OUT/eval/` (table, JSON and
+per-task bar charts of the untrained and the trained model), and training-curve plots `OUT/curves_stage{1,2}.png`.
+`--elastic` adds the elastic-depth evidence: stage 2 trained once for depths 1, 2 and 3 against one run per depth
+(`OUT/elastic.md`), and the layer analysis of the untrained base and of the elastic model (`OUT/analysis_untrained/`,
+`OUT/analysis_elastic/`).
 
 The run is deterministic on one machine: every draw is seeded, torch runs deterministic algorithms on a fixed number
 of CPU threads (`--threads`, default 2), and MKL keeps that thread count (no dynamic adjustment) with conditional
@@ -32,9 +34,9 @@ import time
 
 import torch
 
+from cli_puma import ArgumentParser, UsageError, run_command
 from puma_eval import evaluate_mbeir, mbeir_summary, plot_training_curves, write_mbeir_results
 from demo_data_puma import make_demo_benchmark
-from modeling_puma import PumaForEmbedding
 from tiny_puma import FAMILIES, build_tiny_checkpoint
 from train_puma import main as train_main
 from train_puma import make_parser
@@ -72,6 +74,7 @@ def elastic_evidence(args, data: str, base: str, stage1: str, quick: list[str]) 
     """One stage-2 run trained for depths 1, 2 and 3 at once (`configs/demo_elastic.yaml`) against three runs each
     trained for one depth (`configs/demo_stage2.yaml` pruned to it), from the same stage-1 model: Recall@5 per task and
     depth side by side; the layer analysis of the untrained base (6 layers) and of the elastic model (3 layers)."""
+    from modeling_puma import PumaForEmbedding
     from puma_eval.analysis import analyze, mbeir_sample, write_analysis
     from puma_eval.tasks import load_benchmark
 
@@ -110,8 +113,8 @@ def elastic_evidence(args, data: str, base: str, stage1: str, quick: list[str]) 
     return table
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None):
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out")
     parser.add_argument("--family", default="qwen2_vl", choices=FAMILIES, help="family of the tiny base model")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps (a smoke run, not a result)")
@@ -119,7 +122,13 @@ def main():
     parser.add_argument("--elastic", action="store_true",
                         help="also train depths 1-3 at once vs one run per depth, and analyse the layers (4 more "
                              "stage-2 runs)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: give at least one thread")
+    if os.path.isfile(args.out):
+        raise UsageError(f"--out {args.out} is a file; give the folder to write the demo into")
+    from modeling_puma import PumaForEmbedding  # transformers' model code loads once the arguments are checked
+
     start = time.time()
     make_reproducible(args.threads)
     data, base = os.path.join(args.out, "data"), os.path.join(args.out, f"tiny-{args.family}")
@@ -145,7 +154,10 @@ def main():
 
     print("5/5 evaluating the trained model", flush=True)
     after = evaluate_mbeir(PumaForEmbedding.from_pretrained(stage2), data, show_progress_bar=False)
-    write_mbeir_results(after, os.path.join(args.out, "eval"), "local")  # the full table, JSON and per-task bar charts
+    # the full table, JSON and per-task bar charts, the untrained model's scores beside the trained one's
+    untrained_results = {"tasks": before, "average": mbeir_summary(before)}
+    write_mbeir_results(after, os.path.join(args.out, "eval"), "local", baselines={"untrained": untrained_results},
+                        model_name="trained")
     table = recall_table(before, after)
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
@@ -161,4 +173,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -7,6 +7,8 @@ shows which depth to keep before training (`puma_eval.analysis`).
     python eval_puma.py --model my-puma --mbeir-root M-BEIR --pool global --index ivf-sq8 --tasks cirr_task7
     accelerate launch eval_puma.py --model my-puma --mbeir-root M-BEIR                    # pools sharded over GPUs
     accelerate launch --multi_gpu --num_processes 2 eval_puma.py ...   # on a machine without GPUs: 2 CPU processes
+    python eval_puma.py --model my-puma --mbeir-root M-BEIR --baseline untrained_out/results_local.json \
+        --baseline-name untrained --model-name trained                              # charts: untrained vs trained
     python eval_puma.py mmeb --model my-puma --mmeb-root MMEB-eval --out mmeb_out
     python eval_puma.py search --model my-puma --corpus photos/ --query "a dog on a beach" --top-k 5
     python eval_puma.py curves --trainer-state out/trainer_state.json --out curves.png
@@ -15,10 +17,12 @@ shows which depth to keep before training (`puma_eval.analysis`).
     python eval_puma.py analyze --model base --pairs-folder photos/   # images with same-named .txt captions
 
 `eval` prints and writes the per-task table (`results_{pool}.md`, `results_{pool}.json`) and one bar chart per task
-beside the paper's published figures (`plots/`). Embeddings are cached as safetensors shards under `--cache-dir`
-(default `OUT/embeddings`; `--no-cache` encodes in memory): an interrupted run resumes where it stopped and a finished
-one is reused. Under `accelerate launch` the processes split the missing shards (the cache must be on a file system
-they all share) and the main process searches and writes the results.
+beside the paper's published figures (`plots/`); `--baseline OTHER/results_local.json --baseline-name untrained` puts
+another run's scores (the untrained model's, a competitor's) beside this model's in the table and the charts.
+Embeddings are cached as safetensors shards under `--cache-dir` (default `OUT/embeddings`; `--no-cache` encodes in
+memory): an interrupted run resumes where it stopped and a finished one is reused. Under `accelerate launch` the
+processes split the missing shards (the cache must be on a file system they all share) and the main process searches
+and writes the results.
 
 Protocol. Each task ranks the queries of one M-BEIR test file against its local pool (MSCOCO: the 5K test pool) or
 against the union pool of all tasks (`--pool global`), by inner product of L2-normalised embeddings (exact search with
@@ -28,6 +32,9 @@ Recall@5 (Recall@10 for Fashion200K and FashionIQ), where Recall@k is M-BEIR's h
 positive is among its first k results. Inputs are checked as strictly as UniIR does: unique query and candidate ids,
 query and candidate modalities as the task says, every positive in the pool (for OVEN/InfoSeek positives of the other
 dataset are optional, UniIR's rule), an instruction for every query.
+
+Every command checks its paths, task names and baselines before the model loads; a mistake is answered with one line
+on stderr (`PUMA_DEBUG=1` shows the traceback).
 """
 
 import argparse
@@ -36,24 +43,27 @@ import logging
 import os
 import sys
 
+from cli_puma import (USAGE_EXIT_STATUS, ArgumentParser, UsageError, check_model_path, invocation, looks_like_path,
+                      require_path, run_command)
 from puma_eval.corpus import search_corpus
 from puma_eval.encoding import distributed_state
 from puma_eval.index import HNSW_EF_SEARCH, HNSW_NEIGHBOURS, INDEX_KINDS, IVF_NPROBE
 from puma_eval.mbeir import evaluate_mbeir, write_mbeir_results
+from puma_eval.metrics import read_results
 from puma_eval.plots import import_pyplot, plot_training_curves
+from puma_eval.tasks import load_benchmark, select_tasks
 
 
 logger = logging.getLogger("puma_eval")
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def load_model(path: str, dtype: str | None = None):
     """Loads a PUMA or Qwen2-VL checkpoint onto this process's device."""
     from modeling_puma import PumaForEmbedding
 
-    if os.path.isfile(path):
-        raise ValueError(f"--model {path} is a file; pass a checkpoint folder or a Hub repository id.")
-    if not os.path.exists(path) and (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1):
-        raise FileNotFoundError(f"--model {path} does not exist.")  # a path, not an org/name Hub id
+    check_model_path(path)
     model = PumaForEmbedding.from_pretrained(path, device_map=distributed_state().device, dtype=dtype)
     if model.processor is None:
         raise ValueError(f"--model {path} holds no processor files; save the model with its processor.")
@@ -70,7 +80,6 @@ def _index_options(args) -> dict:
 
 
 def _run_eval(args) -> None:
-    import_pyplot()  # fail before hours of encoding, not after
     model = load_model(args.model, args.dtype)
     rankings = {} if args.save_rankings else None
     results = evaluate_mbeir(model, args.mbeir_root, tasks=args.tasks, pool=args.pool, cache_dir=_cache_dir(args),
@@ -78,7 +87,7 @@ def _run_eval(args) -> None:
                              rankings=rankings, **_index_options(args))
     if results is None:  # not the main process: it encoded its shards, the main process reports
         return
-    print(write_mbeir_results(results, args.out, args.pool))
+    print(write_mbeir_results(results, args.out, args.pool, baselines=args.baselines, model_name=args.model_name))
     if rankings is not None:
         with open(os.path.join(args.out, f"rankings_{args.pool}.json"), "w", encoding="utf-8") as f:
             json.dump(rankings, f)
@@ -89,12 +98,11 @@ def _run_eval(args) -> None:
 def _run_mmeb(args) -> None:
     from puma_eval.mmeb import evaluate_mmeb, write_mmeb_results
 
-    import_pyplot()
     model = load_model(args.model, args.dtype)
     results = evaluate_mmeb(model, args.mmeb_root, tasks=args.tasks, image_root=args.image_root,
                             cache_dir=_cache_dir(args), batch_size=args.batch_size, shard_size=args.shard_size)
     if results is not None:
-        print(write_mmeb_results(results, args.out))
+        print(write_mmeb_results(results, args.out, baselines=args.baselines, model_name=args.model_name))
         print(f"\nWrote results_mmeb.md, results_mmeb.json and plots/ to {args.out}")
 
 
@@ -118,9 +126,6 @@ def _run_curves(args) -> None:
 def _run_analyze(args) -> None:
     from puma_eval.analysis import DatasetPairs, analyze, folder_pairs, mbeir_sample, pair_task, write_analysis
 
-    sources = [source for source in (args.mbeir_root, args.hf_dataset, args.pairs_folder) if source]
-    if len(sources) != 1:
-        raise SystemExit("analyze needs exactly one of --mbeir-root, --hf-dataset, --pairs-folder.")
     image_root = args.image_root
     if args.mbeir_root:
         from puma_eval.tasks import load_benchmark
@@ -135,10 +140,8 @@ def _run_analyze(args) -> None:
 
         from mbeir_puma import ColumnMapping
 
-        if not args.columns:
-            raise SystemExit("--hf-dataset needs --columns, e.g. '{\"query_text\": \"q\", \"positive_image\": \"img\"}'.")
         data = datasets.load_dataset(args.hf_dataset, split=args.hf_split)
-        examples = DatasetPairs(data, ColumnMapping(image_root=image_root, **json.loads(args.columns)))
+        examples = DatasetPairs(data, ColumnMapping(image_root=image_root, **args.columns))
         tasks = [pair_task(examples, args.hf_dataset.replace("/", "_"), args.instruction, args.max_queries,
                            args.seed)]
     model = load_model(args.model, args.dtype)
@@ -155,12 +158,22 @@ def _add_cache_arguments(parser) -> None:
                         help="encode in memory, write no embeddings (single process only)")
     parser.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass")
     parser.add_argument("--shard-size", type=int, default=1024, help="items per cached embedding shard")
-    parser.add_argument("--dtype", help="model dtype (default: float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--dtype", choices=DTYPES, help="model dtype (default: float32 on CPU, bfloat16 on GPU; auto: "
+                                                        "the checkpoint's)")
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _add_report_arguments(parser) -> None:
+    parser.add_argument("--baseline", action="append", default=[], metavar="RESULTS_JSON",
+                        help="results file of another run on the same tasks (e.g. the untrained model's "
+                             "results_local.json), drawn beside this model in the table and the charts; repeatable")
+    parser.add_argument("--baseline-name", action="append", default=[], metavar="NAME",
+                        help="name of each --baseline in the charts, in order (default: baseline, baseline 2, ...)")
+    parser.add_argument("--model-name", default="this model", help="name of this model in the charts")
+
+
+def make_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{eval,mmeb,search,analyze,curves}")
 
     evaluation = commands.add_parser("eval", help="M-BEIR (or task-table) retrieval evaluation; the default command")
     evaluation.add_argument("--model", required=True, help="PUMA or Qwen2-VL checkpoint folder or Hub id")
@@ -183,7 +196,8 @@ def make_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--save-rankings", action="store_true",
                             help="also write each query's top-10 candidate ids to rankings_{pool}.json")
     evaluation.add_argument("--seed", type=int, default=0, help="seed of the per-query instruction draw")
-    evaluation.set_defaults(run=_run_eval)
+    _add_report_arguments(evaluation)
+    evaluation.set_defaults(run=_run_eval, check=_check_eval)
 
     mmeb = commands.add_parser("mmeb", help="MMEB image tasks (VLM2Vec's format): Precision@1 over candidate lists")
     mmeb.add_argument("--model", required=True, help="PUMA or Qwen2-VL checkpoint folder or Hub id")
@@ -194,7 +208,8 @@ def make_parser() -> argparse.ArgumentParser:
     mmeb.add_argument("--tasks", nargs="+", help="task names (default: every task file found)")
     mmeb.add_argument("--out", default="mmeb_out", help="folder of the table, JSON and plots")
     _add_cache_arguments(mmeb)
-    mmeb.set_defaults(run=_run_mmeb)
+    _add_report_arguments(mmeb)
+    mmeb.set_defaults(run=_run_mmeb, check=_check_mmeb)
 
     search = commands.add_parser("search", help="index a folder or JSONL corpus and print the top hits of a query")
     search.add_argument("--model", required=True, help="PUMA or Qwen2-VL checkpoint folder or Hub id")
@@ -207,8 +222,8 @@ def make_parser() -> argparse.ArgumentParser:
     search.add_argument("--batch-size", type=int, default=16)
     search.add_argument("--cache-dir", help="keep corpus embeddings (and a non-flat index) here for the next search")
     search.add_argument("--index", choices=INDEX_KINDS, default="flat", help="index kind (see eval --index)")
-    search.add_argument("--dtype", help="model dtype")
-    search.set_defaults(run=_run_search)
+    search.add_argument("--dtype", choices=DTYPES, help="model dtype")
+    search.set_defaults(run=_run_search, check=_check_search)
 
     analysis = commands.add_parser("analyze", help="per-layer statistics and zero-training quality and cost of every "
                                                    "depth from one full-depth pass; a depth for your budget")
@@ -232,38 +247,173 @@ def make_parser() -> argparse.ArgumentParser:
                           help="recommend the smallest depth within this many points of the best mean score")
     analysis.add_argument("--batch-size", type=int, default=8)
     analysis.add_argument("--seed", type=int, default=0)
-    analysis.add_argument("--dtype", help="model dtype (default: float32 on CPU, bfloat16 on GPU)")
+    analysis.add_argument("--dtype", choices=DTYPES, help="model dtype (default: float32 on CPU, bfloat16 on GPU)")
     analysis.add_argument("--out", default="analysis_out", help="folder of analysis.json, analysis.md, analysis.png")
-    analysis.set_defaults(run=_run_analyze)
+    analysis.set_defaults(run=_run_analyze, check=_check_analyze)
 
     curves = commands.add_parser("curves", help="plot loss and logged components of a Trainer run")
     curves.add_argument("--trainer-state", required=True, help="trainer_state.json of a Trainer output folder")
     curves.add_argument("--out", required=True, help="PNG file to write")
-    curves.set_defaults(run=_run_curves)
+    curves.set_defaults(run=_run_curves, check=_check_curves)
     return parser
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """The `puma-eval` command and `python eval_puma.py`."""
-    main(argv)
+# ----------------------------------------------------------------------------------------------------------------
+# Checks before the model loads: each raises UsageError or FileNotFoundError naming the option
+# ----------------------------------------------------------------------------------------------------------------
+def _check_output(args) -> None:
+    if os.path.isfile(args.out):
+        raise UsageError(f"--out {args.out} is a file; give a folder for the results")
+
+
+def _check_tasks(benchmark, tasks: list[str] | None):
+    """The selected tasks of `benchmark`; an unknown name is a `UsageError` listing the known ones."""
+    try:
+        return select_tasks(benchmark, tasks)
+    except ValueError as err:
+        known = sorted(task.name for task in benchmark.tasks)
+        unknown = [name for name in tasks if name not in known]
+        raise UsageError(f"--tasks: unknown {'task' if len(unknown) == 1 else 'tasks'} {' '.join(unknown)}; "
+                         f"{benchmark.root} has {' '.join(known)}") from err
+
+
+def _check_benchmark(args) -> None:
+    """`--mbeir-root` is a benchmark holding every file of the chosen tasks (and pool); `--tasks` names its tasks."""
+    require_path(args.mbeir_root, "--mbeir-root", "folder")
+    benchmark = load_benchmark(args.mbeir_root)
+    selected = _check_tasks(benchmark, args.tasks)
+    files = [benchmark.instructions_file, *[benchmark.path(task.query_file) for task in selected]]
+    if getattr(args, "pool", "local") == "global":
+        files.append(benchmark.global_pool_file)
+    else:
+        files += [benchmark.path(task.pool_file) for task in selected]
+    missing = [os.path.relpath(path, benchmark.root) for path in dict.fromkeys(files) if not os.path.isfile(path)]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(f"--mbeir-root {args.mbeir_root} lacks {shown} (the benchmark's files for the "
+                                f"{'chosen tasks' if args.tasks else 'tasks'}; --tasks runs some of them)")
+
+
+def _check_baselines(args, pool: str | None = None) -> None:
+    """Reads the `--baseline` files into `args.baselines` (`{name: results}`), names given or numbered."""
+    if args.baseline_name and len(args.baseline_name) != len(args.baseline):
+        raise UsageError(f"--baseline-name is given {len(args.baseline_name)} times for {len(args.baseline)} "
+                         "--baseline files; name each baseline or none")
+    names = args.baseline_name or ["baseline" if i == 0 else f"baseline {i + 1}" for i in range(len(args.baseline))]
+    if len(set(names)) != len(names) or args.model_name in names:
+        raise UsageError(f"--baseline-name and --model-name must differ: {', '.join([*names, args.model_name])}")
+    args.baselines = {}
+    for name, path in zip(names, args.baseline):
+        results = read_results(require_path(path, "--baseline", "file"))
+        pools = {row.get("pool") for row in results["tasks"]} - {None}
+        if pool is not None and pools and pools != {pool}:
+            raise UsageError(f"--baseline {path} holds {'/'.join(sorted(pools))}-pool results and this run scores "
+                             f"the {pool} pool; compare like with like")
+        args.baselines[name] = results
+
+
+def _check_eval(args) -> None:
+    check_model_path(args.model)
+    _check_output(args)
+    import_pyplot()  # the charts fail before hours of encoding, not after
+    _check_benchmark(args)
+    _check_baselines(args, args.pool)
+
+
+def _check_mmeb(args) -> None:
+    from puma_eval.mmeb import find_mmeb_tasks
+
+    check_model_path(args.model)
+    _check_output(args)
+    import_pyplot()
+    found = find_mmeb_tasks(require_path(args.mmeb_root, "--mmeb-root", "folder"))
+    unknown = [name for name in args.tasks or [] if name not in found]
+    if unknown:
+        raise UsageError(f"--tasks: unknown MMEB {'task' if len(unknown) == 1 else 'tasks'} {' '.join(unknown)}; "
+                         f"{args.mmeb_root} has {' '.join(sorted(found))}")
+    if args.image_root:
+        require_path(args.image_root, "--image-root", "folder")
+    _check_baselines(args)
+
+
+def _check_search(args) -> None:
+    if args.query is None and args.image is None:
+        raise UsageError("search needs --query, --image, or both")
+    check_model_path(args.model)
+    require_path(args.corpus, "--corpus")
+    if args.image:
+        require_path(args.image, "--image", "file")
+    if args.top_k < 1:
+        raise UsageError(f"--top-k {args.top_k}: give a positive number of results")
+
+
+def _check_analyze(args) -> None:
+    sources = [option for option, value in (("--mbeir-root", args.mbeir_root), ("--hf-dataset", args.hf_dataset),
+                                            ("--pairs-folder", args.pairs_folder)) if value]
+    if len(sources) != 1:
+        raise UsageError("analyze needs exactly one of --mbeir-root, --hf-dataset, --pairs-folder"
+                         + (f" (got {' and '.join(sources)})" if sources else ""))
+    check_model_path(args.model)
+    if args.mbeir_root:
+        require_path(args.mbeir_root, "--mbeir-root", "folder")
+        _check_tasks(load_benchmark(args.mbeir_root), args.tasks)
+    elif args.pairs_folder:
+        require_path(args.pairs_folder, "--pairs-folder", "folder")
+    else:
+        if looks_like_path(args.hf_dataset):  # a folder, not a Hub dataset id
+            require_path(args.hf_dataset, "--hf-dataset")
+        if not args.columns:
+            raise UsageError("--hf-dataset needs --columns, e.g. "
+                             "'{\"query_text\": \"q\", \"positive_image\": \"img\"}'")
+        try:
+            args.columns = json.loads(args.columns)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--columns {args.columns}: not JSON ({err.msg}); give a mapping such as "
+                             "'{\"query_text\": \"q\", \"positive_image\": \"img\"}'") from err
+        if not isinstance(args.columns, dict):
+            raise UsageError(f"--columns must be a JSON object mapping roles to column names, got {args.columns!r}")
+    if args.image_root:
+        require_path(args.image_root, "--image-root", "folder")
+
+
+def _check_curves(args) -> None:
+    require_path(args.trainer_state, "--trainer-state", "file")
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a folder; give the PNG file to write")
+
+
+def _usage() -> str:
+    prog = invocation()
+    return (f"usage: {prog} [eval] --model MODEL --mbeir-root DIR [--tasks TASK ...] [--out DIR]\n"
+            f"       {prog} mmeb|search|analyze|curves ...\n"
+            f"  {prog} --help describes the commands, {prog} COMMAND --help its options")
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parses and checks the command line (paths, task names, baselines) before any model loads, then runs the
+    command. Mistakes raise (`cli` turns them into one line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    if not argv:
+        print(_usage(), file=sys.stderr)
+        sys.exit(USAGE_EXIT_STATUS)
+    if argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv.insert(0, "eval")  # `eval` is the default command
     parser = make_parser()
     args = parser.parse_args(argv)
-    if args.command == "search" and args.query is None and args.image is None:
-        parser.error("search needs --query, --image, or both")
     if getattr(args, "cache_dir", None) == "":
         parser.error("--cache-dir is empty; give a folder, or --no-cache to encode without writing embeddings")
     if getattr(args, "no_cache", False) and args.cache_dir is not None:
         parser.error("--no-cache and --cache-dir exclude each other")
+    args.check(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)  # the evaluation's progress lines, not every library's
     args.run(args)
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """The `puma-eval` command and `python eval_puma.py`: a mistake ends it with one line on stderr."""
+    run_command(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -24,8 +24,8 @@ from hub_puma import asset_folder, check_hub_reachable
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 APP_FILE = os.path.join(asset_folder("space", "puma_space"), "app.py")
-# What app.py imports from the project (puma_eval.corpus and its imports).
-PROJECT_FILES = ("configuration_puma.py", "modeling_puma.py", "mbeir_puma.py", "puma_eval")
+# What app.py imports from the project (cli_puma, puma_eval.corpus and their imports).
+PROJECT_FILES = ("configuration_puma.py", "modeling_puma.py", "mbeir_puma.py", "cli_puma.py", "puma_eval")
 # Gradio comes with the Space's SDK; these are what the app adds.
 REQUIREMENTS = ("torch>=2.4", "torchvision>=0.19", "transformers>=4.57,<6", "safetensors>=0.4.3", "accelerate>=1.0",
                 "faiss-cpu>=1.8", "pillow>=10", "numpy>=1.24", "datasets>=3.0")

@@ -15,6 +15,9 @@ code is `train_puma` (installed as the `puma-train` command); this file runs it 
     python train.py --config configs/puma_stage1_nli.yaml --teacher cached --teacher_cache cache/nli --precompute_teacher
     # push the final model as a complete Hub repository (card, handler, sentence-transformers files)
     python train.py --config configs/puma_stage2_mbeir.yaml --push_to_hub --hub_model_id you/puma-7b
+    # PUMA's options (then the most used ones of transformers and trl); every option
+    python train.py --help
+    python train.py --help-all
 """
 
 from train_puma import cli

@@ -3,25 +3,31 @@
 defaults, command-line flags override them): the pruned student, its data, its teacher and `PumaTrainer`.
 
 Run as `python train.py` / `accelerate launch train.py` in a checkout (train.py shows the launch commands of every
-stage) or as the installed `puma-train` command, which takes the same arguments.
+stage) or as the installed `puma-train` command, which takes the same arguments. `--help` lists PUMA's options and
+the most used ones of transformers and trl; `--help-all` lists every option.
+
+The command checks what it can before the training stack loads (torch, transformers and the model take tens of
+seconds to import): the config file, every data path, the model path and whether the machine computes in bfloat16.
+A mistake is answered with one line (`cli_puma`).
 """
 
+import argparse
+import inspect
 import json
+import logging
 import os
-from dataclasses import dataclass, field
+import shlex
+import sys
+from dataclasses import dataclass, field, fields
+from typing import get_type_hints
 
-from transformers import TrainerCallback, enable_full_determinism, set_seed
-from transformers.utils import logging
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import TrlParser
 
-from data_puma import ColumnPairDataset, MBEIRTrainDataset, NLIDataset, PumaCollator
+from cli_puma import USAGE_EXIT_STATUS, OneLineErrors, UsageError, check_model_path, invocation, run_command, to_bool
 from mbeir_puma import join_path
-from modeling_puma import PumaForEmbedding
-from trainer_puma import (CachedTeacher, PumaTrainer, PumaTrainingArguments, precompute_teacher_cache,
-                          teacher_cache_is_fresh, teacher_fingerprint)
 
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,16 +58,6 @@ class ScriptArguments:
     seed_data: int = field(default=0, metadata={"help": "Seed of the per-epoch positive, instruction and negative draws."})
 
 
-class SetEpochCallback(TrainerCallback):
-    """Gives datasets with per-epoch draws (M-BEIR positives, instructions) the current epoch."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.dataset.set_epoch(int(state.epoch or 0))
-
-
 REQUIRED_OPTIONS = {"mbeir": ("mbeir_root", "train_queries", "candidate_pool", "instructions"), "nli": ("nli_file",),
                     "hf": ("hf_dataset", "columns")}
 # Data files each dataset reads, relative to mbeir_root for M-BEIR (absolute paths stay as they are).
@@ -74,10 +70,13 @@ def data_files(args: ScriptArguments) -> dict[str, str]:
     return {name: join_path(root, getattr(args, name)) for name in DATA_FILE_OPTIONS.get(args.dataset, ())}
 
 
-def check_data_paths(args: ScriptArguments, training_args: PumaTrainingArguments | None = None) -> None:
+def check_data_paths(args: ScriptArguments, training_args=None) -> None:
     """Fails before any model loads when an option is missing or names a file or folder that does not exist; the
     error lists each one with the option that set it, e.g.
-    `train_queries=query/train/x.jsonl: /data/M-BEIR/query/train/x.jsonl does not exist`."""
+    `train_queries=query/train/x.jsonl: /data/M-BEIR/query/train/x.jsonl does not exist`.
+
+    `training_args` (`PumaTrainingArguments`, or any object with `teacher` and `teacher_cache`) adds the teacher
+    cache to the checks."""
     if args.dataset not in REQUIRED_OPTIONS:
         raise ValueError(f"dataset={args.dataset!r} is not one of {sorted(REQUIRED_OPTIONS)}.")
     unset = [name for name in REQUIRED_OPTIONS[args.dataset] if not getattr(args, name)]
@@ -88,7 +87,10 @@ def check_data_paths(args: ScriptArguments, training_args: PumaTrainingArguments
     for name, folder in folders.items():
         if folder and not os.path.isdir(folder):
             problems.append(f"{name}={folder}: {os.path.abspath(folder)} is not a folder")
+    missing_root = folders["mbeir_root"] and not os.path.isdir(folders["mbeir_root"])
     for name, path in data_files(args).items():
+        if missing_root and not os.path.isabs(getattr(args, name)):
+            continue  # under the missing root, which is named already
         if not os.path.isfile(path):
             problems.append(f"{name}={getattr(args, name)}: {os.path.abspath(path)} does not exist")
     if training_args is not None and training_args.teacher == "cached" and not args.precompute_teacher:
@@ -97,11 +99,13 @@ def check_data_paths(args: ScriptArguments, training_args: PumaTrainingArguments
             problems.append(f"teacher_cache={training_args.teacher_cache}: {os.path.abspath(fingerprint)} does not "
                             "exist (fill the cache with --precompute_teacher)")
     if problems:
-        raise FileNotFoundError("Data paths that do not exist:\n  " + "\n  ".join(problems))
+        raise FileNotFoundError("Data paths that do not exist: " + "; ".join(problems))
 
 
 def build_dataset(args: ScriptArguments):
     """The training dataset the script arguments name; missing arguments and paths are named in the error."""
+    from data_puma import ColumnPairDataset, MBEIRTrainDataset, NLIDataset
+
     check_data_paths(args)
     files = data_files(args)
     if args.dataset == "mbeir":
@@ -118,8 +122,10 @@ def build_dataset(args: ScriptArguments):
         return ColumnPairDataset(data, image_root=args.image_root, **columns)
 
 
-def lora_config(model_args: ModelConfig, model: PumaForEmbedding, train_embedding_token: bool):
+def lora_config(model_args, model, train_embedding_token: bool):
     """trl's LoRA config, targeting every linear of the kept decoder layers (not the vision tower) by default."""
+    from trl import get_peft_config
+
     config = get_peft_config(model_args)
     if config is None:
         return None
@@ -132,8 +138,28 @@ def lora_config(model_args: ModelConfig, model: PumaForEmbedding, train_embeddin
     return config
 
 
-def main(script_args: ScriptArguments, training_args: PumaTrainingArguments, model_args: ModelConfig):
+def eval_command(output_dir: str, mbeir_root: str | None) -> str:
+    """The command that evaluates the model saved in `output_dir` on M-BEIR: `python eval_puma.py ...` in a checkout
+    (train.py sits beside this module), the installed `puma-eval` command otherwise."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    program = (f"python {shlex.quote(os.path.relpath(os.path.join(here, 'eval_puma.py')))}"
+               if os.path.isfile(os.path.join(here, "train.py")) else "puma-eval")
+    root = shlex.quote(mbeir_root) if mbeir_root else "PATH/TO/M-BEIR"
+    return f"{program} --model {shlex.quote(output_dir)} --mbeir-root {root} --out {shlex.quote(output_dir)}/eval"
+
+
+def main(script_args: ScriptArguments, training_args, model_args):
+    """Trains with parsed arguments (`make_parser().parse_args_and_config(...)`) and returns the `PumaTrainer`."""
     check_data_paths(script_args, training_args)  # a wrong path fails now, not after minutes of model loading
+    # The training stack is imported here rather than at the top, so that the command's checks (`cli`) answer a
+    # mistake in seconds instead of after torch and transformers have loaded.
+    from transformers import enable_full_determinism, set_seed
+
+    from data_puma import PumaCollator
+    from modeling_puma import PumaForEmbedding
+    from trainer_puma import (CachedTeacher, PumaTrainer, SetEpochCallback, precompute_teacher_cache,
+                              teacher_cache_is_fresh, teacher_fingerprint)
+
     # Seeded before the model exists: new parameters (LoRA matrices) are drawn before the Trainer seeds.
     (enable_full_determinism if training_args.full_determinism else set_seed)(training_args.seed)
     overrides = {k: getattr(script_args, k) for k in ("min_pixels", "max_pixels", "max_text_tokens", "position_mode")
@@ -187,12 +213,183 @@ def main(script_args: ScriptArguments, training_args: PumaTrainingArguments, mod
     return trainer
 
 
-def make_parser() -> TrlParser:
-    return TrlParser((ScriptArguments, PumaTrainingArguments, ModelConfig))
+# ----------------------------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------------------------
+USAGE = "%(prog)s --config CONFIG.yaml [--OPTION VALUE ...]"
+DESCRIPTION = ("Train a PUMA embedding model: --config names a YAML file of options (configs/ holds one per stage), "
+               "and any option given on the command line overrides it. Boolean options take true or false.")
+# Titles of the help sections of PUMA's own options, by the dataclass declaring them.
+PUMA_SECTIONS = {"ScriptArguments": "PUMA: pruning, data and teacher cache (ScriptArguments)",
+                 "PumaTrainingArguments": "PUMA: objective, teacher and elastic depth (PumaTrainingArguments)"}
+# Options of transformers' TrainingArguments and trl's ModelConfig that `--help` lists beside PUMA's own.
+COMMON_OPTIONS = ("model_name_or_path", "dtype", "output_dir", "num_train_epochs", "max_steps",
+                  "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "bf16", "use_cpu",
+                  "use_peft", "lora_r", "logging_steps", "save_steps", "resume_from_checkpoint", "push_to_hub",
+                  "hub_model_id")
+COMMON_SECTION = "Most used options of transformers' TrainingArguments and trl's ModelConfig"
+# Options read before the training stack loads: the data paths, the teacher cache, the model and the precision.
+PRECHECKED_OPTIONS = (*(f.name for f in fields(ScriptArguments)), "teacher", "teacher_cache", "model_name_or_path",
+                      "bf16", "bf16_full_eval", "use_cpu")
+
+
+class _HelpSection:
+    """An argument group whose options `--help` lists, or leaves to `--help-all` (`help=argparse.SUPPRESS`)."""
+
+    def __init__(self, group, listed: bool):
+        self.group, self.listed = group, listed
+
+    def add_argument(self, *names, **kwargs):
+        if not self.listed:
+            kwargs["help"] = argparse.SUPPRESS
+        return self.group.add_argument(*names, **kwargs)
+
+
+class TrainParser(OneLineErrors, TrlParser):
+    """trl's parser (`--config x.yaml`, then command-line overrides) whose help shows PUMA's options first: each
+    option goes to the group of the dataclass that declares it (`PUMA_SECTIONS`), then `COMMON_OPTIONS`, then the
+    rest of transformers' and trl's, listed only with `full_help`. A wrong command line is answered with one line."""
+
+    def __init__(self, dataclass_types, full_help: bool = True, **kwargs):
+        self.full_help, self._sections, self.unlisted = full_help, {}, 0
+        super().__init__(dataclass_types, **kwargs)
+        if self.unlisted:
+            self.epilog = (f"transformers' TrainingArguments and trl's ModelConfig take {self.unlisted} more options: "
+                           "--help-all lists every one.")
+
+    def parse_args_into_dataclasses(self, args=None, return_remaining_strings=False, **kwargs):
+        # an unknown option is a wrong command line (HfArgumentParser raises a ValueError listing the leftovers)
+        *outputs, remaining = super().parse_args_into_dataclasses(args, return_remaining_strings=True, **kwargs)
+        if return_remaining_strings:
+            return (*outputs, remaining)
+        if remaining:
+            self.error(f"unrecognized arguments: {' '.join(remaining)}")
+        return tuple(outputs)
+
+    def _section(self, title: str, listed: bool = True) -> _HelpSection:
+        if not self._sections:  # PUMA's sections first, whichever dataclass comes first
+            for first in (*PUMA_SECTIONS.values(), COMMON_SECTION):
+                self._sections[first] = self.add_argument_group(first)
+        if title not in self._sections:
+            self._sections[title] = self.add_argument_group(title)
+        return _HelpSection(self._sections[title], listed or self.full_help)
+
+    def _add_dataclass_arguments(self, dtype):
+        # HfArgumentParser puts a dataclass's fields in one group; PumaTrainingArguments' fields are PUMA's own
+        # and transformers' inherited ones, so each field is placed by the class that declares it.
+        hints = get_type_hints(dtype)
+        for item in fields(dtype):
+            if not item.init:
+                continue
+            item.type = hints[item.name]
+            owner = next(cls for cls in dtype.__mro__ if item.name in inspect.get_annotations(cls))
+            if owner.__name__ in PUMA_SECTIONS:
+                section = self._section(PUMA_SECTIONS[owner.__name__])
+            elif item.name in COMMON_OPTIONS:
+                section = self._section(COMMON_SECTION)
+            else:
+                library = owner.__module__.split(".")[0]
+                possessive = f"{library}'" if library.endswith("s") else f"{library}'s"
+                section = self._section(f"{possessive} {owner.__name__}", listed=False)
+                self.unlisted += not section.listed
+            self._parse_dataclass_field(section, item)
+
+
+def make_parser(full_help: bool = True) -> TrainParser:
+    """The parser of `ScriptArguments`, `PumaTrainingArguments` and trl's `ModelConfig`. `full_help=False` leaves
+    transformers' and trl's options out of `--help`, but for `COMMON_OPTIONS`."""
+    from trl import ModelConfig
+
+    from trainer_puma import PumaTrainingArguments
+
+    return TrainParser((ScriptArguments, PumaTrainingArguments, ModelConfig), full_help=full_help, usage=USAGE,
+                       description=DESCRIPTION)
+
+
+def read_settings(argv: list[str], names) -> tuple[dict, dict]:
+    """`({name: value}, {name: where it was set})` of the options `names` as `--config` and the command line set
+    them (the command line wins), read without the training stack: YAML values keep their types, command-line values
+    are strings (`True` for a bare flag)."""
+    settings, config, rest = {}, None, list(argv)
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv) or argv[index + 1].startswith("--"):
+            raise UsageError("--config needs a YAML file, e.g. --config configs/demo_stage1.yaml")
+        config, rest = argv[index + 1], argv[:index] + argv[index + 2:]
+        if not os.path.isfile(config):
+            raise UsageError(f"--config {config}: {os.path.abspath(config)} "
+                             f"{'is a folder' if os.path.isdir(config) else 'does not exist'}")
+        import yaml
+
+        try:
+            with open(config, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise UsageError(f"--config {config} is not valid YAML ({err})") from err
+        if not isinstance(loaded, dict):
+            raise UsageError(f"--config {config} must hold a YAML mapping of option: value")
+        settings.update({name: loaded[name] for name in names if name in loaded})
+    sources = dict.fromkeys(settings, config)
+    reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for name in names:  # HfArgumentParser takes --mbeir_root and --mbeir-root alike
+        spellings = dict.fromkeys((f"--{name}", f"--{name.replace('_', '-')}"))
+        reader.add_argument(*spellings, dest=name, nargs="?", const=True, default=argparse.SUPPRESS)
+    from_command_line = vars(reader.parse_known_args(rest)[0])
+    settings.update(from_command_line)
+    sources.update(dict.fromkeys(from_command_line, "the command line"))
+    return settings, sources
+
+
+def check_before_loading(argv: list[str]) -> None:
+    """The checks that need neither the model nor transformers' training stack: the config file, the dataset's
+    options and data paths (`check_data_paths`), the model path, and bf16 on a machine that cannot compute in it.
+    Raises `UsageError` or `FileNotFoundError` naming the option."""
+    settings, sources = read_settings(argv, PRECHECKED_OPTIONS)
+    values = {f.name: settings[f.name] for f in fields(ScriptArguments) if f.name in settings}
+    for name in ("precompute_teacher", "hf_streaming", "train_embedding_token"):
+        if name in values:
+            values[name] = to_bool(values[name], name)
+    teacher = argparse.Namespace(teacher=settings.get("teacher", "none"), teacher_cache=settings.get("teacher_cache"))
+    if teacher.teacher == "cached" and not teacher.teacher_cache:
+        raise UsageError("--teacher cached needs --teacher_cache (a folder written by --precompute_teacher)")
+    try:
+        check_data_paths(ScriptArguments(**values), teacher)
+    except ValueError as err:  # an unknown dataset or one without its options
+        raise UsageError(f"{err} Set it in the config or on the command line (--help lists the options).") from err
+    if not settings.get("model_name_or_path"):
+        raise UsageError("--model_name_or_path is not set: the checkpoint to prune or train (a folder or Hub id)")
+    check_model_path(str(settings["model_name_or_path"]), "--model_name_or_path")
+    bf16 = [name for name in ("bf16", "bf16_full_eval") if to_bool(settings.get(name, False), name)]
+    if bf16 and not to_bool(settings.get("use_cpu", False), "use_cpu"):
+        # transformers' own test (TrainingArguments would fail on it after the parse, with a traceback)
+        from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+        if not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
+            raise UsageError(f"--{bf16[0]} true (from {sources[bf16[0]]}) needs a GPU that computes in bfloat16 "
+                             f"(NVIDIA Ampere or newer) and this machine has none: pass --{bf16[0]} false to train in "
+                             "float32")
+
+
+def _train(argv: list[str] | None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        prog = invocation()
+        print(f"usage: {USAGE % {'prog': prog}}\n  e.g. {prog} --config configs/demo_stage1.yaml --max_steps 10\n"
+              f"  {prog} --help lists PUMA's options, {prog} --help-all every option", file=sys.stderr)
+        sys.exit(USAGE_EXIT_STATUS)
+    if "--help-all" in argv or "-h" in argv or "--help" in argv:
+        make_parser(full_help="--help-all" in argv).print_help()
+        return None
+    check_before_loading(argv)
+    script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
+    trainer = main(script_args, training_args, model_args)
+    if trainer.is_world_process_zero():
+        print(f"\nSaved the trained model to {os.path.abspath(training_args.output_dir)}. Evaluate it with:\n  "
+              f"{eval_command(training_args.output_dir, script_args.mbeir_root)}", flush=True)
+    return trainer
 
 
 def cli(argv: list[str] | None = None):
-    """The `puma-train` command and `python train.py`: parse `--config` and the command line, then train."""
-    script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
-    return main(script_args, training_args, model_args)
-
+    """The `puma-train` command and `python train.py`: check the arguments, parse `--config` and the command line,
+    then train; a mistake ends the command with one line on stderr."""
+    return run_command(_train, argv)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.utils.checkpoint import get_device_states, set_device_states
-from transformers import Trainer, TrainingArguments
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from mbeir_puma import checkpoint_fingerprint, file_fingerprint
@@ -423,6 +423,60 @@ def parameter_groups(model: nn.Module, learning_rate: float, weight_decay: float
 # --------------------------------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# Callbacks: readable log lines, per-epoch draws
+# ----------------------------------------------------------------------------------------------------------------
+def format_log(logs: dict, state) -> str:
+    """A Trainer log as one line: `step 20/120 | epoch 0.33 | loss 1.234 | contrastive_loss 1.1 | ... | lr 2.00e-03`
+    (total loss, then its components, then the other scalars), or the end-of-training summary."""
+    if "train_runtime" in logs:
+        rate = logs.get("train_steps_per_second")
+        return (f"finished {state.global_step} steps in {logs['train_runtime']:.1f} s"
+                + (f" ({rate:.3g} steps/s)" if rate else "")
+                + (f", mean loss {logs['train_loss']:.4g}" if "train_loss" in logs else ""))
+    losses = sorted((key for key in logs if "loss" in key), key=lambda key: (key != "loss", key))
+    others = [key for key in logs if key not in losses and key not in ("epoch", "total_flos")]
+    parts = [f"step {state.global_step}/{state.max_steps}"]
+    if "epoch" in logs:
+        parts.append(f"epoch {logs['epoch']:.2f}")
+    for key in losses + others:
+        value = logs[key]
+        if key == "learning_rate":
+            parts.append(f"lr {value:.2e}")
+        elif isinstance(value, float):
+            parts.append(f"{key} {value:.4g}")
+        else:
+            parts.append(f"{key} {value}")
+    return " | ".join(parts)
+
+
+class ReadableProgressCallback(ProgressCallback):
+    """transformers' progress bar (steps done of the total, elapsed time, ETA) with each log written above it as
+    one `format_log` line instead of a Python dict."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            self.training_bar.write(format_log(logs, state))
+
+
+class ReadableLogCallback(PrinterCallback):
+    """The log printer of `disable_tqdm` runs, printing `format_log` lines."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_local_process_zero and logs:
+            print(format_log(logs, state), flush=True)
+
+
+class SetEpochCallback(TrainerCallback):
+    """Gives datasets with per-epoch draws (M-BEIR positives, instructions) the current epoch."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(state.epoch or 0))
+
+
 class PumaTrainer(Trainer):
     """`Trainer` for PUMA embeddings: contrastive (MAC or InfoNCE) + distillation, gathered negatives, GradCache.
 
@@ -450,6 +504,9 @@ class PumaTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, PumaTrainingArguments):
             raise TypeError("PumaTrainer needs PumaTrainingArguments.")
+        for stock, readable in ((ProgressCallback, ReadableProgressCallback), (PrinterCallback, ReadableLogCallback)):
+            if self.pop_callback(stock) is not None:  # the Trainer adds one of the two, by disable_tqdm
+                self.add_callback(readable)
         self.objective = objective if objective is not None else self.args.build_objective(
             num_layers=self._embedding_model().config.text_config.num_hidden_layers)
         self.teacher = teacher if teacher is not None else self._default_teacher()
@@ -705,6 +762,6 @@ def _means(tracked: dict) -> dict[str, float]:
     return {key: round(float(sum(values)) / len(values), 6) for key, values in tracked.items()}
 
 
-__all__ = ["CachedTeacher", "PumaTrainer", "PumaTrainingArguments", "SeparateTeacher", "SharedWeightTeacher",
-           "parameter_groups", "precompute_teacher_cache", "split_features", "teacher_cache_is_fresh",
-           "teacher_fingerprint"]
+__all__ = ["CachedTeacher", "PumaTrainer", "PumaTrainingArguments", "ReadableLogCallback", "ReadableProgressCallback",
+           "SeparateTeacher", "SetEpochCallback", "SharedWeightTeacher", "format_log", "parameter_groups",
+           "precompute_teacher_cache", "split_features", "teacher_cache_is_fresh", "teacher_fingerprint"]

@@ -331,6 +331,16 @@ def recommend(result: dict, max_layers: int | None = None, max_cost: float | Non
 # ----------------------------------------------------------------------------------------------------------------
 # Reports
 # ----------------------------------------------------------------------------------------------------------------
+def _count(number, noun: str) -> str:
+    """`1 layer`, `3 layers`, `0.5 points`: the number with its noun, plural unless it is 1."""
+    return f"{number:g} {noun}" if number == 1 else f"{number:g} {noun}s"
+
+
+def _first(depth: int) -> str:
+    """`layer` for one layer, `3 layers` for more: what follows "keep the first" or "the"."""
+    return "layer" if depth == 1 else f"{depth} layers"
+
+
 def analysis_markdown(result: dict) -> str:
     """Tables of quality and cost per depth, statistics per layer, and the recommendation."""
     tasks = [task["task"] for task in result["tasks"]]
@@ -342,27 +352,29 @@ def analysis_markdown(result: dict) -> str:
                      + f" | {row['mean']:.1f} | {row['cost_text']:.3f} | {row['cost_image']:.3f} |")
     spans = sorted({n for layer in result["layers"] for n in layer["angular_distance"]})
     lines += ["", "### Layer statistics\n",
-              "| layer | base layer | block influence | " + " | ".join(f"angular distance, {n} layer(s)" for n in spans)
+              "| layer | base layer | block influence | " + " | ".join(f"angular distance, {_count(n, 'layer')}"
+                                                                        for n in spans)
               + " |", "|---|---|---|" + "---|" * len(spans)]
     for layer in result["layers"]:
         distances = [f"{layer['angular_distance'][n]:.4f}" if n in layer["angular_distance"] else "" for n in spans]
         lines.append(f"| {layer['layer']} | {layer['original_layer']} | {layer['block_influence']:.4f} | "
                      + " | ".join(distances) + " |")
     recommendation, budget = result["recommendation"], result["budget"]
-    budget_text = (f"at most {budget['max_layers']} layers" if budget["max_layers"] is not None else
+    budget_text = (f"at most {_count(budget['max_layers'], 'layer')}" if budget["max_layers"] is not None else
                    f"at most {budget['max_cost']:g} of the full depth's FLOPs" if budget["max_cost"] is not None
                    else "no budget")
     lines += ["", f"### Recommendation ({budget_text})\n",
-              f"- keep the first {recommendation['depth']} layers: `kept_layers={recommendation['kept_layers']}` "
-              f"(mean {recommendation['mean']:.1f}, FLOP ratio {recommendation['cost']:.3f} at the sample's mix of text "
-              f"and image inputs); the best depth within the "
-              f"budget is {recommendation['best_depth']} (mean {recommendation['best_mean']:.1f}), and this is the "
-              f"smallest within {budget['tolerance']:g} point(s) of it",
-              f"- the {recommendation['depth']} layers of highest block influence (ShortGPT): "
+              f"- keep the first {_first(recommendation['depth'])}: "
+              f"`kept_layers={recommendation['kept_layers']}` "
+              f"(mean {recommendation['mean']:.1f}, FLOP ratio {recommendation['cost']:.3f} at the sample's mix of "
+              f"text and image inputs); the best depth within the budget is {recommendation['best_depth']} "
+              f"(mean {recommendation['best_mean']:.1f}), and this is the smallest within {_count(budget['tolerance'], 'point')} of it",
+              f"- the {_first(recommendation['depth'])} of highest block influence (ShortGPT): "
               f"`kept_layers={recommendation['block_influence_layers']}`",
               f"- least important layer by block influence: {recommendation['least_important_layer']}; most removable "
               "block of n layers by angular distance: " + ", ".join(
-                  f"n={n}: layers {start}..{start + int(n) - 1}" for n, start in result["removable_blocks"].items())]
+                  f"n={n}: layer {start}" if int(n) == 1 else f"n={n}: layers {start}..{start + int(n) - 1}"
+                  for n, start in result["removable_blocks"].items())]
     return "\n".join(lines) + "\n"
 
 

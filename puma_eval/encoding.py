@@ -53,11 +53,31 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
+def image_fingerprint(image) -> str | None:
+    """What identifies an item's image in `items_fingerprint`: its path; for an image held in memory (a PIL image,
+    as a `datasets` Image column decodes it, or such a column's undecoded `{"bytes", "path"}` dict) the SHA-256 of
+    its content, so that equal images give equal fingerprints in any process."""
+    if image is None or isinstance(image, str):
+        return image
+    if isinstance(image, os.PathLike):
+        return os.fspath(image)
+    if isinstance(image, dict) and ("bytes" in image or "path" in image):
+        content = image.get("bytes")
+        return "sha256:" + hashlib.sha256(content).hexdigest() if content else image.get("path")
+    if hasattr(image, "tobytes") and hasattr(image, "mode") and hasattr(image, "size"):  # a PIL image
+        digest = hashlib.sha256(f"{image.mode}|{image.size}|".encode())
+        digest.update(image.tobytes())
+        return "pixels:" + digest.hexdigest()
+    raise TypeError(f"Cannot fingerprint an image of type {type(image).__name__}; give a path, a PIL image or a "
+                    "datasets image dict.")
+
+
 def items_fingerprint(ids: list[str], items: list[dict], instructions: list[str | None]) -> str:
-    """Hash of exactly what is encoded: ids, texts, image paths and each item's instruction."""
+    """Hash of exactly what is encoded: ids, texts, images (`image_fingerprint`) and each item's instruction."""
     digest = hashlib.sha256()
     for item_id, item, instruction in zip(ids, items, instructions):
-        digest.update(json.dumps([item_id, item.get("text"), item.get("image"), instruction]).encode())
+        digest.update(json.dumps([item_id, item.get("text"), image_fingerprint(item.get("image")),
+                                  instruction]).encode())
         digest.update(b"\n")
     return digest.hexdigest()
 

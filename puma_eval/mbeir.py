@@ -128,7 +128,10 @@ def mbeir_summary(results: list[dict]) -> dict:
                      if full else None)
 
 
-def write_mbeir_results(results: list[dict], out_dir, pool: str) -> str:
-    """Writes `results_{pool}.md`, `results_{pool}.json` and `plots/{pool}_{task}.png`; returns the markdown."""
+def write_mbeir_results(results: list[dict], out_dir, pool: str, *, baselines: dict[str, dict] | None = None,
+                        model_name: str = "this model") -> str:
+    """Writes `results_{pool}.md`, `results_{pool}.json` and `plots/{pool}_{task}.png`; returns the markdown.
+    `baselines`: other models' results to show beside this one's (`metrics.write_results`)."""
     average = {**mbeir_summary(results), "pool": pool}
-    return write_results(results, out_dir, f"results_{pool}", average=average, note=PUBLISHED_NOTE)
+    return write_results(results, out_dir, f"results_{pool}", average=average, note=PUBLISHED_NOTE,
+                         baselines=baselines, model_name=model_name)

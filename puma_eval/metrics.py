@@ -62,21 +62,57 @@ def summarize(results: list[dict], full_average: dict[str, float] | None = None)
             **average, "published": published}
 
 
+def read_results(path) -> dict:
+    """A results file `write_results` wrote (`{"tasks": [rows], "average": row}`), e.g. to compare against; a file
+    of another shape is a `ValueError` naming it."""
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not a results JSON file ({err}).") from err
+    rows = data.get("tasks") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) and {"task", "score"} <= set(row) for row in rows) \
+            or not isinstance(data.get("average"), dict):
+        raise ValueError(f"{path} is not a results file of eval_puma.py (a JSON object with 'tasks' rows, each with "
+                         "'task' and 'score', and an 'average' row).")
+    return data
+
+
+def baseline_scores(results: list[dict], baselines: dict[str, dict] | None) -> dict[str, dict[str, float]]:
+    """`{baseline name: {task: score}}` of the rows of each baseline results file (`read_results`) that compare with
+    `results`: a task's row when it has the same metric, an average row (`task` starting with "average") only when
+    the baseline averaged the same tasks."""
+    tasks = {row["task"] for row in results if not row["task"].startswith("average")}
+    compared = {}
+    for name, data in (baselines or {}).items():
+        rows = {row["task"]: row for row in [*data["tasks"], data["average"]]}
+        same_tasks = {task for task in rows if not task.startswith("average")} == tasks
+        compared[name] = {task: row["score"] for task, row in rows.items()
+                          if not task.startswith("average") or same_tasks}
+    return compared
+
+
 def results_markdown(results: list[dict], average: dict, note: str | None = None,
-                     columns: tuple[tuple[str, str], ...] | None = None) -> str:
+                     columns: tuple[tuple[str, str], ...] | None = None,
+                     baselines: dict[str, dict[str, float]] | None = None) -> str:
     """The per-task table (percent) with the average row and the published figures, in markdown.
 
-    `columns` are `(header, key)` pairs of the score columns (default: M-BEIR's R@1/5/10, MRR@10, nDCG@10).
+    `columns` are `(header, key)` pairs of the score columns (default: M-BEIR's R@1/5/10, MRR@10, nDCG@10);
+    `baselines` (`baseline_scores`) adds each baseline's score beside this model's.
     """
     columns = columns or (("R@1", "recall@1"), ("R@5", "recall@5"), ("R@10", "recall@10"),
                           ("MRR@10", f"mrr@{max(K_VALUES)}"), ("nDCG@10", "ndcg@10"))
+    baselines = baselines or {}
     systems = list(dict.fromkeys(system for result in results for system in result["published"]))
-    headers = ["task", "metric", "score", *[header for header, _ in columns], "queries", "candidates",
+    headers = ["task", "metric", "score", *baselines, *[header for header, _ in columns], "queries", "candidates",
                *[f"{system}†" for system in systems]]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in [*results, average]:
         metric = row["metric"].replace("recall@", "R@").replace("precision@", "P@")
-        cells = [row["label"], metric, f"{row['score']:.1f}", *[f"{row[key]:.1f}" for _, key in columns],
+        cells = [row["label"], metric, f"{row['score']:.1f}",
+                 *[f"{scores[row['task']]:.1f}" if row["task"] in scores else "" for scores in baselines.values()],
+                 *[f"{row[key]:.1f}" for _, key in columns],
                  str(row.get("num_queries", "")), str(row.get("pool_size", "")),
                  *[f"{row['published'][system]:.1f}" if system in row["published"] else "" for system in systems]]
         lines.append("| " + " | ".join(cells) + " |")
@@ -91,11 +127,17 @@ def safe_name(name: str) -> str:
 
 
 def write_results(results: list[dict], out_dir, name: str, *, average: dict | None = None, note: str | None = None,
-                  columns=None, plots: bool = True) -> str:
+                  columns=None, plots: bool = True, baselines: dict[str, dict] | None = None,
+                  model_name: str = "this model") -> str:
     """Writes `{name}.md`, `{name}.json` and, with `plots`, one bar chart per task in `plots/{name}_{task}.png`;
-    returns the markdown table."""
+    returns the markdown table.
+
+    `baselines` maps a name (e.g. "untrained") to the results of another model on the same benchmark (`read_results`,
+    or `{"tasks": rows, "average": row}` in memory): their scores stand beside this model's, named `model_name`, in
+    the table and the charts."""
     average = average or summarize(results)
-    table = results_markdown(results, average, note, columns)
+    compared = baseline_scores([*results, average], baselines)
+    table = results_markdown(results, average, note, columns, compared)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{name}.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
@@ -108,5 +150,7 @@ def write_results(results: list[dict], out_dir, name: str, *, average: dict | No
         os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
         for row in [*results, average]:
             chart = f"{name.removeprefix('results_')}_{safe_name(row['task'])}.png"
-            plot_task(row, os.path.join(out_dir, "plots", chart))
+            plot_task(row, os.path.join(out_dir, "plots", chart), model_name=model_name,
+                      baselines={other: scores[row["task"]] for other, scores in compared.items()
+                                 if row["task"] in scores})
     return table

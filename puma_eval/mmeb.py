@@ -202,12 +202,15 @@ def mmeb_summary(results: list[dict]) -> list[dict]:
     return rows + [summarize(results)]
 
 
-def write_mmeb_results(results: list[dict], out_dir) -> str:
-    """Writes `results_mmeb.md`, `results_mmeb.json` and `plots/mmeb_{task}.png`; returns the markdown."""
+def write_mmeb_results(results: list[dict], out_dir, *, baselines: dict[str, dict] | None = None,
+                       model_name: str = "this model") -> str:
+    """Writes `results_mmeb.md`, `results_mmeb.json` and `plots/mmeb_{task}.png`; returns the markdown.
+    `baselines`: other models' results to show beside this one's (`metrics.write_results`)."""
     if not results:
         raise ValueError(f"No MMEB result to write to {out_dir}.")
     *categories, overall = mmeb_summary(results)
-    return write_results(results + categories, out_dir, "results_mmeb", average=overall, columns=_COLUMNS)
+    return write_results(results + categories, out_dir, "results_mmeb", average=overall, columns=_COLUMNS,
+                         baselines=baselines, model_name=model_name)
 
 
 __all__ = ["MMEB_IMAGE_TASKS", "MMEBTask", "evaluate_mmeb", "find_mmeb_tasks", "load_mmeb_task", "mmeb_summary",

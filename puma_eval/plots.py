@@ -26,24 +26,37 @@ def import_pyplot():
     return plt
 
 
-def plot_task(result: dict, path: str) -> None:
-    """Bar chart of the task's headline score beside the published figures of `CHART_SYSTEMS`, when it has them."""
+def plot_task(result: dict, path: str, baselines: dict[str, float] | None = None,
+              model_name: str = "this model") -> None:
+    """Bar chart of the task's headline score: each baseline's (e.g. the untrained model's), this model's (named
+    `model_name`), and the published figures of `CHART_SYSTEMS` when the task has them."""
     plt = import_pyplot()
-    names = ["this model", *[system for system in CHART_SYSTEMS if system in result["published"]]]
-    values = [result["score"], *[result["published"][system] for system in names[1:]]]
+    baselines = baselines or {}
+    published = [system for system in CHART_SYSTEMS if system in result["published"]]
+    names = [*baselines, model_name, *published]
+    values = [*baselines.values(), result["score"], *[result["published"][system] for system in published]]
+    colours = ["tab:orange"] * len(baselines) + ["tab:blue"] + ["tab:gray"] * len(published)
     figure, axes = plt.subplots(figsize=(1.6 + 1.3 * len(names), 3.6))
-    bars = axes.bar(names, values, color=["tab:blue"] + ["tab:gray"] * (len(names) - 1))
-    for bar in bars[1:]:
+    bars = axes.bar(names, values, color=colours)
+    legend = []
+    if baselines:
+        bars[0].set_label("baseline" if len(baselines) == 1 else "baselines")
+        legend.append(bars[0])
+    bars[len(baselines)].set_label(model_name)
+    legend.append(bars[len(baselines)])
+    for bar in bars[len(baselines) + 1:]:
         bar.set_hatch("//")
         bar.set_label("published figures")
+    if published:
+        legend.append(bars[len(baselines) + 1])
     axes.bar_label(bars, fmt="%.1f")
     metric = result["metric"].replace("recall@", "Recall@").replace("precision@", "Precision@")
     axes.set_ylabel(metric.replace("mean", "mean task score") + " (%)")
-    axes.set_ylim(0, 105)
+    axes.set_ylim(0, 115)  # room above a 100 % bar for its label and the legend
     pool = f" ({result['pool']} pool)" if result.get("pool") else ""
     axes.set_title(f"{result['label']}{pool}", fontsize=10)
-    if len(names) > 1:
-        axes.legend(handles=[bars[1]], loc="upper right", fontsize=8)
+    if published:  # tells the published figures (hatched) from this run's bars; the axis names the rest
+        axes.legend(handles=legend, loc="upper right", fontsize=8, ncols=len(legend))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -80,9 +93,15 @@ def plot_training_curves(trainer_state_path, out_path) -> list[str]:
     figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.2 * rows), squeeze=False)
     for key in losses:
         steps, values = zip(*curves[key])
-        axes[0][0].plot(steps, values, label=key, marker="o" if key.startswith("eval_") else None, markersize=3)
+        if key == "loss":  # a wide translucent band, so that a component equal to it stays visible on top
+            axes[0][0].plot(steps, values, label=key, color="black", linewidth=4, alpha=0.3, zorder=1)
+            continue
+        # a component equal to the total at every step (one loss, weight 1) says so rather than hiding the total
+        same = "loss" in curves and curves[key] == curves["loss"]
+        axes[0][0].plot(steps, values, label=f"{key} (= loss)" if same else key, linestyle="--", linewidth=1.5,
+                        marker="o" if key.startswith("eval_") else None, markersize=3, zorder=2)
     axes[0][0].set_title("losses")
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8, loc="best")
     for panel, key in enumerate(others, 1):
         ax = axes[panel // columns][panel % columns]
         steps, values = zip(*curves[key])

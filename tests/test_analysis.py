@@ -116,6 +116,28 @@ def test_the_recommendation_is_the_smallest_depth_near_the_best_within_budget(bu
     assert recommendation["least_important_layer"] == 1
 
 
+@pytest.mark.parametrize("depth, tolerance, keep, influence, within", [
+    (1, 1.0, "keep the first layer:", "the layer of highest block influence", "within 1 point of it"),
+    (3, 0.5, "keep the first 3 layers:", "the 3 layers of highest block influence", "within 0.5 points of it"),
+])
+def test_the_recommendation_reads_in_the_right_number(depth, tolerance, keep, influence, within):
+    from puma_eval.analysis import analysis_markdown
+
+    result = {**_result([10.0, 30.0, 49.5, 50.0], [0.2, 0.4, 0.6, 1.0]), "model": "base", "tasks": [],
+              "budget": {"max_layers": depth, "max_cost": None, "tolerance": tolerance}, "removable_blocks": {1: 2, 2: 0}}
+    for row in result["depths"]:
+        row.update(scores={}, cost_text=row["cost"], cost_image=row["cost"])
+    for index, layer in enumerate(result["layers"]):
+        layer.update(layer=index, original_layer=index, angular_distance={1: 0.1, 2: 0.2} if index < 3 else {1: 0.1})
+    result["recommendation"] = recommend(result, max_layers=depth, tolerance=tolerance)
+    markdown = analysis_markdown(result)
+    assert keep in markdown and influence in markdown and within in markdown
+    assert f"(at most {'1 layer' if depth == 1 else f'{depth} layers'})" in markdown
+    assert "angular distance, 1 layer |" in markdown and "angular distance, 2 layers |" in markdown
+    assert "n=1: layer 2, n=2: layers 0..1" in markdown
+    assert "(s)" not in markdown and "first 1 layers" not in markdown
+
+
 def test_a_budget_no_depth_fits_is_a_clear_error():
     with pytest.raises(ValueError, match=r"No depth fits the budget .*max_cost=0.1.*cheapest analysed depth, 1, "
                                          r"costs 0\.200"):

@@ -100,15 +100,15 @@ def test_a_wrong_data_path_fails_before_the_model_loads_naming_the_option(worksp
 
 
 def test_a_missing_teacher_cache_or_nli_file_is_named(workspace, tmp_path, monkeypatch):
-    from train import check_data_paths, make_parser
+    from train_puma import check_data_paths, make_parser
 
     monkeypatch.chdir(workspace)
     script_args, training_args, _ = make_parser().parse_args_and_config([
         "--config", os.path.join(ROOT, "configs", "puma_stage1_nli.yaml"), "--use_cpu", "true", "--bf16", "false",
         "--output_dir", str(tmp_path / "out"), "--nli_file", "data/nli.csv", "--teacher", "cached",
         "--teacher_cache", "cache/nli"])
-    with pytest.raises(FileNotFoundError, match=r"nli_file=data/nli.csv: .*/data/nli.csv does not exist\n"
-                                                r"  teacher_cache=cache/nli: .*/cache/nli/fingerprint.json does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"nli_file=data/nli.csv: .*/data/nli.csv does not exist; "
+                                                r"teacher_cache=cache/nli: .*/cache/nli/fingerprint.json does not exist"):
         check_data_paths(script_args, training_args)
     script_args.nli_file = None
     with pytest.raises(ValueError, match="dataset 'nli' needs nli_file"):

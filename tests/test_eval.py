@@ -377,3 +377,95 @@ def test_curves_cli_plots_the_loss_and_its_logged_components(tmp_path, capsys):
     state.write_text(json.dumps({"log_history": [{"learning_rate": 1e-4, "step": 1}]}))
     with pytest.raises(ValueError, match="logs no loss"):
         plot_training_curves(state, tmp_path / "empty.png")
+
+
+def test_items_fingerprint_hashes_in_memory_images_by_content():
+    from PIL import Image
+
+    from puma_eval.encoding import items_fingerprint
+
+    def fingerprint(image):
+        return items_fingerprint(["a"], [{"text": "x", "image": image}], [None])
+
+    red, also_red, blue = (Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (255, 0, 0), (0, 0, 255)))
+    assert fingerprint(red) == fingerprint(also_red) != fingerprint(blue)  # content decides, not the object
+    assert fingerprint(red) != fingerprint(red.resize((8, 9))) and fingerprint(red) != fingerprint("red.png")
+    assert fingerprint({"bytes": b"png bytes", "path": None}) != fingerprint({"bytes": b"other", "path": None})
+    assert fingerprint({"bytes": None, "path": "red.png"}) == fingerprint("red.png")
+    with pytest.raises(TypeError, match="Cannot fingerprint an image of type object"):
+        fingerprint(object())
+
+
+def drawn_figures(monkeypatch) -> list:
+    """The matplotlib figures the code under test closes (after saving them), kept for inspection."""
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+
+    def keep_and_close(figure=None):
+        figures.append(figure)
+        close(figure)
+
+    monkeypatch.setattr(plt, "close", keep_and_close)
+    return figures
+
+
+def test_curves_show_the_total_loss_beside_a_component_equal_to_it(tmp_path, monkeypatch):
+    # stage 2: one loss with weight 1, so contrastive_loss == loss at every step
+    history = [{"loss": 2.0 - 0.1 * step, "contrastive_loss": 2.0 - 0.1 * step, "tau_hard": 0.05, "step": step}
+               for step in range(1, 6)]
+    state = tmp_path / "trainer_state.json"
+    state.write_text(json.dumps({"log_history": history}))
+    figures = drawn_figures(monkeypatch)
+    plot_training_curves(state, tmp_path / "curves.png")
+    losses = figures[0].axes[0]
+    assert [text.get_text() for text in losses.get_legend().get_texts()] == ["loss", "contrastive_loss (= loss)"]
+    total, component = losses.get_lines()
+    # the total is a wide translucent band under the dashed component: both stay visible
+    assert list(total.get_ydata()) == list(component.get_ydata())
+    assert total.get_linewidth() > 2 * component.get_linewidth() and total.get_alpha() < 1
+    assert component.get_zorder() > total.get_zorder() and component.get_linestyle() == "--"
+
+
+def test_eval_cli_draws_a_baseline_beside_the_model_in_the_table_and_the_charts(puma_checkpoint, benchmark, tmp_path,
+                                                                               monkeypatch):
+    first = tmp_path / "untrained"
+    main(["--model", puma_checkpoint, "--mbeir-root", str(benchmark), "--out", str(first)])
+    baseline = json.loads((first / "results_local.json").read_text())
+    for row in [*baseline["tasks"], baseline["average"]]:  # a weaker baseline, so that the two bars differ
+        row["score"] = row["score"] / 2
+    (tmp_path / "baseline.json").write_text(json.dumps(baseline))
+    expected = {row["task"]: row["score"] for row in [*baseline["tasks"], baseline["average"]]}
+
+    figures = drawn_figures(monkeypatch)
+    out = tmp_path / "trained"
+    main(["--model", puma_checkpoint, "--mbeir-root", str(benchmark), "--out", str(out), "--baseline",
+          str(tmp_path / "baseline.json"), "--baseline-name", "untrained", "--model-name", "trained"])
+    results = json.loads((out / "results_local.json").read_text())
+    scores = {row["task"]: row["score"] for row in [*results["tasks"], results["average"]]}
+    bars = [([label.get_text() for label in figure.axes[0].get_xticklabels()],
+             [patch.get_height() for patch in figure.axes[0].patches]) for figure in figures]
+    assert bars == [(["untrained", "trained"], [pytest.approx(expected[task]), pytest.approx(scores[task])])
+                    for task in scores]  # one chart per task, then the average
+    table = (out / "results_local.md").read_text().splitlines()
+    assert table[0].startswith("| task | metric | score | untrained | R@1 |")
+    assert all(f"| {scores[task]:.1f} | {expected[task]:.1f} |" in line for task, line in zip(scores, table[2:]))
+
+    # one task of the two: its chart keeps the baseline; the average does not (the baseline averaged both tasks)
+    figures.clear()
+    main(["--model", puma_checkpoint, "--mbeir-root", str(benchmark), "--out", str(tmp_path / "one"), "--tasks",
+          "shapes_task1", "--baseline", str(tmp_path / "baseline.json"), "--baseline-name", "untrained"])
+    assert [[label.get_text() for label in figure.axes[0].get_xticklabels()] for figure in figures] == \
+        [["untrained", "this model"], ["this model"]]
+
+
+def test_eval_cli_refuses_a_baseline_of_the_other_pool(puma_checkpoint, benchmark, tmp_path):
+    from cli_puma import UsageError
+
+    (tmp_path / "global.json").write_text(json.dumps({"tasks": [{"task": "shapes_task1", "score": 1.0,
+                                                                  "pool": "global"}], "average": {"score": 1.0}}))
+    with pytest.raises(UsageError, match="holds global-pool results and this run scores the local pool"):
+        main(["--model", puma_checkpoint, "--mbeir-root", str(benchmark), "--baseline", str(tmp_path / "global.json")])
+    (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(ValueError, match="is not a results file of eval_puma.py"):
+        main(["--model", puma_checkpoint, "--mbeir-root", str(benchmark), "--baseline", str(tmp_path / "other.json")])

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from puma_eval.corpus import CorpusIndex
 
 
 gr = pytest.importorskip("gradio", reason="the Space needs gradio (pip install -e '.[space]')")
@@ -67,7 +68,7 @@ def test_space_page_shows_the_ranked_gallery_in_a_browser(model, gallery, tmp_pa
 
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     app = load_app()
-    index = app.CorpusIndex.from_path(model, gallery)
+    index = CorpusIndex.from_path(model, gallery)
     query = "a red circle"
     # the expected ranking: brute force over the gallery with encode
     embeddings = model.encode([{"text": item["text"], "image": os.path.join(gallery, item["image"])
@@ -78,7 +79,7 @@ def test_space_page_shows_the_ranked_gallery_in_a_browser(model, gallery, tmp_pa
 
     demo = app.build_demo(index, "PUMA search test", top_k=5)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, theme=app.THEME)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, theme=app.theme())
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
@@ -116,7 +117,7 @@ def test_space_search_function_returns_captioned_thumbnails_and_rejects_an_empty
     from PIL import Image
 
     app = load_app()
-    index = app.CorpusIndex.from_path(model, gallery)
+    index = CorpusIndex.from_path(model, gallery)
     demo = app.build_demo(index, top_k=3)
     search = next(fn for fn in demo.fns.values() if fn.name == "search").fn
     image = Image.open(gallery / "photos" / "green.png")
@@ -163,3 +164,112 @@ def test_push_space_fails_fast_offline_naming_the_space(monkeypatch):
     with pytest.raises(ConnectionError, match=r"Cannot push to .me/puma-search.*save_space_folder\(\)"):
         push_space("me/puma-search", "my-org/puma-2b")
     assert time.monotonic() - start < 5
+
+
+# ---- galleries in every form the README names, and the page's header ----------------------------------------------
+def gallery_config(monkeypatch, gallery_setting):
+    """`load_config()` of the app with PUMA_GALLERY set as a user types it."""
+    monkeypatch.setenv("PUMA_MODEL", "my-org/puma-2b")
+    monkeypatch.setenv("PUMA_GALLERY", gallery_setting)
+    return load_app().load_config()
+
+
+def assert_images_and_captions(app, config, gallery):
+    ids, items, root = app.load_gallery(config["gallery"], config["gallery_split"])
+    texts = {item_id: item["text"] for item_id, item in zip(ids, items) if item["text"]}
+    assert texts == {f"{name}.txt": text for name, text in TEXTS.items()}  # the .txt files are items, not dropped
+    assert sorted(item_id for item_id, item in zip(ids, items) if item["image"]) == \
+        sorted(f"photos/{name}.png" for name in COLOURS)
+    assert root == str(gallery)
+
+
+def test_a_relative_gallery_folder_is_read_from_the_working_directory(gallery, monkeypatch):
+    monkeypatch.chdir(gallery.parent)
+    config = gallery_config(monkeypatch, f"{gallery.name}/")  # as in the README: PUMA_GALLERY=photos/
+    assert config["gallery"] == str(gallery)
+    assert_images_and_captions(load_app(), config, gallery)
+
+
+def test_an_absolute_gallery_folder_is_read_wherever_the_app_starts(gallery, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = gallery_config(monkeypatch, str(gallery))
+    assert_images_and_captions(load_app(), config, gallery)
+
+
+def test_a_relative_gallery_that_does_not_exist_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"Gallery photos/: {tmp_path}/photos does not exist"):
+        gallery_config(monkeypatch, "photos/")
+
+
+def test_a_jsonl_gallery_reads_its_records_with_images_relative_to_the_file(gallery, monkeypatch):
+    import json
+
+    (gallery / "gallery.jsonl").write_text("\n".join(json.dumps(record) for record in [
+        {"id": "red", "image": "photos/red.png", "text": "a red circle"}, {"id": "beach", "text": TEXTS["beach"]}]))
+    monkeypatch.chdir(gallery)
+    app = load_app()
+    ids, items, root = app.load_gallery(gallery_config(monkeypatch, "gallery.jsonl")["gallery"])
+    assert ids == ["red", "beach"] and root == str(gallery)
+    assert items == [{"text": "a red circle", "image": "photos/red.png"}, {"text": TEXTS["beach"], "image": None}]
+
+
+def captioned_images():
+    from PIL import Image
+
+    return [(Image.new("RGB", (40, 32), colour), f"a {name} picture") for name, colour in COLOURS.items()]
+
+
+def test_a_saved_datasets_gallery_with_an_image_and_a_caption_column_is_searched_with_and_without_a_cache(
+        model, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    images, captions = zip(*captioned_images())
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": list(images), "caption": list(captions)}, features=features).save_to_disk(
+        str(tmp_path / "saved"))
+    monkeypatch.chdir(tmp_path)
+    app = load_app()
+    ids, items, root = app.load_gallery(gallery_config(monkeypatch, "saved")["gallery"])
+    assert ids == [str(i) for i in range(len(COLOURS))] and root is None
+    assert [item["text"] for item in items] == list(captions)
+    assert all(item["image"].size == (40, 32) for item in items)  # decoded PIL images
+    # the embeddings' fingerprint reads PIL images: a cached index is written, then reused; none without a cache
+    first = CorpusIndex(model, ids, items, root, cache_dir=tmp_path / "cache")
+    again = CorpusIndex(model, ids, items, root, cache_dir=tmp_path / "cache")
+    in_memory = CorpusIndex(model, ids, items, root)
+    hits = [index.search("a green picture", top_k=3) for index in (first, again, in_memory)]
+    assert [hit["id"] for hit in hits[0]] == [hit["id"] for hit in hits[1]] == [hit["id"] for hit in hits[2]]
+    search = next(fn for fn in app.build_demo(first, top_k=3).fns.values() if fn.name == "search").fn
+    thumbnails, table = search("a green picture", None, "", 3)
+    assert [row[2] for row in table] == [hit["id"] for hit in hits[0]] and len(thumbnails) == 3
+
+
+def test_an_image_folder_with_a_metadata_file_keeps_its_captions(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    import json
+
+    folder = tmp_path / "captioned"
+    folder.mkdir()
+    records = []
+    for index, (image, caption) in enumerate(captioned_images()):
+        image.save(folder / f"{index}.png")
+        records.append({"file_name": f"{index}.png", "caption": caption})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(record) for record in records))
+    app = load_app()
+    ids, items, _ = app.load_gallery(gallery_config(monkeypatch, str(folder))["gallery"])
+    assert sorted(item["text"] for item in items) == sorted(caption for _, caption in captioned_images())
+    assert all(item["image"] is not None for item in items) and len(ids) == len(COLOURS)
+
+
+def test_the_header_names_the_loaded_model_its_family_and_its_layers(model, gallery):
+    from types import SimpleNamespace
+
+    app = load_app()
+    demo = app.build_demo(CorpusIndex.from_path(model, gallery))
+    header = next(block.value for block in demo.blocks.values() if isinstance(block, gr.Markdown))
+    assert f"`{model.name_or_path}`" in header and "2 of the 6 decoder layers of a Qwen2-VL model" in header
+    other = SimpleNamespace(name_or_path="org/puma-qwen3", config=SimpleNamespace(
+        base_model_type="qwen3_vl_moe", kept_layers=list(range(48)), base_num_hidden_layers=48))
+    assert app.model_description(other) == "`org/puma-qwen3`: PUMA embeddings from all 48 decoder layers of a " \
+                                           "Qwen3-VL-MoE model"

@@ -100,6 +100,7 @@ def test_two_cpu_processes_gather_negatives_across_ranks(tiny_checkpoint, demo_d
 KILL_AFTER_STEP_4 = """
 import os, signal, sys
 import train_puma
+import trainer_puma
 from transformers import TrainerCallback
 
 
@@ -109,13 +110,13 @@ class KillAfterStep4(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-class KilledTrainer(train_puma.PumaTrainer):
+class KilledTrainer(trainer_puma.PumaTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_callback(KillAfterStep4())
 
 
-train_puma.PumaTrainer = KilledTrainer
+trainer_puma.PumaTrainer = KilledTrainer  # train_puma.main imports the trainer when it runs
 train_puma.main(*train_puma.make_parser().parse_args_and_config(sys.argv[1:]))
 """
 
@@ -134,7 +135,16 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_loss(tiny_checkp
               "--seed", "3", "--num_train_epochs", "1"]
     straight = str(tmp_path / "straight")
     done = run_train(stage2_args(tiny_checkpoint, demo_data, straight, *common))
-    assert done.wait(timeout=600) == 0, done.stdout.read()[-3000:]
+    output = done.communicate(timeout=600)[0]
+    assert done.returncode == 0, output[-3000:]
+    # one readable line per log, the progress bar, and at the end the saved folder and the command evaluating it
+    assert [line.split(" | ")[0] for line in output.splitlines() if line.startswith("step ")] == \
+        [f"step {step}/6" for step in range(1, 7)]
+    assert "6/6 [" in output  # tqdm's bar: steps done of the total, elapsed<remaining
+    lines = output.splitlines()
+    evaluate = lines[lines.index(f"Saved the trained model to {straight}. Evaluate it with:") + 1].split()
+    assert evaluate[:2] == ["python", "eval_puma.py"]
+    assert evaluate[2:] == ["--model", straight, "--mbeir-root", demo_data, "--out", f"{straight}/eval"]
 
     killed = str(tmp_path / "killed")
     # The run kills itself (SIGKILL, no clean-up) right after writing its step-4 checkpoint, in the middle of the epoch.

@@ -626,3 +626,34 @@ def test_training_runs_with_gradient_checkpointing_accumulation_bf16_and_the_sha
     result = trainer.train()
     assert trainer.state.global_step == 2 and math.isfinite(result.training_loss)
     assert all(math.isfinite(entry["distill_loss"]) for entry in trainer.state.log_history if "distill_loss" in entry)
+
+
+def test_training_logs_readable_lines_and_keeps_transformers_progress_bar(tiny_checkpoint, images, tmp_path, capsys):
+    from transformers import PrinterCallback, ProgressCallback
+
+    from trainer_puma import ReadableLogCallback, ReadableProgressCallback
+
+    student = lora_student(tiny_checkpoint)
+    base = student.get_base_model()
+    dataset = PairDataset(images)
+    collator = Collator(base.processor, base.config)
+    trainer = PumaTrainer(model=student, args=training_args(tmp_path, max_steps=2, loss="infonce"),
+                          train_dataset=dataset, data_collator=collator)
+    kinds = [type(callback) for callback in trainer.callback_handler.callbacks]
+    assert ReadableLogCallback in kinds and PrinterCallback not in kinds  # disable_tqdm: lines only
+    trainer.train()
+    lines = capsys.readouterr().out.splitlines()
+    logged = [line for line in lines if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in logged] == ["step 1/2", "step 2/2"]
+    # the total loss first, then its components, then the other scalars, as `name value` pairs
+    fields = logged[0].split(" | ")
+    assert fields[1].startswith("epoch ") and fields[2].startswith("loss ") and \
+        fields[3].startswith("contrastive_loss ")
+    entry = trainer.state.log_history[0]
+    assert float(fields[2].split()[1]) == pytest.approx(entry["loss"], rel=1e-3)
+    assert any(line.startswith("finished 2 steps in ") and "mean loss" in line for line in lines)
+
+    with_bar = PumaTrainer(model=student, args=training_args(tmp_path, max_steps=2, disable_tqdm=False),
+                           train_dataset=dataset, data_collator=collator)
+    kinds = [type(callback) for callback in with_bar.callback_handler.callbacks]
+    assert ReadableProgressCallback in kinds and ProgressCallback not in kinds
