@@ -30,6 +30,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constan
 
 from configuration_puma import PumaConfig
 from cost_puma import depth_costs, image_grid
+from mbeir_puma import markdown_table
 from modeling_puma import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, build_prompt, write_sentence_transformers_files
 
 
@@ -268,17 +269,15 @@ def _depth_section(model, depth_results: dict | None, instruction: str) -> dict 
     image_tokens = grid_h * grid_w // config.vision_config.spatial_merge_size ** 2
     costs = depth_costs(config, depths, text_tokens)
     full = len(config.kept_layers)
-    lines = ["| | " + " | ".join(f"{d} layer{'s' if d > 1 else ''}{' (full)' if d == full else ''}" for d in depths)
-             + " |", "|---" * (len(depths) + 1) + "|",
-             "| FLOPs, text query | " + " | ".join(f"{costs[d]['text']:.2f}×" for d in depths) + " |",
-             "| FLOPs, image | " + " | ".join(f"{costs[d]['image']:.2f}×" for d in depths) + " |"]
-    rows = list(dict.fromkeys((task, metric) for results in depth_results.values()
-                              for task, metrics in results.items() for metric in metrics))
-    for task, metric in rows:
-        values = [depth_results.get(d, {}).get(task, {}).get(metric) for d in depths]
-        lines.append(f"| {task} {metric} | " + " | ".join("" if v is None else f"{v:g}" for v in values) + " |")
-    return {"trained": depths, "smallest": depths[0], "table": "\n".join(lines), "text_tokens": text_tokens,
-            "image_tokens": image_tokens, "measured": bool(depth_results)}
+    headers = [""] + [f"{d} layer{'s' if d > 1 else ''}{' (full)' if d == full else ''}" for d in depths]
+    rows = [["FLOPs, text query"] + [f"{costs[d]['text']:.2f}×" for d in depths],
+            ["FLOPs, image"] + [f"{costs[d]['image']:.2f}×" for d in depths]]
+    measured = dict.fromkeys((task, metric) for results in depth_results.values()
+                             for task, metrics in results.items() for metric in metrics)
+    for task, metric in measured:
+        rows.append([f"{task} {metric}"] + [depth_results.get(d, {}).get(task, {}).get(metric) for d in depths])
+    return {"trained": depths, "smallest": depths[0], "table": markdown_table(headers, rows, float_format="g"),
+            "text_tokens": text_tokens, "image_tokens": image_tokens, "measured": bool(depth_results)}
 
 
 def _eval_results(eval_results: dict, dataset: str) -> list[EvalResult]:
@@ -299,10 +298,8 @@ def _eval_results(eval_results: dict, dataset: str) -> list[EvalResult]:
 def _eval_table(eval_results: dict) -> str:
     """A markdown table: one row per task, one column per metric."""
     metrics = list(dict.fromkeys(metric for values in eval_results.values() for metric in values))
-    lines = ["| task | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for task, values in eval_results.items():
-        lines.append(f"| {task} | " + " | ".join(f"{values[m]:g}" if m in values else "" for m in metrics) + " |")
-    return "\n".join(lines)
+    rows = [[task] + [values.get(m) for m in metrics] for task, values in eval_results.items()]
+    return markdown_table(["task", *metrics], rows, float_format="g")
 
 
 def _base_card_data(source: str) -> ModelCardData | None:

@@ -251,7 +251,7 @@ def test_card_of_an_elastic_model_tables_each_depth_and_its_code_loads_one(tiny_
     # Then the card tables each depth's cost and results: a text query costs d/3 of the layers' FLOPs; an image
     # also runs the whole vision tower, so its share falls less with depth
     assert "| trained depths | 1, 2, 3 decoder layers" in card
-    assert "| | 1 layer | 2 layers | 3 layers (full) |" in card
+    assert "|  | 1 layer | 2 layers | 3 layers (full) |" in card
     assert "| FLOPs, text query | 0.33× | 0.67× | 1.00× |" in card
     image = [float(cell.strip().rstrip("×")) for cell in re.search(r"\| FLOPs, image \|(.*)\|", card).group(1).split("|")]
     assert 0.33 < image[0] < image[1] < image[2] == 1.0
