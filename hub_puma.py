@@ -155,7 +155,8 @@ def check_hub_reachable(endpoint: str, repo_id: str, timeout: float = HUB_PROBE_
                         fallback: str = "write the repository with save_hub_folder() and upload that folder later") -> None:
     """Raises `ConnectionError` naming `repo_id` when the Hub is off (HF_HUB_OFFLINE) or does not answer in time;
     `fallback` says what to do instead."""
-    # huggingface_hub >= 1.0 reads the variable at call time; older releases expose the constant read at import.
+    # huggingface_hub's own switch (`is_offline_mode()` where it exists, else the constant; 2.x reads HF_HUB_OFFLINE
+    # once, at import), so this check and the requests huggingface_hub refuses agree.
     offline = constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE
     if offline:
         raise ConnectionError(
