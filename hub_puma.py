@@ -354,12 +354,21 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
         base_model (`str`, *optional*): Hub id of the PUMA repository exported, for the README's metadata.
         license (`str`, *optional*): license id. Default: the license in `puma_dir`'s model card.
     """
-    from safetensors.torch import load_file, save_file
-
-    from configuration_puma import FAMILIES, with_legacy_keys
-    from modeling_puma import load_processor, make_tokenizer_config_portable, processor_kwargs
-
     puma_dir, out_dir = os.fspath(puma_dir), os.fspath(out_dir)
+    dtype = _check_export_folders(puma_dir, out_dir)
+    puma_config = PumaConfig.from_pretrained(puma_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    _export_config(puma_config, dtype, out_dir)
+    _export_weights(puma_dir, out_dir, EXPORT_LAYOUT[puma_config.base_model_type])
+    _export_processor(puma_dir, puma_config, out_dir)
+    _export_card(puma_dir, puma_config, out_dir, repo_id or os.path.basename(os.path.abspath(out_dir)), base_model,
+                 license)
+    return out_dir
+
+
+def _check_export_folders(puma_dir: str, out_dir: str) -> str | None:
+    """Raises unless `puma_dir` holds a PUMA checkpoint and `out_dir` is new or empty; returns the checkpoint's
+    dtype name."""
     with open(os.path.join(puma_dir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     if config.get("model_type") != "puma":
@@ -367,21 +376,29 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
                          "(model_type 'puma').")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir!r} is not empty; export to a new or empty folder.")
-    puma_config = PumaConfig.from_pretrained(puma_dir)
-    family, layout = puma_config.base_model_type, EXPORT_LAYOUT[puma_config.base_model_type]
-    generation_class = FAMILIES[family]["generation"]
-    os.makedirs(out_dir, exist_ok=True)
+    return config.get("dtype") or config.get("torch_dtype")
 
-    backbone = puma_config.backbone_config()
-    family_config = backbone.to_dict()
+
+def _export_config(puma_config: PumaConfig, dtype: str | None, out_dir: str) -> None:
+    """The family's config.json: the kept layers as the whole model, a tied `lm_head`, legacy rope keys for
+    transformers 4.57, `architectures = ["<Family>ForConditionalGeneration"]` and no `auto_map`."""
+    from configuration_puma import FAMILIES, with_legacy_keys
+
+    family = puma_config.base_model_type
+    family_config = puma_config.backbone_config().to_dict()
     for name in ("text_config", "vision_config"):
         with_legacy_keys(family_config[name])
         family_config[name].pop("dtype", None)
     family_config["text_config"]["tie_word_embeddings"] = True
-    family_config.update(model_type=family, architectures=[generation_class], tie_word_embeddings=True,
-                         dtype=config.get("dtype") or config.get("torch_dtype"))
+    family_config.update(model_type=family, architectures=[FAMILIES[family]["generation"]], tie_word_embeddings=True,
+                         dtype=dtype)
     family_config.pop("transformers_version", None)
     _write_json(os.path.join(out_dir, "config.json"), family_config)
+
+
+def _export_weights(puma_dir: str, out_dir: str, layout: str) -> None:
+    """Each safetensors file of `puma_dir` under the same name, its keys in `layout`, and the index if sharded."""
+    from safetensors.torch import load_file, save_file
 
     files = _weight_files(puma_dir)
     weight_map = {}
@@ -393,6 +410,12 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
         weight_map.update({key: name for key in tensors})
     if SAFE_WEIGHTS_INDEX_NAME in files:
         _write_json(os.path.join(out_dir, SAFE_WEIGHTS_INDEX_NAME), {"metadata": {}, "weight_map": weight_map})
+
+
+def _export_processor(puma_dir: str, puma_config: PumaConfig, out_dir: str) -> None:
+    """The processor, with the embedding token and the recipe's pixel range in the fields both transformers majors
+    read."""
+    from modeling_puma import load_processor, make_tokenizer_config_portable, processor_kwargs
 
     processor = load_processor(puma_dir, puma_config)
     bounds = processor_kwargs(puma_config).get("size") or {"shortest_edge": puma_config.min_pixels,
@@ -407,7 +430,13 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
     processor.save_pretrained(out_dir)
     make_tokenizer_config_portable(os.path.join(out_dir, "tokenizer_config.json"))
 
-    repo_id = repo_id or os.path.basename(os.path.abspath(out_dir))
+
+def _export_card(puma_dir: str, puma_config: PumaConfig, out_dir: str, repo_id: str, base_model: str | None,
+                 license: str | None) -> None:
+    """README.md with the transformers and vLLM recipes, their prompts cut after the pooled token."""
+    from configuration_puma import FAMILIES
+
+    family = puma_config.base_model_type
     puma_card = _base_card_data(puma_dir)
     data = ModelCardData(
         base_model=base_model,
@@ -430,7 +459,7 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
         repo_id_code=_py(repo_id),
         paper_url=PAPER_URL,
         family=family,
-        generation_class=generation_class,
+        generation_class=FAMILIES[family]["generation"],
         num_kept=len(puma_config.kept_layers),
         base_depth=puma_config.base_num_hidden_layers,
         pooling=puma_config.pooling,
@@ -446,7 +475,6 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
                              pooling=puma_config.pooling, family=family,
                              sequential_positions=puma_config.position_mode == "sequential"),
     ).save(os.path.join(out_dir, "README.md"))
-    return out_dir
 
 
 def _export_key(key: str, layout: str) -> str:

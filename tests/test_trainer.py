@@ -549,6 +549,31 @@ def test_final_save_merges_lora_into_a_checkpoint_that_auto_model_loads(tiny_che
     assert (reloaded.get_input_embeddings().weight[token] - fresh.get_input_embeddings().weight[token]).abs().max() > 1e-4
 
 
+def test_final_save_leaves_the_trainers_model_unchanged_and_training_goes_on(tiny_checkpoint, images, tmp_path):
+    # Given a LoRA student after some training
+    student = lora_student(tiny_checkpoint)
+    base = student.get_base_model()
+    dataset = PairDataset(images)
+    collator = Collator(base.processor, base.config)
+    trainer = PumaTrainer(model=student, args=training_args(tmp_path, max_steps=2, loss="mac"), train_dataset=dataset,
+                          data_collator=collator)
+    trainer.train()
+    before = {name: value.clone() for name, value in student.state_dict().items()}
+    # When the final, merged save is written
+    trainer.save_model(str(tmp_path / "final"))
+    # Then the trainer still holds the same adapter model, weights and adapters as they were
+    assert trainer.model is student and os.path.isfile(tmp_path / "final" / "model.safetensors")
+    after = student.state_dict()
+    assert after.keys() == before.keys() and any("lora_A" in name for name in after)
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    # and a further step still trains the adapters
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this step bypasses
+    student.zero_grad()
+    trainer.training_step(student, one_batch(dataset, collator))
+    grads = [p.grad for name, p in student.named_parameters() if "lora_B" in name]
+    assert grads and all(g is not None and g.abs().max() > 0 for g in grads)
+
+
 def test_non_finite_loss_stops_with_the_step_number(tiny_checkpoint, images, tmp_path):
     student = lora_student(tiny_checkpoint)
     base = student.get_base_model()
