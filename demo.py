@@ -35,8 +35,9 @@ import time
 import torch
 
 from cli_puma import ArgumentParser, UsageError, run_command
-from puma_eval import evaluate_mbeir, mbeir_summary, plot_training_curves, write_mbeir_results
 from demo_data_puma import make_demo_benchmark
+from mbeir_puma import markdown_table
+from puma_eval import evaluate_mbeir, mbeir_summary, plot_training_curves, write_mbeir_results
 from tiny_puma import FAMILIES, build_tiny_checkpoint
 from train_puma import main as train_main
 from train_puma import make_parser
@@ -63,11 +64,10 @@ def make_reproducible(threads: int) -> None:
 
 
 def recall_table(before: list[dict], after: list[dict]) -> str:
-    lines = ["| task | metric | untrained | trained |", "|---|---|---|---|"]
-    for untrained, trained in zip(before + [mbeir_summary(before)], after + [mbeir_summary(after)]):
-        lines.append(f"| {trained['label']} | {trained['metric'].replace('recall@', 'Recall@')} | "
-                     f"{untrained['score']:.1f} | {trained['score']:.1f} |")
-    return "\n".join(lines)
+    rows = [[trained["label"], trained["metric"].replace("recall@", "Recall@"), f"{untrained['score']:.1f}",
+             f"{trained['score']:.1f}"]
+            for untrained, trained in zip(before + [mbeir_summary(before)], after + [mbeir_summary(after)])]
+    return markdown_table(["task", "metric", "untrained", "trained"], rows)
 
 
 def elastic_evidence(args, data: str, base: str, stage1: str, quick: list[str]) -> str:
@@ -92,16 +92,11 @@ def elastic_evidence(args, data: str, base: str, stage1: str, quick: list[str]) 
             model = PumaForEmbedding.from_pretrained(folder, num_layers=depth)
             results[(name, depth)] = evaluate_mbeir(model, data, show_progress_bar=False)
     rows = results[("elastic", 1)]
-    lines = ["| task | " + " | ".join(f"depth {d} elastic | depth {d} separate" for d in (1, 2, 3)) + " |",
-             "|---|" + "---|" * 6]
-    for index, row in enumerate(rows + [mbeir_summary(rows)]):
-        cells = []
-        for depth in (1, 2, 3):
-            for name in ("elastic", "separate"):
-                result = results[(name, depth)]
-                cells.append(f"{(result + [mbeir_summary(result)])[index]['score']:.1f}")
-        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+    headers = ["task", *[f"depth {d} {name}" for d in (1, 2, 3) for name in ("elastic", "separate")]]
+    table = markdown_table(headers, [
+        [row["label"], *[f"{(results[(name, d)] + [mbeir_summary(results[(name, d)])])[index]['score']:.1f}"
+                         for d in (1, 2, 3) for name in ("elastic", "separate")]]
+        for index, row in enumerate(rows + [mbeir_summary(rows)])])
     with open(os.path.join(args.out, "elastic.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
     image_root = load_benchmark(data).image_root

@@ -30,6 +30,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constan
 
 from configuration_puma import PumaConfig
 from cost_puma import depth_costs, image_grid
+from mbeir_puma import markdown_table
 from modeling_puma import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, build_prompt, write_sentence_transformers_files
 
 
@@ -154,7 +155,8 @@ def check_hub_reachable(endpoint: str, repo_id: str, timeout: float = HUB_PROBE_
                         fallback: str = "write the repository with save_hub_folder() and upload that folder later") -> None:
     """Raises `ConnectionError` naming `repo_id` when the Hub is off (HF_HUB_OFFLINE) or does not answer in time;
     `fallback` says what to do instead."""
-    # huggingface_hub >= 1.0 reads the variable at call time; older releases expose the constant read at import.
+    # huggingface_hub's own switch (`is_offline_mode()` where it exists, else the constant; 2.x reads HF_HUB_OFFLINE
+    # once, at import), so this check and the requests huggingface_hub refuses agree.
     offline = constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE
     if offline:
         raise ConnectionError(
@@ -268,17 +270,15 @@ def _depth_section(model, depth_results: dict | None, instruction: str) -> dict 
     image_tokens = grid_h * grid_w // config.vision_config.spatial_merge_size ** 2
     costs = depth_costs(config, depths, text_tokens)
     full = len(config.kept_layers)
-    lines = ["| | " + " | ".join(f"{d} layer{'s' if d > 1 else ''}{' (full)' if d == full else ''}" for d in depths)
-             + " |", "|---" * (len(depths) + 1) + "|",
-             "| FLOPs, text query | " + " | ".join(f"{costs[d]['text']:.2f}×" for d in depths) + " |",
-             "| FLOPs, image | " + " | ".join(f"{costs[d]['image']:.2f}×" for d in depths) + " |"]
-    rows = list(dict.fromkeys((task, metric) for results in depth_results.values()
-                              for task, metrics in results.items() for metric in metrics))
-    for task, metric in rows:
-        values = [depth_results.get(d, {}).get(task, {}).get(metric) for d in depths]
-        lines.append(f"| {task} {metric} | " + " | ".join("" if v is None else f"{v:g}" for v in values) + " |")
-    return {"trained": depths, "smallest": depths[0], "table": "\n".join(lines), "text_tokens": text_tokens,
-            "image_tokens": image_tokens, "measured": bool(depth_results)}
+    headers = [""] + [f"{d} layer{'s' if d > 1 else ''}{' (full)' if d == full else ''}" for d in depths]
+    rows = [["FLOPs, text query"] + [f"{costs[d]['text']:.2f}×" for d in depths],
+            ["FLOPs, image"] + [f"{costs[d]['image']:.2f}×" for d in depths]]
+    measured = dict.fromkeys((task, metric) for results in depth_results.values()
+                             for task, metrics in results.items() for metric in metrics)
+    for task, metric in measured:
+        rows.append([f"{task} {metric}"] + [depth_results.get(d, {}).get(task, {}).get(metric) for d in depths])
+    return {"trained": depths, "smallest": depths[0], "table": markdown_table(headers, rows, float_format="g"),
+            "text_tokens": text_tokens, "image_tokens": image_tokens, "measured": bool(depth_results)}
 
 
 def _eval_results(eval_results: dict, dataset: str) -> list[EvalResult]:
@@ -299,10 +299,8 @@ def _eval_results(eval_results: dict, dataset: str) -> list[EvalResult]:
 def _eval_table(eval_results: dict) -> str:
     """A markdown table: one row per task, one column per metric."""
     metrics = list(dict.fromkeys(metric for values in eval_results.values() for metric in values))
-    lines = ["| task | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for task, values in eval_results.items():
-        lines.append(f"| {task} | " + " | ".join(f"{values[m]:g}" if m in values else "" for m in metrics) + " |")
-    return "\n".join(lines)
+    rows = [[task] + [values.get(m) for m in metrics] for task, values in eval_results.items()]
+    return markdown_table(["task", *metrics], rows, float_format="g")
 
 
 def _base_card_data(source: str) -> ModelCardData | None:
@@ -356,12 +354,21 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
         base_model (`str`, *optional*): Hub id of the PUMA repository exported, for the README's metadata.
         license (`str`, *optional*): license id. Default: the license in `puma_dir`'s model card.
     """
-    from safetensors.torch import load_file, save_file
-
-    from configuration_puma import FAMILIES, with_legacy_keys
-    from modeling_puma import load_processor, make_tokenizer_config_portable, processor_kwargs
-
     puma_dir, out_dir = os.fspath(puma_dir), os.fspath(out_dir)
+    dtype = _check_export_folders(puma_dir, out_dir)
+    puma_config = PumaConfig.from_pretrained(puma_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    _export_config(puma_config, dtype, out_dir)
+    _export_weights(puma_dir, out_dir, EXPORT_LAYOUT[puma_config.base_model_type])
+    _export_processor(puma_dir, puma_config, out_dir)
+    _export_card(puma_dir, puma_config, out_dir, repo_id or os.path.basename(os.path.abspath(out_dir)), base_model,
+                 license)
+    return out_dir
+
+
+def _check_export_folders(puma_dir: str, out_dir: str) -> str | None:
+    """Raises unless `puma_dir` holds a PUMA checkpoint and `out_dir` is new or empty; returns the checkpoint's
+    dtype name."""
     with open(os.path.join(puma_dir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     if config.get("model_type") != "puma":
@@ -369,21 +376,29 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
                          "(model_type 'puma').")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir!r} is not empty; export to a new or empty folder.")
-    puma_config = PumaConfig.from_pretrained(puma_dir)
-    family, layout = puma_config.base_model_type, EXPORT_LAYOUT[puma_config.base_model_type]
-    generation_class = FAMILIES[family]["generation"]
-    os.makedirs(out_dir, exist_ok=True)
+    return config.get("dtype") or config.get("torch_dtype")
 
-    backbone = puma_config.backbone_config()
-    family_config = backbone.to_dict()
+
+def _export_config(puma_config: PumaConfig, dtype: str | None, out_dir: str) -> None:
+    """The family's config.json: the kept layers as the whole model, a tied `lm_head`, legacy rope keys for
+    transformers 4.57, `architectures = ["<Family>ForConditionalGeneration"]` and no `auto_map`."""
+    from configuration_puma import FAMILIES, with_legacy_keys
+
+    family = puma_config.base_model_type
+    family_config = puma_config.backbone_config().to_dict()
     for name in ("text_config", "vision_config"):
         with_legacy_keys(family_config[name])
         family_config[name].pop("dtype", None)
     family_config["text_config"]["tie_word_embeddings"] = True
-    family_config.update(model_type=family, architectures=[generation_class], tie_word_embeddings=True,
-                         dtype=config.get("dtype") or config.get("torch_dtype"))
+    family_config.update(model_type=family, architectures=[FAMILIES[family]["generation"]], tie_word_embeddings=True,
+                         dtype=dtype)
     family_config.pop("transformers_version", None)
     _write_json(os.path.join(out_dir, "config.json"), family_config)
+
+
+def _export_weights(puma_dir: str, out_dir: str, layout: str) -> None:
+    """Each safetensors file of `puma_dir` under the same name, its keys in `layout`, and the index if sharded."""
+    from safetensors.torch import load_file, save_file
 
     files = _weight_files(puma_dir)
     weight_map = {}
@@ -395,6 +410,12 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
         weight_map.update({key: name for key in tensors})
     if SAFE_WEIGHTS_INDEX_NAME in files:
         _write_json(os.path.join(out_dir, SAFE_WEIGHTS_INDEX_NAME), {"metadata": {}, "weight_map": weight_map})
+
+
+def _export_processor(puma_dir: str, puma_config: PumaConfig, out_dir: str) -> None:
+    """The processor, with the embedding token and the recipe's pixel range in the fields both transformers majors
+    read."""
+    from modeling_puma import load_processor, make_tokenizer_config_portable, processor_kwargs
 
     processor = load_processor(puma_dir, puma_config)
     bounds = processor_kwargs(puma_config).get("size") or {"shortest_edge": puma_config.min_pixels,
@@ -409,7 +430,13 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
     processor.save_pretrained(out_dir)
     make_tokenizer_config_portable(os.path.join(out_dir, "tokenizer_config.json"))
 
-    repo_id = repo_id or os.path.basename(os.path.abspath(out_dir))
+
+def _export_card(puma_dir: str, puma_config: PumaConfig, out_dir: str, repo_id: str, base_model: str | None,
+                 license: str | None) -> None:
+    """README.md with the transformers and vLLM recipes, their prompts cut after the pooled token."""
+    from configuration_puma import FAMILIES
+
+    family = puma_config.base_model_type
     puma_card = _base_card_data(puma_dir)
     data = ModelCardData(
         base_model=base_model,
@@ -432,7 +459,7 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
         repo_id_code=_py(repo_id),
         paper_url=PAPER_URL,
         family=family,
-        generation_class=generation_class,
+        generation_class=FAMILIES[family]["generation"],
         num_kept=len(puma_config.kept_layers),
         base_depth=puma_config.base_num_hidden_layers,
         pooling=puma_config.pooling,
@@ -448,7 +475,6 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
                              pooling=puma_config.pooling, family=family,
                              sequential_positions=puma_config.position_mode == "sequential"),
     ).save(os.path.join(out_dir, "README.md"))
-    return out_dir
 
 
 def _export_key(key: str, layout: str) -> str:

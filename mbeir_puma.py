@@ -6,7 +6,8 @@
   (`load_mbeir_pool`), `query_instructions.tsv` (`load_query_instructions`), ids `"dataset_id:n"` (`dataset_id`) and
   UniIR's own-dataset-positive rule (`own_dataset_positives`), the evaluation query selection (`mbeir_eval_queries`);
 - the generic pair format of a 🤗 dataset mapped by column names (`ColumnMapping`);
-- content fingerprints of files and checkpoints (`file_fingerprint`, `checkpoint_fingerprint`), which key caches.
+- content fingerprints of files and checkpoints (`file_fingerprint`, `checkpoint_fingerprint`), which key caches;
+- the markdown table every report writes (`markdown_table`: results, model cards, layer analyses, benchmarks).
 
 This module imports neither torch nor the model: `data_puma` (training), `puma_eval` (evaluation) and the Space
 read M-BEIR through it.
@@ -15,6 +16,7 @@ read M-BEIR through it.
 import hashlib
 import json
 import logging
+import numbers
 import os
 import zlib
 from collections import Counter, defaultdict
@@ -388,7 +390,44 @@ class ColumnMapping:
         }
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------------------------------
+ALIGNMENTS = {None: "---", "left": ":---", "center": ":---:", "right": "---:"}
+
+
+def markdown_table(headers: list, rows: list[list], align: list[str | None] | None = None,
+                   float_format: str = ".3g") -> str:
+    """A GitHub-flavoured markdown table: one header row, the separator, one line per row; no trailing newline.
+
+    Cells are written with `str`, real non-integer numbers (numpy's too) with `float_format`, `None` as an empty
+    cell; a `|` inside a cell is escaped. `align` gives each column `"left"`, `"center"`, `"right"` or `None` (the renderer's default).
+
+        >>> print(markdown_table(["task", "R@5"], [["WebQA", 81.25], ["OVEN", None]], align=[None, "right"]))
+        | task | R@5 |
+        |---|---:|
+        | WebQA | 81.2 |
+        | OVEN |  |
+    """
+    align = [None] * len(headers) if align is None else list(align)
+    if len(align) != len(headers) or any(a not in ALIGNMENTS for a in align):
+        raise ValueError(f"align must give one of {list(ALIGNMENTS)} per column ({len(headers)}), got {align!r}.")
+
+    def line(cells) -> str:
+        text = ["" if c is None else format(c, float_format) if isinstance(c, numbers.Real)
+                and not isinstance(c, numbers.Integral) else str(c) for c in cells]
+        return "| " + " | ".join(t.replace("|", "\\|") for t in text) + " |"
+
+    lines = [line(headers), "|" + "".join(ALIGNMENTS[a] + "|" for a in align)]
+    for number, row in enumerate(rows):
+        if len(row) != len(headers):
+            raise ValueError(f"Row {number} of the table has {len(row)} cells for {len(headers)} columns "
+                             f"{list(headers)}: {list(row)!r}.")
+        lines.append(line(row))
+    return "\n".join(lines)
+
+
 __all__ = ["MODALITY_IDS", "SHOWN_IDS", "ColumnMapping", "SkipLog", "checkpoint_fingerprint", "content_modality",
            "dataset_id", "file_fingerprint", "join_path", "load_mbeir_pool", "load_mbeir_queries",
-           "load_query_instructions", "mbeir_eval_queries", "modality_id", "normalize_modality",
+           "load_query_instructions", "markdown_table", "mbeir_eval_queries", "modality_id", "normalize_modality",
            "own_dataset_positives", "read_jsonl", "repeated_ids", "require_file"]

@@ -14,6 +14,7 @@ Teachers (the full-depth model whose embedding the pruned student distils):
 """
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -717,16 +718,15 @@ class PumaTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Checkpoints during training keep the adapters (for resuming); the final save merges LoRA into the base
         when `merge_lora_on_save`, writing a PUMA checkpoint that `AutoModel(trust_remote_code=True)` loads. The
-        saved config records the depths and Matryoshka sizes trained."""
+        merge happens on a copy (`merged_copy`), so the trainer's model keeps its adapters and training can go on.
+        The saved config records the depths and Matryoshka sizes trained."""
         self._record_trained_sizes()
         model = self.accelerator.unwrap_model(self.model)
         if _internal_call or not self.args.merge_lora_on_save or not hasattr(model, "merge_and_unload"):
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        merged = model.merge_and_unload()
-        self.model = merged
         if self.args.should_save:
-            merged.save_pretrained(output_dir)
+            merged_copy(model).save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
 
@@ -741,11 +741,18 @@ class PumaTrainer(Trainer):
         self._record_trained_sizes()
         model = self.accelerator.unwrap_model(self.model)
         if hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()
+            model = merged_copy(model)
         repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
         return push_to_hub(model, repo_id, token=token or self.args.hub_token, private=self.args.hub_private_repo,
                            revision=revision or getattr(self.args, "hub_revision", None), commit_message=commit_message,
                            **kwargs)
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """The base model of a PEFT `model` with its adapters merged in, built on a copy: peft's `merge_and_unload`
+    rewrites the model it is called on (its layers lose their adapters), which would end training. Holds a second
+    copy of the weights for as long as the result lives."""
+    return copy.deepcopy(model).merge_and_unload()
 
 
 def _by_depth(embeddings: torch.Tensor | dict) -> dict:
@@ -763,5 +770,5 @@ def _means(tracked: dict) -> dict[str, float]:
 
 
 __all__ = ["CachedTeacher", "PumaTrainer", "PumaTrainingArguments", "ReadableLogCallback", "ReadableProgressCallback",
-           "SeparateTeacher", "SetEpochCallback", "SharedWeightTeacher", "format_log", "parameter_groups",
+           "SeparateTeacher", "SetEpochCallback", "SharedWeightTeacher", "format_log", "merged_copy", "parameter_groups",
            "precompute_teacher_cache", "split_features", "teacher_cache_is_fresh", "teacher_fingerprint"]

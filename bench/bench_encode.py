@@ -1,5 +1,6 @@
 """Encoding benchmark of `PumaForEmbedding.encode` on a random checkpoint with the shapes of a family's Hub model
-(`--family`: Qwen2-VL-2B, Qwen2.5-VL-3B, Qwen3-VL-2B, Qwen3-VL-8B; see `common.CHECKPOINTS`).
+(`--family`: Qwen2-VL-2B, Qwen2.5-VL-3B, Qwen3-VL-2B, Qwen3-VL-8B; see `common.CHECKPOINTS`; the `*_tiny` ones run the
+code path in seconds).
 
 (a) Text throughput with k kept layers vs the full depth, against the FLOP-ideal speed-up (embedding, kept decoder
     layers and final norm at the workload's token lengths); goal: measured / ideal >= 0.9.
@@ -8,12 +9,15 @@
 (c) Image throughput (PIL images of three sizes) at two `config.max_pixels` caps, with k layers, against the
     FLOP ratio of the vision tower plus the language model (Qwen2-VL only: the FLOP count is its vision tower's).
 Both models are held at once so that the timed passes can alternate between the settings compared (other processes
-on a shared machine then slow both alike); each setting is warmed up, and the best of `--repeats` passes is reported,
-in wall time (goals) and in process CPU time (all threads; far less inflated by other processes).
+on a shared machine then slow both alike); each setting is warmed up. Throughputs are the best of `--repeats` passes;
+speed-ups are the median (min-max) of the passes' ratios (each pass against the other setting's pass of the same
+round), in wall time (goals) and in process CPU time (all threads; far less inflated by other processes).
 
     python bench/bench_encode.py                           # Qwen2-VL-2B shape, float32 on CPU, k=12 vs 28
     python bench/bench_encode.py --family qwen3_vl_2b      # Qwen3-VL-2B / Qwen3-VL-Embedding-2B shape
     python bench/bench_encode.py --quick                   # smoke run with tiny workloads
+    python bench/bench_encode.py --family qwen2_vl_tiny --quick     # the code path in seconds (tiny random model)
+    python bench/bench_encode.py --markdown docs/benchmarks/encode.md   # also write the stamped tables there
     python bench/bench_encode.py --device cuda --dtype bfloat16
 """
 
@@ -22,13 +26,15 @@ import gc
 import json
 import os
 import random
+import statistics
 import time
 
 import numpy as np
 import torch
 from PIL import Image
 
-from common import CHECKPOINTS, DEFAULT_DATA, check, ensure_checkpoint, load_note, log, markdown_table, time_interleaved
+from common import (ALL_CHECKPOINTS, DEFAULT_DATA, Report, add_markdown_argument, check, ensure_checkpoint,
+                    load_note, log, ratios, spread, time_interleaved)
 from cost_puma import text_flops_per_sequence, vision_flops_per_image
 from modeling_puma import PumaForEmbedding
 
@@ -87,39 +93,62 @@ def image_flops(model, images, max_pixels: int, batch_size: int) -> tuple[float,
     return flops, sum(tokens)
 
 
-def print_text_tables(args, texts, lengths, mixed, mixed_lengths, t_text, t_bucket, cpu, pruned, depth, bs):
+def text_tables(report, args, texts, lengths, mixed, mixed_lengths, t_text, t_bucket, cpu, pruned, depth, bs):
     """Tables (a) and (b)."""
     text_config = pruned.config.text_config
-    t_text, t_bucket = ({key: min(v) for key, v in t.items()} for t in (t_text, t_bucket))
-    cpu = {key: min(v) for key, v in cpu.items()}
+    best, best_cpu = ({key: min(v) for key, v in t.items()} for t in ({**t_text, **t_bucket}, cpu))
     flops = {k: sum(text_flops_per_sequence(text_config, k, n) for n in lengths) for k in t_text}
     ideal = flops[depth] / flops[args.layers]
-    measured, measured_cpu = t_text[depth] / t_text[args.layers], cpu[depth] / cpu[args.layers]
-    setup = f"{args.dtype} on {args.device}, best of {args.repeats} interleaved passes"
-    print(f"\n### (a) Text throughput: {len(texts)} texts of {min(lengths)}-{max(lengths)} tokens "
-          f"(mean {sum(lengths) / len(lengths):.0f}), batch {args.batch_size}, {setup}\n")
-    rows = [[f"k={k}", len(texts) / t_text[k], flops[k] / t_text[k] / 1e9, cpu[k], ""] for k in (depth, args.layers)]
-    rows.append([f"speed-up k={args.layers} vs {depth}", measured, f"FLOP-ideal {ideal:.3f}", measured_cpu,
-                 f"measured/ideal {check(measured / ideal, 0.9, at_most=False)}; "
-                 f"by CPU time {measured_cpu / ideal:.3f}"])
-    print(markdown_table(["layers", "texts/s", "GFLOP/s", "CPU s", "goal"], rows))
+    # speed-ups: each round's full-depth (naive) pass against the pruned (bucketed) pass of the same round
+    measured, measured_cpu = ratios(t_text[depth], t_text[args.layers]), ratios(cpu[depth], cpu[args.layers])
+    setup = (f"{args.dtype} on {args.device}; throughput: best of {args.repeats} interleaved passes, speed-ups: median "
+             f"(min-max) of the passes' ratios")
+    rows = [[f"k={k}", len(texts) / best[k], flops[k] / best[k] / 1e9, best_cpu[k], ""] for k in (depth, args.layers)]
+    rows.append([f"speed-up k={args.layers} vs {depth}", spread(measured), f"FLOP-ideal {ideal:.3f}",
+                 spread(measured_cpu), f"measured/ideal {check(statistics.median(measured) / ideal, 0.9, False)}; "
+                 f"by CPU time {statistics.median(measured_cpu) / ideal:.3f}"])
+    report.table(f"(a) Text throughput: {len(texts)} texts of {min(lengths)}-{max(lengths)} tokens (mean "
+                 f"{sum(lengths) / len(lengths):.0f}), batch {args.batch_size}, {setup}",
+                 ["layers", "texts/s", "GFLOP/s", "CPU s", "goal"], rows)
 
     naive_tokens, bucket_tokens = padded_tokens(mixed_lengths, bs), padded_tokens(sorted(mixed_lengths), bs)
-    speedup, speedup_cpu = t_bucket["naive"] / t_bucket["bucketed"], cpu["naive"] / cpu["bucketed"]
-    print(f"\n### (b) Length-bucketed vs naive padded batching: k={args.layers}, {len(mixed)} texts of "
-          f"{min(mixed_lengths)}-{max(mixed_lengths)} tokens (one long per chunk), batch {bs}, {setup}\n")
-    print(markdown_table(["batching", "texts/s", "padded tokens", "CPU s", "goal"], [
-        ["naive (given order)", len(mixed) / t_bucket["naive"], naive_tokens, cpu["naive"], ""],
-        ["length-bucketed (encode)", len(mixed) / t_bucket["bucketed"], bucket_tokens, cpu["bucketed"], ""],
-        ["speed-up", speedup, f"ratio {naive_tokens / bucket_tokens:.3f}", speedup_cpu,
-         f"{check(speedup, 1.3, at_most=False)}; by CPU time {speedup_cpu:.3f}"]]))
+    speedup, speedup_cpu = ratios(t_bucket["naive"], t_bucket["bucketed"]), ratios(cpu["naive"], cpu["bucketed"])
+    report.table(f"(b) Length-bucketed vs naive padded batching: k={args.layers}, {len(mixed)} texts of "
+                 f"{min(mixed_lengths)}-{max(mixed_lengths)} tokens (one long per chunk), batch {bs}, {setup}",
+                 ["batching", "texts/s", "padded tokens", "CPU s", "goal"], [
+                     ["naive (given order)", len(mixed) / best["naive"], naive_tokens, best_cpu["naive"], ""],
+                     ["length-bucketed (encode)", len(mixed) / best["bucketed"], bucket_tokens, best_cpu["bucketed"],
+                      ""],
+                     ["speed-up", spread(speedup), f"ratio {naive_tokens / bucket_tokens:.3f}", spread(speedup_cpu),
+                      f"{check(statistics.median(speedup), 1.3, at_most=False)}; by CPU time "
+                      f"{statistics.median(speedup_cpu):.3f}"]])
+
+
+def image_table(report, args, images, sizes, caps, t_image, cpu, f_image) -> None:
+    """Table (c)."""
+    best, best_cpu = {key: min(v) for key, v in t_image.items()}, {key: min(cpu[key]) for key in caps}
+    low, high = caps
+    flop_ratio = f_image[high][0] / f_image[low][0]
+    measured, measured_cpu = ratios(t_image[high], t_image[low]), ratios(cpu[high], cpu[low])
+    rows = [[f"{cap // 784}*28*28", f_image[cap][1], len(images) / best[cap], f_image[cap][0] / len(images) / 1e9,
+             f_image[cap][0] / best[cap] / 1e9, best_cpu[cap], ""] for cap in caps]
+    rows.append([f"ratio {low // 784} vs {high // 784}", f_image[low][1] / f_image[high][1], spread(measured),
+                 f"FLOP-ideal {flop_ratio:.3f}", "", spread(measured_cpu),
+                 f"measured/ideal {statistics.median(measured) / flop_ratio:.3f}; "
+                 f"by CPU time {statistics.median(measured_cpu) / flop_ratio:.3f}"])
+    report.table(f"(c) Images: k={args.layers}, {len(images)} random-pixel images (w, h) {sizes}, batch "
+                 f"{args.batch_size}, {args.dtype} on {args.device}; throughput: best of {args.repeats} interleaved "
+                 f"passes, ratios: median (min-max) of the passes' ratios",
+                 ["max_pixels", "image tokens (all images)", "images/s", "GFLOP/image", "GFLOP/s", "CPU s", "note"],
+                 rows)
 
 
 def main(args) -> None:
+    report = Report(args.markdown, f"Encoding benchmark ({args.family})")
     rng = random.Random(0)
     args.checkpoint = args.checkpoint or ensure_checkpoint(args.family, args.data)
-    args.layers = args.layers or CHECKPOINTS[args.family][3]
-    with_images = CHECKPOINTS[args.family][0] == "qwen2_vl"
+    args.layers = args.layers or ALL_CHECKPOINTS[args.family][3]
+    with_images = ALL_CHECKPOINTS[args.family][0] == "qwen2_vl"
     with open(os.path.join(args.checkpoint, "config.json")) as f:
         config = json.load(f)
     depth = (config.get("text_config") or config)["num_hidden_layers"]
@@ -148,44 +177,28 @@ def main(args) -> None:
     t_bucket = time_interleaved({
         "naive": lambda: [pruned.encode(mixed[i:i + bs], batch_size=bs) for i in range(0, len(mixed), bs)],
         "bucketed": lambda: pruned.encode(mixed, batch_size=bs)}, args.repeats, cpu)
+    text_tables(report, args, texts, lengths, mixed, mixed_lengths, t_text, t_bucket, cpu, pruned, depth, bs)
 
-    if not with_images:
-        print_text_tables(args, texts, lengths, mixed, mixed_lengths, t_text, t_bucket, cpu, pruned, depth, bs)
-        print("\n" + load_note(torch.get_num_threads()))
-        return
-    log(f"(c) images {sizes}")
-    pruned.encode(images[:1], batch_size=args.batch_size)  # warm-up
+    if with_images:
+        log(f"(c) images {sizes}")
+        pruned.encode(images[:1], batch_size=args.batch_size)  # warm-up
 
-    def encode_images(cap):
-        pruned.config.max_pixels = cap
-        pruned.encode(images, batch_size=args.batch_size)
+        def encode_images(cap):
+            pruned.config.max_pixels = cap
+            pruned.encode(images, batch_size=args.batch_size)
 
-    t_image = time_interleaved({cap: lambda cap=cap: encode_images(cap) for cap in caps}, args.repeats, cpu)
-    f_image = {cap: image_flops(pruned, images, cap, args.batch_size) for cap in caps}
-
-    print_text_tables(args, texts, lengths, mixed, mixed_lengths, t_text, t_bucket, cpu, pruned, depth, bs)
-    t_image = {key: min(v) for key, v in t_image.items()}
-    cpu = {key: min(v) for key, v in cpu.items()}
-    setup = f"{args.dtype} on {args.device}, best of {args.repeats} interleaved passes"
-    low, high = caps
-    flop_ratio = f_image[high][0] / f_image[low][0]
-    print(f"\n### (c) Images: k={args.layers}, {len(images)} random-pixel images (w, h) {sizes}, "
-          f"batch {args.batch_size}, {setup}\n")
-    rows = [[f"{cap // 784}*28*28", f_image[cap][1], len(images) / t_image[cap], f_image[cap][0] / len(images) / 1e9,
-             f_image[cap][0] / t_image[cap] / 1e9, cpu[cap], ""] for cap in caps]
-    rows.append([f"ratio {low // 784} vs {high // 784}", f_image[low][1] / f_image[high][1],
-                 t_image[high] / t_image[low], f"FLOP-ideal {flop_ratio:.3f}", "", cpu[high] / cpu[low],
-                 f"measured/ideal {t_image[high] / t_image[low] / flop_ratio:.3f}; "
-                 f"by CPU time {cpu[high] / cpu[low] / flop_ratio:.3f}"])
-    print(markdown_table(["max_pixels", "image tokens (all images)", "images/s", "GFLOP/image", "GFLOP/s", "CPU s",
-                          "note"], rows))
-    print("\n" + load_note(torch.get_num_threads()))
+        t_image = time_interleaved({cap: lambda cap=cap: encode_images(cap) for cap in caps}, args.repeats, cpu)
+        f_image = {cap: image_flops(pruned, images, cap, args.batch_size) for cap in caps}
+        image_table(report, args, images, sizes, caps, t_image, cpu, f_image)
+    report.note(load_note(torch.get_num_threads()))
+    report.write()
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", default="qwen2_vl_2b", choices=list(CHECKPOINTS),
-                        help="random checkpoint of this shape (generated under --data if missing)")
+    parser.add_argument("--family", default="qwen2_vl_2b", choices=list(ALL_CHECKPOINTS),
+                        help="random checkpoint of this shape (generated under --data if missing; the *_tiny ones "
+                             "run the code path in seconds)")
     parser.add_argument("--data", default=DEFAULT_DATA, help="folder of the generated random checkpoints")
     parser.add_argument("--checkpoint", default=None, help="use this checkpoint folder instead")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -196,6 +209,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bucket-batch-size", type=int, default=4, help="batch size of (b)")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per setting (best reported)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny workloads, one pass")
+    add_markdown_argument(parser)
     return parser
 
 

@@ -26,11 +26,14 @@ several processes, as `eval_puma.py` runs them.
     threads) vs 2 CPU processes (gloo, the threads split between them), on the tiny model: the items/s between the
     first and the last barrier.
 Timed passes alternate between the settings compared (other processes on a shared machine then slow both alike);
-the best of `--repeats` passes is reported unless said otherwise.
+the best of `--repeats` passes is reported unless said otherwise, and ratios are the median (min-max) of the passes'
+ratios (each pass against the baseline's pass of the same round).
 
     python bench/bench_eval.py                       # (a)-(d); ~45 min on 2 CPU cores, peak ~7 GiB
     python bench/bench_eval.py --sections c --index-dims 3584 --index-size 200000 --hnsw-size 20000
     python bench/bench_eval.py --quick               # smoke run of every section at small sizes
+    python bench/bench_eval.py --tiny                # the code path of every section in seconds (test sizes)
+    python bench/bench_eval.py --markdown docs/benchmarks/eval.md   # also write the stamped tables there
 """
 
 import argparse
@@ -46,7 +49,7 @@ import time
 import numpy as np
 import torch
 
-from common import ROOT, check, log, markdown_table, time_interleaved
+from common import ROOT, Report, add_markdown_argument, check, log, ratios, spread, time_interleaved
 from puma_eval.encoding import distributed_state, encode_cached, encode_sharded
 from puma_eval.index import INDEX_KINDS, MIN_TRAIN_POINTS_PER_LIST, IndexSpec, available_memory, import_faiss, \
     index_memory_bytes, search_index, set_search_parameters, torch_search
@@ -73,7 +76,7 @@ def padded_tokens(lengths: list[int], batch_size: int) -> int:
     return sum(len(chunk) * max(chunk) for chunk in chunks)
 
 
-def bench_encoding(args) -> None:
+def bench_encoding(report, args) -> None:
     with tempfile.TemporaryDirectory() as folder:
         log("building the tiny random Qwen2-VL checkpoint")
         checkpoint = build_tiny_checkpoint(folder, "qwen2_vl", "old", 1, seed=0)
@@ -93,16 +96,17 @@ def bench_encoding(args) -> None:
     times = time_interleaved({
         "naive": naive,
         "bucketed": lambda: encode_cached(model, pool, ids, batch_size=bs, show_progress_bar=False)}, args.repeats)
-    times = {key: min(value) for key, value in times.items()}
+    speedup = ratios(times["naive"], times["bucketed"])
+    best = {key: min(value) for key, value in times.items()}
     naive_tokens, bucket_tokens = padded_tokens(lengths, bs), padded_tokens(sorted(lengths), bs)
-    speedup = times["naive"] / times["bucketed"]
-    print(f"\n### (a) Pool encoding: tiny random Qwen2-VL (hidden {model.config.text_config.hidden_size}, "
-          f"{args.layers} layers), float32 on CPU, {len(pool)} texts of {min(lengths)}-{max(lengths)} tokens in random "
-          f"order, batch {bs}, best of {args.repeats}\n")
-    print(markdown_table(["batching", "items/s", "padded tokens"], [
-        ["naive (consecutive chunks, given order)", len(pool) / times["naive"], naive_tokens],
-        ["length-bucketed (encode_cached)", len(pool) / times["bucketed"], bucket_tokens],
-        ["ratio bucketed / naive", speedup, f"naive / bucketed {naive_tokens / bucket_tokens:.3f}"]]))
+    report.table(f"(a) Pool encoding: tiny random Qwen2-VL (hidden {model.config.text_config.hidden_size}, "
+                 f"{args.layers} layers), float32 on CPU, {len(pool)} texts of {min(lengths)}-{max(lengths)} tokens in "
+                 f"random order, batch {bs}, best of {args.repeats}",
+                 ["batching", "items/s", "padded tokens"], [
+                     ["naive (consecutive chunks, given order)", len(pool) / best["naive"], naive_tokens],
+                     ["length-bucketed (encode_cached)", len(pool) / best["bucketed"], bucket_tokens],
+                     ["ratio bucketed / naive", spread(speedup),
+                      f"naive / bucketed {naive_tokens / bucket_tokens:.3f}"]])
 
 
 def flat_index(size: int, generator: torch.Generator):
@@ -116,7 +120,7 @@ def flat_index(size: int, generator: torch.Generator):
     return index, corpus
 
 
-def bench_search(args) -> None:
+def bench_search(report, args) -> None:
     generator = torch.Generator().manual_seed(0)
     queries = torch.nn.functional.normalize(torch.randn(args.queries, DIM, generator=generator), dim=-1)
     rows = []
@@ -138,15 +142,14 @@ def bench_search(args) -> None:
             results["torch"] = torch_search(queries, corpus, TOP_K, chunk_size=CHUNK)[1].numpy()
 
         run_faiss(), run_torch()  # warm-up
-        times = {key: min(value) for key, value in time_interleaved({"faiss": run_faiss, "torch": run_torch},
-                                                                    args.repeats).items()}
+        times = time_interleaved({"faiss": run_faiss, "torch": run_torch}, args.repeats)
         agreement = float(np.mean(results["faiss"] == results["torch"]))
-        rows.append([f"{size:,}", 1000 * times["faiss"], 1000 * times["torch"], times["torch"] / times["faiss"],
-                     check(agreement, 1.0, at_most=False)])
-    print(f"\n### (b) Exact search: {args.queries} queries, top-{TOP_K}, random unit vectors of {DIM} dimensions, "
-          f"float32 on CPU ({torch.get_num_threads()} threads), best of {args.repeats}\n")
-    print(markdown_table(["candidates", "faiss IndexFlatIP (ms)", "torch matmul+topk (ms)", "ratio torch / faiss",
-                          "same top-10 ids"], rows))
+        rows.append([f"{size:,}", 1000 * min(times["faiss"]), 1000 * min(times["torch"]),
+                     spread(ratios(times["torch"], times["faiss"])), check(agreement, 1.0, at_most=False)])
+    report.table(f"(b) Exact search: {args.queries} queries, top-{TOP_K}, random unit vectors of {DIM} dimensions, "
+                 f"float32 on CPU ({torch.get_num_threads()} threads), best of {args.repeats}",
+                 ["candidates", "faiss IndexFlatIP (ms)", "torch matmul+topk (ms)", "ratio torch / faiss",
+                  "same top-10 ids"], rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------- (c)
@@ -244,7 +247,7 @@ def serialized_bytes(index, folder: str) -> int:
     return size
 
 
-def bench_indexes(args) -> None:
+def bench_indexes(report, args) -> None:
     faiss = import_faiss()
     n, dim = args.index_size, args.index_dims
     rows = []
@@ -314,10 +317,10 @@ def bench_indexes(args) -> None:
                 log("    " + " | ".join(rows[-1]))
             del index
         del data, shards
-    print(f"\n### (c) Index kinds: {n:,} candidates of {dim} dimensions, {args.index_queries} queries, top-{TOP_K}, "
-          f"nlist {nlist}, nprobe {args.nprobe}, float32 on CPU ({torch.get_num_threads()} threads)\n")
-    print(markdown_table(["data", "index", "candidates", "Recall@10 vs flat", "memory (GiB)", "estimate (GiB)",
-                          "build (s)", "search (ms/query, median (range) of 3)", "estimate at 5.6 M (GiB)"], rows))
+    report.table(f"(c) Index kinds: {n:,} candidates of {dim} dimensions, {args.index_queries} queries, top-{TOP_K}, "
+                 f"nlist {nlist}, nprobe {args.nprobe}, float32 on CPU ({torch.get_num_threads()} threads)",
+                 ["data", "index", "candidates", "Recall@10 vs flat", "memory (GiB)", "estimate (GiB)", "build (s)",
+                  "search (ms/query, median (range) of 3)", "estimate at 5.6 M (GiB)"], rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------- (d)
@@ -339,11 +342,13 @@ def encode_worker(args) -> None:
         print(json.dumps({"processes": state.num_processes, "items_per_s": len(pool) / elapsed}))
 
 
-def bench_processes(args) -> None:
+def bench_processes(report, args) -> None:
     from tiny_puma import build_tiny_checkpoint
 
     cores = os.cpu_count() or 2
     settings = [(1, 1), (1, cores), (2, max(1, cores // 2))]  # (processes, threads per process)
+    if args.tiny and cores > 1:  # the code path: one process and two (one process on every core runs the same code)
+        settings.remove((1, cores))
     results = {setting: [] for setting in settings}
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = build_tiny_checkpoint(os.path.join(folder, "tiny"), "qwen2_vl", "old", 1, seed=0)
@@ -362,13 +367,12 @@ def bench_processes(args) -> None:
                 results[(processes, threads)].append(json.loads(output.strip().splitlines()[-1])["items_per_s"])
                 speed = results[(processes, threads)][-1]
                 log(f"(d) {processes} process(es) x {threads} thread(s): {speed:.1f} items/s")
-    base = max(results[settings[0]])
-    print(f"\n### (d) Sharded encoding under accelerate launch: {args.pool_size} texts, tiny model "
-          f"({args.layers} layers), "
-          f"batch {args.batch_size}, {cores} CPU cores, best of {args.repeats}\n")
-    print(markdown_table(["processes x threads", "items/s (best)", "all passes", "ratio to 1 x 1"],
-                         [[f"{p} x {t}", max(results[(p, t)]), str([round(x, 1) for x in results[(p, t)]]),
-                           max(results[(p, t)]) / base] for p, t in settings]))
+    base = results[settings[0]]
+    report.table(f"(d) Sharded encoding under accelerate launch: {args.pool_size} texts, tiny model ({args.layers} "
+                 f"layers), batch {args.batch_size}, {cores} CPU cores, best of {args.repeats}",
+                 ["processes x threads", "items/s (best)", "all passes", "ratio to 1 x 1"],
+                 [[f"{p} x {t}", max(results[(p, t)]), str([round(x, 1) for x in results[(p, t)]]),
+                   spread(ratios(results[(p, t)], base))] for p, t in settings])
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -396,25 +400,34 @@ def make_parser() -> argparse.ArgumentParser:
                         help="where (c) keeps its generated vectors (float32 files, reused by the next run)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per setting (best reported)")
     parser.add_argument("--quick", action="store_true", help="smoke run: small pools and indexes, one pass")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the code path of every section in seconds: test-sized pools and indexes, one pass")
+    add_markdown_argument(parser)
     parser.add_argument("--encode-worker", action="store_true", help=argparse.SUPPRESS)  # (d)'s launched processes
     parser.add_argument("--worker-checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--worker-cache", help=argparse.SUPPRESS)
     return parser
 
 
+def main(args) -> None:
+    if args.quick:
+        args.pool_size, args.sizes, args.repeats = 64, [10_000, 100_000], 1
+        args.index_size, args.index_queries, args.hnsw_size = 20_000, 100, 5_000
+    if args.tiny:
+        args.pool_size, args.batch_size, args.sizes, args.queries, args.repeats = 16, 8, [1_000], 10, 1
+        args.index_size, args.index_dims, args.index_queries, args.timed_queries = 2_000, 32, 20, 10
+        args.hnsw_size, args.nlist, args.nprobe, args.nprobe_sweep = 500, 8, 2, [4]
+    report = Report(args.markdown, "Evaluation benchmark")
+    sections = {"a": bench_encoding, "b": bench_search, "c": bench_indexes, "d": bench_processes}
+    for section, bench in sections.items():
+        if section in args.sections:
+            bench(report, args)
+    report.write()
+
+
 if __name__ == "__main__":
     arguments = make_parser().parse_args()
     if arguments.encode_worker:
         encode_worker(arguments)
-        sys.exit()
-    if arguments.quick:
-        arguments.pool_size, arguments.sizes, arguments.repeats = 64, [10_000, 100_000], 1
-        arguments.index_size, arguments.index_queries, arguments.hnsw_size = 20_000, 100, 5_000
-    if "a" in arguments.sections:
-        bench_encoding(arguments)
-    if "b" in arguments.sections:
-        bench_search(arguments)
-    if "c" in arguments.sections:
-        bench_indexes(arguments)
-    if "d" in arguments.sections:
-        bench_processes(arguments)
+    else:
+        main(arguments)

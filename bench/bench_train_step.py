@@ -2,16 +2,22 @@
 
     python bench/bench_train_step.py [--shape small|2b] [--steps 6] [--batch 16] [--quick]
     python bench/bench_train_step.py --elastic [--shape small|2b] [--steps 8] [--batch 16] [--threads 1]
+    python bench/bench_train_step.py --shape tiny --quick        # the code path in seconds (tiny random model)
+    python bench/bench_train_step.py --configs c mac             # some configurations only, with the baselines
+    python bench/bench_train_step.py --markdown docs/benchmarks/train_step.md   # also write the stamped tables there
 
 Each configuration runs in a fresh process (so peak memory does not mix) on the same random checkpoint (written once
-to puma_bench/qwen2vl-<shape> in the temporary folder, 28 layers) with a LoRA student keeping 12 layers, on the same
-batches: (a) the release recipe: a separate full-depth teacher copy, online; (b) the shared-weight teacher; (c) the cached
-teacher; (d) the student alone. Then MAC vs InfoNCE on (d), and GradCache vs plain at the same batch.
-Step time is the median over the timed steps (after one warm-up step); peak memory is the process's peak RSS above
-its RSS after imports (CPU) or the peak allocated memory (GPU). Printed as a markdown table of ratios against the baseline of the same run.
+to puma_bench/qwen2vl-<shape> in the temporary folder, or under --data; 28 layers, 6 for `tiny`) with a LoRA student
+keeping 12 layers (3 for `tiny`), on the same batches: (a) the release recipe: a separate full-depth teacher copy,
+online; (b) the shared-weight teacher; (c) the cached teacher; (d) the student alone. Then MAC vs InfoNCE on (d), and
+GradCache vs plain at the same batch. Step time is the median over the timed steps (after one warm-up step); peak
+memory is the process's peak RSS above its RSS after imports (CPU) or the peak allocated memory (GPU). Printed as a
+markdown table of ratios against the baseline of the same run: step-time ratios pair the two configurations' steps by
+index (the same batches), median (min-max) over the steps.
 
 `--elastic` compares, in one process on the same LoRA student and the same batches, a plain MAC step with a step
-training 3 depths x 3 Matryoshka sizes (the grid of 4, 8, 12 layers x a quarter, half and all of the embedding):
+training 3 depths x 3 Matryoshka sizes (the grid of 4, 8, 12 layers, a third, two thirds and all of the kept
+ones, x a quarter, half and all of the embedding):
 the two alternate step by step (after one warm-up round), so load from other processes falls on both alike; each
 round's ratio is reported with the median and range over rounds, and the 1-minute load average.
 """
@@ -25,19 +31,28 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from common import BENCH_DIR, LOAD_AVERAGES, load_note, log, time_interleaved  # noqa: E402
+from common import (BENCH_DIR, LOAD_AVERAGES, ROOT, Report, add_markdown_argument, load_note, log, ratios, spread,
+                    time_interleaved)
 
 
-def checkpoint_for(shape: str) -> str:
-    path = os.path.join(BENCH_DIR, f"qwen2vl-{shape}")
+KEPT_LAYERS = {"tiny": 3, "small": 12, "2b": 12}  # the student's depth per shape (12 of 28: the release's ratio)
+# --configs key -> (row name, child settings); (a) and (d) are the baselines of the ratios, so always run
+CONFIGURATIONS = {
+    "a": ("(a) separate full teacher (release)", dict(teacher="separate", loss="infonce")),
+    "b": ("(b) shared-weight teacher", dict(teacher="shared", loss="infonce")),
+    "c": ("(c) cached teacher", dict(teacher="cached", loss="infonce")),
+    "d": ("(d) student alone, InfoNCE", dict(teacher="none", loss="infonce")),
+    "mac": ("(d) student alone, MAC", dict(teacher="none", loss="mac")),
+    "gradcache": ("(d) student alone, MAC, GradCache chunk 4", dict(teacher="none", loss="mac", grad_cache=4)),
+}
+
+
+def checkpoint_for(shape: str, folder: str = BENCH_DIR) -> str:
+    path = os.path.join(folder, f"qwen2vl-{shape}")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        from tiny_puma import main as build
-
-        sys.argv = ["tiny_puma.py", path, "--shape", shape, "--shards", "2"]
-        build()
+        log(f"writing a random {shape} Qwen2-VL checkpoint to {path}")
+        subprocess.run([sys.executable, os.path.join(ROOT, "tiny_puma.py"), path, "--shape", shape, "--shards", "2"],
+                       check=True, stdout=sys.stderr)
     return path
 
 
@@ -94,16 +109,18 @@ def run_one(spec: dict) -> dict:
     from transformers import TrainerCallback
 
     from modeling_puma import PumaForEmbedding
-    from trainer_puma import CachedTeacher, PumaTrainer, PumaTrainingArguments, SeparateTeacher, precompute_teacher_cache
+    from trainer_puma import (CachedTeacher, PumaTrainer, PumaTrainingArguments, SeparateTeacher,
+                              precompute_teacher_cache)
 
     baseline = _rss_bytes()  # after imports: peak memory is reported above this
     device = spec["device"]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     checkpoint = spec["checkpoint"]
-    base = PumaForEmbedding.from_pretrained(checkpoint, num_layers=12, dtype=dtype, device_map=device)
+    base = PumaForEmbedding.from_pretrained(checkpoint, num_layers=KEPT_LAYERS[spec["shape"]], dtype=dtype,
+                                            device_map=device)
     collator = Collator(base)
     examples = make_examples(spec["batch"] * (spec["steps"] + 1))
-    teacher, cache = None, os.path.join(BENCH_DIR, f"cache-{spec['shape']}-{spec['batch']}-{spec['steps']}")
+    teacher, cache = None, os.path.join(spec["data"], f"cache-{spec['shape']}-{spec['batch']}-{spec['steps']}")
     if spec["teacher"] == "precompute":  # its own process, so the cached run's peak never holds the full model
         full = PumaForEmbedding.from_pretrained(checkpoint, dtype=dtype, device_map=device)
         loader = torch.utils.data.DataLoader(examples, batch_size=spec["batch"], collate_fn=collator)
@@ -118,7 +135,8 @@ def run_one(spec: dict) -> dict:
     student = peft.get_peft_model(base, lora)
     distill = spec["teacher"] != "none"
     args = PumaTrainingArguments(
-        output_dir=os.path.join(BENCH_DIR, "out"), per_device_train_batch_size=spec["batch"], max_steps=spec["steps"] + 1,
+        output_dir=os.path.join(spec["data"], "out"), per_device_train_batch_size=spec["batch"],
+        max_steps=spec["steps"] + 1,
         learning_rate=1e-4, logging_steps=1000, save_strategy="no", report_to=[], use_cpu=device == "cpu",
         bf16=device == "cuda", disable_tqdm=True, dataloader_num_workers=0, loss=spec["loss"],
         distill="mse" if distill else "none", distill_weight=0.1 if distill else 0.0,
@@ -145,11 +163,19 @@ def run_one(spec: dict) -> dict:
     trainer.train()
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline)
-    return {"step_s": statistics.median(step_times[1:]), "peak_bytes": peak}
+    return {"step_s": statistics.median(step_times[1:]), "steps_s": step_times[1:], "peak_bytes": peak}
 
 
-def run_elastic(checkpoint: str, batch: int, rounds: int, threads: int, device: str) -> None:
-    """Plain step vs 3 depths x 3 Matryoshka sizes on the same student and batches, interleaved; prints the table."""
+def full_depth(checkpoint: str) -> int:
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        config = json.load(f)
+    return (config.get("text_config") or config)["num_hidden_layers"]
+
+
+def run_elastic(report, checkpoint: str, shape: str, data: str, batch: int, rounds: int, threads: int,
+                device: str) -> None:
+    """Plain step vs 3 depths x 3 Matryoshka sizes on the same student and batches, interleaved; reports the
+    tables."""
     import peft
     import torch
 
@@ -157,9 +183,10 @@ def run_elastic(checkpoint: str, batch: int, rounds: int, threads: int, device: 
     from trainer_puma import PumaTrainer, PumaTrainingArguments
 
     torch.set_num_threads(threads)
-    base = PumaForEmbedding.from_pretrained(checkpoint, num_layers=12, dtype=torch.float32, device_map=device)
+    kept = KEPT_LAYERS[shape]
+    base = PumaForEmbedding.from_pretrained(checkpoint, num_layers=kept, dtype=torch.float32, device_map=device)
     hidden = base.config.text_config.hidden_size
-    depths, dims = [4, 8, 12], [hidden // 4, hidden // 2, hidden]
+    depths, dims = [kept // 3, 2 * kept // 3, kept], [hidden // 4, hidden // 2, hidden]
     lora = peft.LoraConfig(r=16, lora_alpha=32, task_type="FEATURE_EXTRACTION",
                            target_modules=r".*language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj")
     student = peft.get_peft_model(base, lora)
@@ -168,7 +195,7 @@ def run_elastic(checkpoint: str, batch: int, rounds: int, threads: int, device: 
     batches = [collator(examples[i * batch:(i + 1) * batch]) for i in range(rounds + 1)]
 
     def trainer(**elastic):
-        args = PumaTrainingArguments(output_dir=os.path.join(BENCH_DIR, "out"), per_device_train_batch_size=batch,
+        args = PumaTrainingArguments(output_dir=os.path.join(data, "out"), per_device_train_batch_size=batch,
                                      learning_rate=1e-4, report_to=[], use_cpu=device == "cpu", disable_tqdm=True,
                                      save_strategy="no", loss="mac", **elastic)
         built = PumaTrainer(model=student, args=args, train_dataset=examples, data_collator=collator)
@@ -199,29 +226,77 @@ def run_elastic(checkpoint: str, batch: int, rounds: int, threads: int, device: 
     LOAD_AVERAGES.clear()
     cpu = {}
     times = time_interleaved(fns, rounds, cpu)
-    ratios = [e / p for p, e in zip(times["plain"], times["elastic"])]
-    cpu_ratios = [e / p for p, e in zip(cpu["plain"], cpu["elastic"])]
-    print(f"\n{os.path.basename(checkpoint)}: LoRA r16 student keeping 12 of 28 layers, batch {batch} mixed text/image "
-          f"pairs, MAC-Loss, {device} float32, {threads} thread(s); {rounds} interleaved rounds after a warm-up\n")
-    print("| step | median (s) | min-max (s) | CPU median (s) | student forwards per step |")
-    print("|---|---|---|---|---|")
-    names = {"plain": "plain (12 layers, full size)",
+    names = {"plain": f"plain ({kept} layers, full size)",
              "elastic": f"{len(depths)} depths x {len(dims)} sizes ({', '.join(map(str, depths))} layers x "
                         f"{', '.join(map(str, dims))})"}
-    for name, label in names.items():
-        print(f"| {label} | {statistics.median(times[name]):.3f} | {min(times[name]):.3f}-{max(times[name]):.3f} | "
-              f"{statistics.median(cpu[name]):.3f} | {statistics.median(counts[name]['forwards']):g} |")
-    print(f"\n| check | median | min-max over rounds | goal |\n|---|---|---|---|")
-    print(f"| elastic step / plain step (wall) | {statistics.median(ratios):.3f} | {min(ratios):.3f}-{max(ratios):.3f} "
-          f"| <= 1.15 |")
-    print(f"| elastic step / plain step (CPU) | {statistics.median(cpu_ratios):.3f} | "
-          f"{min(cpu_ratios):.3f}-{max(cpu_ratios):.3f} | <= 1.15 |")
-    print("\n" + load_note(threads))
+    rows = [[label, f"{statistics.median(times[name]):.3f}", f"{min(times[name]):.3f}-{max(times[name]):.3f}",
+             f"{statistics.median(cpu[name]):.3f}", f"{statistics.median(counts[name]['forwards']):g}"]
+            for name, label in names.items()]
+    report.table(f"{os.path.basename(checkpoint)}: LoRA r16 student keeping {kept} of {full_depth(checkpoint)} layers, "
+                 f"batch {batch} mixed text/image pairs, MAC-Loss, {device} float32, {threads} thread(s); {rounds} "
+                 "interleaved rounds after a warm-up",
+                 ["step", "median (s)", "min-max (s)", "CPU median (s)", "student forwards per step"], rows)
+    # each round's elastic step against the plain step of the same round
+    checks = [[f"elastic step / plain step ({clock})", spread(ratios(values["elastic"], values["plain"])), "<= 1.15"]
+              for clock, values in (("wall", times), ("CPU", cpu))]
+    report.table("Elastic step against the plain step", ["check", "median (min-max over rounds)", "goal"], checks,
+                 notes=[load_note(threads)])
+
+
+def run_configurations(report, args, checkpoint: str) -> None:
+    """Each configuration in a fresh process; reports the table of steps and peaks and the table of checks."""
+    common = {"checkpoint": checkpoint, "shape": args.shape, "steps": args.steps, "batch": args.batch,
+              "device": args.device, "data": args.data}
+    runs = {name: spec for key, (name, spec) in CONFIGURATIONS.items() if key in args.configs}
+    if "c" in args.configs:  # the cached teacher reads what this writes, in a process of its own
+        runs = {"precompute the teacher cache": dict(teacher="precompute", loss="infonce"), **runs}
+    results = {}
+    for name, spec in runs.items():
+        log(f"running {name} ...")
+        out = subprocess.run([sys.executable, __file__, "--child", json.dumps({**common, **spec})],
+                             capture_output=True, text=True, cwd=ROOT)
+        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
+        results[name] = json.loads(line[len("RESULT "):])
+    results.pop("precompute the teacher cache", None)
+    a, d = results[CONFIGURATIONS["a"][0]], results[CONFIGURATIONS["d"][0]]
+
+    def step_ratios(r, base):  # steps paired by index: both ran the same batches in the same order
+        return ratios(r["steps_s"], base["steps_s"])
+
+    rows = [[name, f"{r['step_s']:.3f}", spread(step_ratios(r, d), 2), f"{r['peak_bytes'] / 2**30:.2f}",
+             f"{r['peak_bytes'] / a['peak_bytes']:.2f}"] for name, r in results.items()]
+    report.table(f"{args.shape} shape, {KEPT_LAYERS[args.shape]} of {full_depth(checkpoint)} layers kept, LoRA r16, "
+                 f"batch {args.batch}, {args.device}, median of {args.steps} steps",
+                 ["configuration", "step (s)", "step / (d), median (min-max) over steps", "peak memory (GiB)",
+                  "peak / (a)"], rows)
+    checks = []
+    if "c" in args.configs:
+        c = results[CONFIGURATIONS["c"][0]]
+        checks += [["cached teacher step / student alone", spread(step_ratios(c, d), 2), "<= 1.10"],
+                   ["cached teacher peak / release recipe peak", f"{c['peak_bytes'] / a['peak_bytes']:.2f}", "<= 0.60"],
+                   ["speed-up of (c) over (a)", spread(step_ratios(a, c), 2) + "x",
+                    "ideal ~(student+teacher)/student FLOPs"]]
+    if "mac" in args.configs:
+        mac = results[CONFIGURATIONS["mac"][0]]
+        checks.append(["MAC step / InfoNCE step - 1 (%)", spread([100 * (r - 1) for r in step_ratios(mac, d)], 1),
+                       "<= 3 %"])
+        if "gradcache" in args.configs:
+            plain_gc = results[CONFIGURATIONS["gradcache"][0]]
+            checks.append(["GradCache peak / plain peak (same batch)",
+                           f"{plain_gc['peak_bytes'] / mac['peak_bytes']:.2f}", "< 1"])
+    if checks:
+        report.table("Checks", ["check", "measured", "goal"], checks,
+                         notes=["Step ratios pair the two configurations' timed steps by index (the same batches), "
+                            "median (min-max) over the steps."])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="small", choices=["small", "2b"])
+    parser.add_argument("--shape", default="small", choices=list(KEPT_LAYERS),
+                        help="random Qwen2-VL checkpoint of this shape (tiny: the code path in seconds)")
+    parser.add_argument("--data", default=BENCH_DIR, help="folder of the generated checkpoint, caches and outputs")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device", default="cpu")
@@ -229,55 +304,24 @@ def main():
     parser.add_argument("--elastic", action="store_true",
                         help="only the plain vs 3 depths x 3 Matryoshka sizes comparison (--steps rounds)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the --elastic comparison")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS),
+                        help="configurations to run (default: all); a and d, the baselines, always run")
+    add_markdown_argument(parser)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.configs = sorted(set(args.configs) | {"a", "d"}, key=list(CONFIGURATIONS).index)
     if args.child:
         print("RESULT " + json.dumps(run_one(json.loads(args.child))), flush=True)
         return
     if args.quick:
         args.steps, args.batch = 2, 8
-    checkpoint = checkpoint_for(args.shape)
+    report = Report(args.markdown, "Training-step benchmark" + (" (elastic depth)" if args.elastic else ""))
+    checkpoint = checkpoint_for(args.shape, args.data)
     if args.elastic:
-        run_elastic(checkpoint, args.batch, args.steps, args.threads, args.device)
-        return
-    common = {"checkpoint": checkpoint, "shape": args.shape, "steps": args.steps, "batch": args.batch,
-              "device": args.device}
-    runs = {
-        "precompute the teacher cache": dict(teacher="precompute", loss="infonce"),
-        "(a) separate full teacher (release)": dict(teacher="separate", loss="infonce"),
-        "(b) shared-weight teacher": dict(teacher="shared", loss="infonce"),
-        "(c) cached teacher": dict(teacher="cached", loss="infonce"),
-        "(d) student alone, InfoNCE": dict(teacher="none", loss="infonce"),
-        "(d) student alone, MAC": dict(teacher="none", loss="mac"),
-        "(d) student alone, MAC, GradCache chunk 4": dict(teacher="none", loss="mac", grad_cache=4),
-    }
-    results = {}
-    for name, spec in runs.items():
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        out = subprocess.run([sys.executable, __file__, "--child", json.dumps({**common, **spec})],
-                             capture_output=True, text=True, cwd=ROOT)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
-        results[name] = json.loads(line[len("RESULT "):])
-    results.pop("precompute the teacher cache")
-    a, d = results["(a) separate full teacher (release)"], results["(d) student alone, InfoNCE"]
-    print(f"\n{args.shape} shape, 12 of 28 layers kept, LoRA r16, batch {args.batch}, {args.device}, "
-          f"median of {args.steps} steps\n")
-    print("| configuration | step (s) | step / (d) | peak memory (GiB) | peak / (a) |")
-    print("|---|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {r['step_s']:.3f} | {r['step_s'] / d['step_s']:.2f} | {r['peak_bytes'] / 2**30:.2f} | "
-              f"{r['peak_bytes'] / a['peak_bytes']:.2f} |")
-    c = results["(c) cached teacher"]
-    mac, plain_gc = results["(d) student alone, MAC"], results["(d) student alone, MAC, GradCache chunk 4"]
-    print("\n| check | measured | goal |")
-    print("|---|---|---|")
-    print(f"| cached teacher step / student alone | {c['step_s'] / d['step_s']:.2f} | <= 1.10 |")
-    print(f"| cached teacher peak / release recipe peak | {c['peak_bytes'] / a['peak_bytes']:.2f} | <= 0.60 |")
-    print(f"| speed-up of (c) over (a) | {a['step_s'] / c['step_s']:.2f}x | ideal ~(student+teacher)/student FLOPs |")
-    print(f"| MAC step / InfoNCE step - 1 | {100 * (mac['step_s'] / d['step_s'] - 1):+.1f} % | <= 3 % |")
-    print(f"| GradCache peak / plain peak (same batch) | {plain_gc['peak_bytes'] / mac['peak_bytes']:.2f} | < 1 |")
+        run_elastic(report, checkpoint, args.shape, args.data, args.batch, args.steps, args.threads, args.device)
+    else:
+        run_configurations(report, args, checkpoint)
+    report.write()
 
 
 if __name__ == "__main__":

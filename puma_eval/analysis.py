@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cost_puma import depth_costs
-from mbeir_puma import join_path
+from mbeir_puma import join_path, markdown_table
 
 from .mbeir import score_task
 from .tasks import RetrievalTask, TaskData, load_benchmark, load_instructions, load_task, select_tasks
@@ -344,21 +344,17 @@ def _first(depth: int) -> str:
 def analysis_markdown(result: dict) -> str:
     """Tables of quality and cost per depth, statistics per layer, and the recommendation."""
     tasks = [task["task"] for task in result["tasks"]]
+    depth_rows = [[row["depth"], *[f"{row['scores'][task]:.1f}" for task in tasks], f"{row['mean']:.1f}",
+                   f"{row['cost_text']:.3f}", f"{row['cost_image']:.3f}"] for row in result["depths"]]
     lines = [f"### Quality and cost per depth ({result['model']}, zero training)\n",
-             "| depth | " + " | ".join(tasks) + " | mean | FLOP ratio (text) | FLOP ratio (image) |",
-             "|---|" + "---|" * (len(tasks) + 3)]
-    for row in result["depths"]:
-        lines.append(f"| {row['depth']} | " + " | ".join(f"{row['scores'][task]:.1f}" for task in tasks)
-                     + f" | {row['mean']:.1f} | {row['cost_text']:.3f} | {row['cost_image']:.3f} |")
+             markdown_table(["depth", *tasks, "mean", "FLOP ratio (text)", "FLOP ratio (image)"], depth_rows)]
     spans = sorted({n for layer in result["layers"] for n in layer["angular_distance"]})
+    layer_rows = [[layer["layer"], layer["original_layer"], f"{layer['block_influence']:.4f}",
+                   *[f"{layer['angular_distance'][n]:.4f}" if n in layer["angular_distance"] else None for n in spans]]
+                  for layer in result["layers"]]
     lines += ["", "### Layer statistics\n",
-              "| layer | base layer | block influence | " + " | ".join(f"angular distance, {_count(n, 'layer')}"
-                                                                        for n in spans)
-              + " |", "|---|---|---|" + "---|" * len(spans)]
-    for layer in result["layers"]:
-        distances = [f"{layer['angular_distance'][n]:.4f}" if n in layer["angular_distance"] else "" for n in spans]
-        lines.append(f"| {layer['layer']} | {layer['original_layer']} | {layer['block_influence']:.4f} | "
-                     + " | ".join(distances) + " |")
+              markdown_table(["layer", "base layer", "block influence",
+                              *[f"angular distance, {_count(n, 'layer')}" for n in spans]], layer_rows)]
     recommendation, budget = result["recommendation"], result["budget"]
     budget_text = (f"at most {_count(budget['max_layers'], 'layer')}" if budget["max_layers"] is not None else
                    f"at most {budget['max_cost']:g} of the full depth's FLOPs" if budget["max_cost"] is not None

@@ -204,43 +204,19 @@ def encode_sharded(model, items: list[dict], ids: list[str], cache_dir=None, *, 
         On the main process, the `EmbeddingShards` (float32, L2-normalised rows, read from the cache on demand);
         `None` on the other processes, after every process has written its shards.
     """
-    if len(ids) != len(items):
-        raise ValueError(f"{name}: {len(items)} items but {len(ids)} ids.")
-    if not items:
-        raise ValueError(f"{name}: there are no items to encode.")
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{name}: ids must be unique, got repeats {repeated_ids(ids)[:SHOWN_IDS]}.")
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be positive, got {shard_size}.")
-    if cache_dir is not None and not os.fspath(cache_dir):
-        raise ValueError("cache_dir is an empty path; pass None to encode without a cache.")
-    instructions = list(instructions) if instructions is not None else [None] * len(items)
-    if len(instructions) != len(items):
-        raise ValueError(f"{name}: {len(items)} items but {len(instructions)} instructions.")
+    instructions = _checked_arguments(items, ids, cache_dir, name, shard_size, instructions)
     state = distributed_state()
     if cache_dir is None and state.num_processes > 1:
         raise ValueError("Encoding with several processes needs a cache_dir: they hand their shards over through it.")
-    dim = model.config.text_config.hidden_size
     bounds = [(start, min(start + shard_size, len(items))) for start in range(0, len(items), shard_size)]
     fingerprint = hashlib.sha256("|".join([model_fingerprint(model), items_fingerprint(ids, items, instructions),
                                            f"query={is_query}", f"shard_size={shard_size}"]).encode()).hexdigest()
     folder = os.path.join(os.fspath(cache_dir), name, fingerprint[:16]) if cache_dir is not None else None
     in_memory = {}
-    shards = EmbeddingShards(ids, dim, bounds, fingerprint, folder, in_memory)
-    missing = list(range(len(bounds)))
-    if folder is not None:
-        os.makedirs(folder, exist_ok=True)
-        missing = []
-        for index, (start, end) in enumerate(bounds):
-            problem = _shard_problem(shards.shard_path(index), ids[start:end], fingerprint, dim)
-            if problem is not None:
-                missing.append(index)
-                if problem != "absent" and state.is_main_process:
-                    logger.warning(f"Embedding shard {shards.shard_path(index)} is {problem}; re-encoding it.")
-    cached = len(items) - sum(bounds[i][1] - bounds[i][0] for i in missing)
-    if cached and state.is_main_process:
-        logger.info(f"{name}: reusing {cached} of {len(items)} embeddings from {folder}")
+    shards = EmbeddingShards(ids, model.config.text_config.hidden_size, bounds, fingerprint, folder, in_memory)
+    missing = _missing_shards(shards, name, state)
     state.wait_for_everyone()  # every process has scanned the cache before any shard is written
+    cached = len(items) - sum(bounds[i][1] - bounds[i][0] for i in missing)
     progress = tqdm(total=len(items), initial=cached, desc=f"Encoding {name}", unit="item",
                     disable=not (show_progress_bar and state.is_main_process))
     encoded = 0
@@ -264,6 +240,44 @@ def encode_sharded(model, items: list[dict], ids: list[str], cache_dir=None, *, 
                     f"in {len(own)} shards")
     state.wait_for_everyone()
     return shards if state.is_main_process else None
+
+
+def _checked_arguments(items: list[dict], ids: list[str], cache_dir, name: str, shard_size: int,
+                       instructions: list[str | None] | None) -> list[str | None]:
+    """Raises on ids that do not match the items, an empty or invalid request; returns one instruction per item."""
+    if len(ids) != len(items):
+        raise ValueError(f"{name}: {len(items)} items but {len(ids)} ids.")
+    if not items:
+        raise ValueError(f"{name}: there are no items to encode.")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{name}: ids must be unique, got repeats {repeated_ids(ids)[:SHOWN_IDS]}.")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be positive, got {shard_size}.")
+    if cache_dir is not None and not os.fspath(cache_dir):
+        raise ValueError("cache_dir is an empty path; pass None to encode without a cache.")
+    instructions = list(instructions) if instructions is not None else [None] * len(items)
+    if len(instructions) != len(items):
+        raise ValueError(f"{name}: {len(items)} items but {len(instructions)} instructions.")
+    return instructions
+
+
+def _missing_shards(shards: EmbeddingShards, name: str, state) -> list[int]:
+    """The indices of the shards to encode: all without a cache; else those absent, unreadable or mismatched in the
+    cache folder (created if needed), with a warning for each invalid one and a line on what is reused."""
+    if shards.folder is None:
+        return list(range(len(shards.bounds)))
+    os.makedirs(shards.folder, exist_ok=True)
+    missing = []
+    for index, (start, end) in enumerate(shards.bounds):
+        problem = _shard_problem(shards.shard_path(index), shards.ids[start:end], shards.fingerprint, shards.dim)
+        if problem is not None:
+            missing.append(index)
+            if problem != "absent" and state.is_main_process:
+                logger.warning(f"Embedding shard {shards.shard_path(index)} is {problem}; re-encoding it.")
+    cached = len(shards) - sum(shards.bounds[i][1] - shards.bounds[i][0] for i in missing)
+    if cached and state.is_main_process:
+        logger.info(f"{name}: reusing {cached} of {len(shards)} embeddings from {shards.folder}")
+    return missing
 
 
 def encode_cached(model, items: list[dict], ids: list[str], cache_dir=None, **kwargs) -> torch.Tensor | None:

@@ -7,6 +7,8 @@ import json
 import os
 import re
 
+from mbeir_puma import markdown_table
+
 
 METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recall_at_k")
 K_VALUES = (1, 5, 10)
@@ -107,18 +109,16 @@ def results_markdown(results: list[dict], average: dict, note: str | None = None
     systems = list(dict.fromkeys(system for result in results for system in result["published"]))
     headers = ["task", "metric", "score", *baselines, *[header for header, _ in columns], "queries", "candidates",
                *[f"{system}†" for system in systems]]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    rows = []
     for row in [*results, average]:
         metric = row["metric"].replace("recall@", "R@").replace("precision@", "P@")
-        cells = [row["label"], metric, f"{row['score']:.1f}",
-                 *[f"{scores[row['task']]:.1f}" if row["task"] in scores else "" for scores in baselines.values()],
-                 *[f"{row[key]:.1f}" for _, key in columns],
-                 str(row.get("num_queries", "")), str(row.get("pool_size", "")),
-                 *[f"{row['published'][system]:.1f}" if system in row["published"] else "" for system in systems]]
-        lines.append("| " + " | ".join(cells) + " |")
-    if systems and note:
-        lines.append(f"\n† published figures: {note}.")
-    return "\n".join(lines)
+        rows.append([row["label"], metric, f"{row['score']:.1f}",
+                     *[f"{scores[row['task']]:.1f}" if row["task"] in scores else None for scores in baselines.values()],
+                     *[f"{row[key]:.1f}" for _, key in columns],
+                     row.get("num_queries"), row.get("pool_size"),
+                     *[f"{row['published'][s]:.1f}" if s in row["published"] else None for s in systems]])
+    table = markdown_table(headers, rows)
+    return table + f"\n\n† published figures: {note}." if systems and note else table
 
 
 def safe_name(name: str) -> str:

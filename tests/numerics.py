@@ -15,10 +15,16 @@ def tolerance(dtype: torch.dtype, scale: float = 1.0, ulps: float = 100) -> floa
     return ulps * torch.finfo(dtype).eps * max(float(scale), 1.0)
 
 
+def _as_tensor(value) -> torch.Tensor:
+    # A Python number is a double: as float64, not as torch's default float32, which would round it first
+    return torch.as_tensor(value, dtype=torch.float64) if isinstance(value, (int, float)) else torch.as_tensor(value)
+
+
 def assert_close(actual, expected, *, dtype: torch.dtype | None = None, ulps: float = 100, name: str = "") -> None:
     """Asserts `|actual - expected| <= tolerance(dtype, max|expected|, ulps)` elementwise; `dtype` defaults to the
-    wider dtype of the two tensors (the precision both were computed in)."""
-    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    wider dtype of the two (the precision both were computed in; Python numbers count as float64), so pass it when a
+    Python number holds a float32 result."""
+    actual, expected = _as_tensor(actual), _as_tensor(expected)
     if dtype is None:
         dtype = torch.promote_types(actual.dtype, expected.dtype)
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modeling_puma import PumaForEmbedding
+from numerics import tolerance
 from puma_eval.analysis import analyze, folder_pairs, mbeir_sample, pair_task, recommend
 from puma_eval.encoding import encode_items
 from puma_eval.mbeir import score_task
@@ -44,7 +45,8 @@ def test_a_layer_whose_output_equals_its_input_ranks_least_important(identity_la
     tasks = mbeir_sample(benchmark, ["DemoCaptionToImage", "DemoImageToCaption"], max_queries=4, max_candidates=12)
     result = analyze(model, tasks, tasks_image_root(benchmark), batch_size=4, max_layers=5, show_progress_bar=False)
     influence = [layer["block_influence"] for layer in result["layers"]]
-    assert influence[3] <= 1e-6 and min(i for i in influence if i > 1e-6) > 1e-3
+    identity = tolerance(torch.float32, ulps=8)  # 1 - cos(x, x) in float32: a few roundings over 64 dimensions
+    assert influence[3] <= identity and min(i for i in influence if i > identity) > 1e-3
     assert result["recommendation"]["least_important_layer"] == 3
     assert 3 not in result["recommendation"]["block_influence_layers"] or result["recommendation"]["depth"] == 6
     # the stream after 3 layers is the stream after 4: no angular distance, and the same retrieval quality

@@ -20,6 +20,7 @@ from mbeir_puma import (
     load_mbeir_pool,
     load_mbeir_queries,
     load_query_instructions,
+    markdown_table,
     mbeir_eval_queries,
     modality_id,
     read_jsonl,
@@ -109,6 +110,18 @@ def test_read_jsonl_names_file_and_line_of_invalid_json(tmp_path):
     path.write_text('{"qid": "1:0"}\n[1, 2]\n', encoding="utf-8")
     with pytest.raises(ValueError, match="line 2: expected a JSON object"):
         read_jsonl(path)
+
+
+def test_markdown_table_formats_cells_aligns_columns_and_rejects_ragged_rows():
+    table = markdown_table(["task", "R@5", "note"], [["WebQA", 81.25, None], ["a|b", 3, "x"]],
+                           align=[None, "right", "center"])
+    assert table.splitlines() == ["| task | R@5 | note |", "|---|---:|:---:|", "| WebQA | 81.2 |  |",
+                                  "| a\\|b | 3 | x |"]  # floats by float_format, ints as written, pipes escaped
+    assert markdown_table(["x"], [[0.5]], float_format=".1f").splitlines()[-1] == "| 0.5 |"
+    with pytest.raises(ValueError, match=r"Row 1 of the table has 1 cells for 2 columns"):
+        markdown_table(["a", "b"], [[1, 2], [3]])
+    with pytest.raises(ValueError, match="align"):
+        markdown_table(["a"], [], align=["middle"])
 
 
 def test_mbeir_readers_normalise_absent_fields_and_key_the_pool_by_did(mbeir):

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
+from numerics import assert_close
 
 pytest.importorskip("trl", reason="train.py parses its arguments with trl.TrlParser")
 pytest.importorskip("peft", reason="the stage configs train LoRA adapters")
@@ -161,7 +162,10 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_loss(tiny_checkp
 
     expected, got = _weights(straight), _weights(killed)
     assert expected.keys() == got.keys()
-    assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6
+    # float32 weights after the same steps on the same batches, the optimizer state and RNG read back from disk:
+    # equal on CPU; 2 ulps of the largest weight (~4) allow one rounding of another reduction order
+    for key in expected:
+        assert_close(got[key], expected[key], ulps=2, name=key)
     assert _last_step_loss(killed) == pytest.approx(_last_step_loss(straight), abs=1e-6)
 
 

@@ -166,8 +166,11 @@ def test_the_three_teachers_give_the_same_distillation_loss(tiny_checkpoint, ima
         with torch.no_grad():
             _, outputs = trainer.compute_loss(student, batch, return_outputs=True)
         losses[name] = (outputs["distill_loss"].item(), outputs["kl_loss"].item())
-    assert losses["shared"] == pytest.approx(losses["separate"], abs=1e-5)
-    assert losses["cached"] == pytest.approx(losses["separate"], abs=1e-5)
+    # the same teacher embeddings by three float32 paths (shared weights with the adapters off, a separate model, a
+    # cache written by the separate model): the same operations, whose grouping may differ (16 ulps of losses ~4)
+    for name in ("shared", "cached"):
+        assert_close(torch.tensor(losses[name], dtype=torch.float64),
+                     torch.tensor(losses["separate"], dtype=torch.float64), dtype=torch.float32, ulps=16, name=name)
     assert losses["separate"][0] > 1e-4  # the student really differs from its teacher
     # the shared teacher holds only the dropped layers beyond the student's modules
     student_ids = {id(p) for p in student.parameters()}
@@ -265,7 +268,7 @@ def test_grad_cache_gradients_equal_the_plain_step(tiny_checkpoint, images, tmp_
     if teacher is not None:  # GradCache runs the teacher one chunk at a time too
         assert teacher.rows and max(teacher.rows) == 2
     (plain_loss, plain), (cached_loss, cached) = gradients[None], gradients[2]
-    assert_close(torch.tensor(cached_loss), torch.tensor(plain_loss), dtype=torch.float64, ulps=1000, name="loss")
+    assert_close(cached_loss, plain_loss, dtype=torch.float64, ulps=1000, name="loss")
     assert plain.keys() == cached.keys() and len(plain) > 0
     for name in plain:
         assert_close(cached[name], plain[name], ulps=1000, name=name)
@@ -307,7 +310,9 @@ def test_an_elastic_step_is_one_forward_and_equals_the_loss_of_the_separately_lo
             teacher(**batch["candidate"]).raw_embeddings, modality=batch["modality"])
     for key in ("loss", "contrastive_loss_d1_m16", "contrastive_loss_d2_m64", "distill_loss", "kl_loss",
                 "self_distill_loss_d1", "self_kl_loss_d2_m16"):
-        assert outputs[key].item() == pytest.approx(expected[key].item(), abs=1e-5), key
+        # one forward read at several depths vs models loaded at each depth: the same float32 operations, whose
+        # grouping may differ (8 ulps of losses up to ~10)
+        assert_close(outputs[key], expected[key], ulps=8, name=key)
     # and every pair's component is logged; the saved config records the depths and sizes
     logs = {"loss": loss.item()}
     trainer.log(logs)
@@ -472,9 +477,12 @@ def test_evaluation_batches_stay_out_of_the_logged_training_components(tiny_chec
     trainer.log(logs)
     # Then the evaluation reports its own components under eval_ names, and the training log holds the training
     # batch's alone
-    assert metrics["eval_contrastive_loss"] == pytest.approx(expected_eval["contrastive_loss"].item(), abs=1e-5)
-    assert metrics["eval_accuracy"] == pytest.approx(expected_eval["accuracy"].item(), abs=1e-6)
-    assert logs["contrastive_loss"] == pytest.approx(training["contrastive_loss"].item(), abs=1e-5)
+    # the same float32 batch computed again (the evaluation loop also averages it): a few roundings of losses ~5
+    assert_close(metrics["eval_contrastive_loss"], expected_eval["contrastive_loss"], dtype=torch.float32, ulps=16,
+                 name="eval loss")
+    assert_close(metrics["eval_accuracy"], expected_eval["accuracy"], dtype=torch.float32, ulps=8, name="accuracy")
+    assert_close(logs["contrastive_loss"], training["contrastive_loss"], dtype=torch.float32, ulps=16,
+                 name="training loss")
     assert logs["contrastive_loss"] != pytest.approx(metrics["eval_contrastive_loss"], abs=1e-3)
 
 
@@ -513,7 +521,8 @@ def test_split_features_keeps_each_rows_image(tiny_checkpoint, images):
     with torch.no_grad():
         whole = model(**features).raw_embeddings
         parts = torch.cat([model(**chunk).raw_embeddings for chunk in split_features(features, 2, model.config.image_token_id)])
-    assert (whole - parts).abs().max() <= 1e-5
+    # float32 forwards of one batch and of its halves (other padding, other kernel shapes), raw values up to ~4
+    assert_close(whole, parts, ulps=16)
 
 
 def test_final_save_merges_lora_into_a_checkpoint_that_auto_model_loads(tiny_checkpoint, images, tmp_path):
@@ -532,11 +541,37 @@ def test_final_save_merges_lora_into_a_checkpoint_that_auto_model_loads(tiny_che
     assert saved["model_type"] == "puma" and "auto_map" in saved
     reloaded = AutoModel.from_pretrained(str(tmp_path / "final"), trust_remote_code=True)
     assert not any("lora" in name for name in reloaded.state_dict())
-    assert (reloaded.encode(inputs) - expected).abs().max() <= 1e-5
+    # merged weights W + BA are rounded to float32 once: embeddings within float32 rounding of the adapter model's
+    assert_close(reloaded.encode(inputs), expected, ulps=100)
     # the embedding token's row was trained and saved
     fresh = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=3)
     token = fresh.config.embedding_token_id
     assert (reloaded.get_input_embeddings().weight[token] - fresh.get_input_embeddings().weight[token]).abs().max() > 1e-4
+
+
+def test_final_save_leaves_the_trainers_model_unchanged_and_training_goes_on(tiny_checkpoint, images, tmp_path):
+    # Given a LoRA student after some training
+    student = lora_student(tiny_checkpoint)
+    base = student.get_base_model()
+    dataset = PairDataset(images)
+    collator = Collator(base.processor, base.config)
+    trainer = PumaTrainer(model=student, args=training_args(tmp_path, max_steps=2, loss="mac"), train_dataset=dataset,
+                          data_collator=collator)
+    trainer.train()
+    before = {name: value.clone() for name, value in student.state_dict().items()}
+    # When the final, merged save is written
+    trainer.save_model(str(tmp_path / "final"))
+    # Then the trainer still holds the same adapter model, weights and adapters as they were
+    assert trainer.model is student and os.path.isfile(tmp_path / "final" / "model.safetensors")
+    after = student.state_dict()
+    assert after.keys() == before.keys() and any("lora_A" in name for name in after)
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    # and a further step still trains the adapters
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this step bypasses
+    student.zero_grad()
+    trainer.training_step(student, one_batch(dataset, collator))
+    grads = [p.grad for name, p in student.named_parameters() if "lora_B" in name]
+    assert grads and all(g is not None and g.abs().max() > 0 for g in grads)
 
 
 def test_non_finite_loss_stops_with_the_step_number(tiny_checkpoint, images, tmp_path):
