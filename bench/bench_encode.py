@@ -30,7 +30,7 @@ from PIL import Image
 
 from common import CHECKPOINTS, DEFAULT_DATA, check, ensure_checkpoint, load_note, log, markdown_table, time_interleaved
 from cost_puma import text_flops_per_sequence, vision_flops_per_image
-from modeling_puma import PumaForEmbedding
+from modeling_puma import PumaForEmbedding, smart_resize
 
 
 WORDS = ("the a photo of dog cat man woman red blue green small large two three running sitting on in at with near "
@@ -70,8 +70,6 @@ def make_images(sizes) -> list[Image.Image]:
 def image_flops(model, images, max_pixels: int, batch_size: int) -> tuple[float, int]:
     """Forward FLOPs (vision tower + language model, prompts padded per batch) and image tokens of encoding `images`
     under `max_pixels`."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
     config = model.config
     prompt_tokens = len(model.processor.tokenizer(model.build_prompt(None, True))["input_ids"]) - 1
     flops, tokens = 0.0, []
