@@ -123,8 +123,12 @@ def preset_defaults(preset: str, base_model_type: str, hidden_size: int) -> dict
 # What this file assumes of transformers beyond its public API, one helper each; modeling_puma.py's section of the
 # same name reuses these and holds the rest. A broken assumption raises `TransformersCompatibilityError` naming the
 # installed version and the assumption, where it is used; tests/test_compat.py checks each one on the installed
-# transformers (CI runs it on 4.57 and the newest 5.x).
-SUPPORTED_TRANSFORMERS = ">=4.57,<6"
+# transformers (CI runs it on 4.57, the oldest supported 5.x and the newest).
+#
+# The supported releases: 5.0 to 5.3 cannot load Qwen3-VL-MoE checkpoints as PUMA does (5.0 cannot build the model:
+# its text configuration lacks `pad_token_id`; 5.1 cannot convert the Hub's fused experts; 5.2 and 5.3 apply the
+# family's conversions only when the top model is of the family, not to PUMA's backbone).
+SUPPORTED_TRANSFORMERS = ">=4.57,!=5.0.*,!=5.1.*,!=5.2.*,!=5.3.*,<6"
 
 
 class TransformersCompatibilityError(RuntimeError):

@@ -27,7 +27,7 @@ import tempfile
 import jinja2
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, try_to_load_from_cache
 
-from configuration_puma import PumaConfig
+from configuration_puma import SUPPORTED_TRANSFORMERS, PumaConfig
 from cost_puma import depth_costs, image_grid
 from modeling_puma import (HUB_PROBE_TIMEOUT_S, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, build_prompt,
                            hub_offline_mode, hub_probe_failure, set_image_processor_pixels,
@@ -64,7 +64,7 @@ DEFAULT_EVAL_DATASET = "TIGER-Lab/M-BEIR"
 PAPER_URL = "https://arxiv.org/abs/2507.08064"
 # What the remote code and the handler import beyond torch; Inference Endpoints installs it from the repository.
 # torchvision: the Qwen-VL processors of transformers 5 need it.
-ENDPOINT_REQUIREMENTS = "transformers>=4.57,<6\ntorchvision\npillow>=10\n"
+ENDPOINT_REQUIREMENTS = f"transformers{SUPPORTED_TRANSFORMERS}\ntorchvision\npillow>=10\n"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -446,7 +446,10 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
 
 
 def _export_key(key: str, layout: str) -> str:
-    """A PUMA tensor name (`model.language_model.*`, `model.visual.*`) in the family's Hub layout."""
+    """A PUMA tensor name in the family's Hub layout. PUMA folders hold `model.language_model.*` and `model.visual.*`,
+    or `model.layers.*` (and `model.embed_tokens`, `model.norm`) where transformers' save reverts Qwen2-VL's own
+    conversion (transformers 5.4 does): both are read."""
+    key = re.sub(r"^model\.(?!language_model\.|visual\.)", "model.language_model.", key)
     if layout == "old" and key.startswith("model.language_model."):
         return "model." + key[len("model.language_model."):]
     if layout in ("old", "base") and key.startswith("model."):

@@ -1,10 +1,11 @@
 """The assumptions behind the "transformers compatibility" helpers of modeling_puma.py and configuration_puma.py, each
-checked on the installed transformers; every failure names its version. CI runs this file on transformers 4.57 and on
-the newest 5.x."""
+checked on the installed transformers; every failure names its version. CI runs this file on transformers 4.57, on
+the oldest supported 5.x and on the newest."""
 
 import inspect
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from safetensors import safe_open
 
 import modeling_puma
 from configuration_puma import SUPPORTED_TRANSFORMERS, PumaConfig, set_attn_implementation, sub_config_declaration
+from conftest import ROOT
 from modeling_puma import (PumaForEmbedding, TransformersCompatibilityError, attn_implementation,
                            holds_fused_experts_transposed, hub_offline_mode, image_processor_pixel_kwargs,
                            keep_pruned_names_on_save, loads_lazy_state_dict, prepare_inputs,
@@ -38,6 +40,18 @@ def test_the_installed_transformers_is_in_the_supported_range():
         f"{VERSION} is outside the supported range {SUPPORTED_TRANSFORMERS}"
     assert transformers_major() == int(transformers.__version__.split(".")[0])
     assert transformers_major("5.4.0") == 5 and transformers_major("4.57.6") == 4
+
+
+def test_the_install_range_is_the_supported_range_and_ci_tests_its_oldest_5x():
+    from packaging.specifiers import SpecifierSet
+
+    setup = open(os.path.join(ROOT, "setup.cfg"), encoding="utf-8").read()
+    assert f"\n    transformers{SUPPORTED_TRANSFORMERS}\n" in setup
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
+    oldest = re.search(r"^OLDEST_TRANSFORMERS_5=(\S+)$", ci, re.M).group(1)
+    major, minor, _ = (int(part) for part in oldest.split("."))
+    supported = SpecifierSet(SUPPORTED_TRANSFORMERS)
+    assert oldest in supported and f"{major}.{minor - 1}.99" not in supported, oldest
 
 
 # ----------------------------------------------------------------------------------------------------------------
