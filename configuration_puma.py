@@ -117,20 +117,72 @@ def preset_defaults(preset: str, base_model_type: str, hidden_size: int) -> dict
     return values
 
 
-_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+# ----------------------------------------------------------------------------------------------------------------
+# transformers compatibility
+# ----------------------------------------------------------------------------------------------------------------
+# What this file assumes of transformers beyond its public API, one helper each; modeling_puma.py's section of the
+# same name reuses these and holds the rest. A broken assumption raises `TransformersCompatibilityError` naming the
+# installed version and the assumption, where it is used; tests/test_compat.py checks each one on the installed
+# transformers (CI runs it on 4.57, the oldest supported 5.x and the newest).
+#
+# The supported releases: 5.0 to 5.3 cannot load Qwen3-VL-MoE checkpoints as PUMA does (5.0 cannot build the model:
+# its text configuration lacks `pad_token_id`; 5.1 cannot convert the Hub's fused experts; 5.2 and 5.3 apply the
+# family's conversions only when the top model is of the family, not to PUMA's backbone).
+SUPPORTED_TRANSFORMERS = ">=4.57,!=5.0.*,!=5.1.*,!=5.2.*,!=5.3.*,<6"
 
 
-def _sub_config_declaration():
-    """The class attribute declaring `text_config`/`vision_config` as sub-configurations resolved by `model_type`:
-    `sub_configs_defaults` on transformers 5, `sub_configs` on 4.x."""
-    if _TRANSFORMERS_5:
+class TransformersCompatibilityError(RuntimeError):
+    """The installed transformers breaks an assumption PUMA makes about its internals."""
+
+
+def incompatibility(assumption: str, detail: str = "") -> TransformersCompatibilityError:
+    """The error for a broken `assumption` ("what transformers was expected to do"), naming the installed version."""
+    return TransformersCompatibilityError(
+        f"transformers {transformers.__version__} breaks an assumption of PUMA: {assumption}"
+        f"{f' ({detail})' if detail else ''}. PUMA supports transformers{SUPPORTED_TRANSFORMERS}; its "
+        "'transformers compatibility' helpers need updating for this version."
+    )
+
+
+def transformers_major(version: str | None = None) -> int:
+    """The major version of `version` (a transformers version string), by default of the installed transformers."""
+    return int((version or transformers.__version__).split(".")[0])
+
+
+def sub_config_declaration() -> dict:
+    """The class attribute declaring `text_config` and `vision_config` as sub-configurations resolved by their
+    `model_type`: `sub_configs_defaults` of `SubConfigSpec`s where transformers has them (later 5.x: it then saves
+    each sub-configuration as a diff against its defaults), else the `sub_configs` mapping (4.x, early 5.x)."""
+    try:
         from transformers.configuration_utils import SubConfigSpec
+    except ImportError:
+        return {"sub_configs": {"text_config": AutoConfig, "vision_config": AutoConfig}}
+    if not hasattr(PretrainedConfig, "sub_configs_defaults"):
+        raise incompatibility("a transformers with SubConfigSpec declares sub-configurations in sub_configs_defaults",
+                              "PretrainedConfig has no sub_configs_defaults")
+    return {"sub_configs_defaults": {
+        "text_config": SubConfigSpec(AutoConfig, model_type="qwen2_vl_text"),
+        "vision_config": SubConfigSpec(AutoConfig, model_type="qwen2_vl_vision"),
+    }}
 
-        return "sub_configs_defaults", {
-            "text_config": SubConfigSpec(AutoConfig, model_type="qwen2_vl_text"),
-            "vision_config": SubConfigSpec(AutoConfig, model_type="qwen2_vl_vision"),
-        }
-    return "sub_configs", {"text_config": AutoConfig, "vision_config": AutoConfig}
+
+def attn_implementation(config: PretrainedConfig) -> str | None:
+    """The attention implementation `config` selects (`"sdpa"`, `"eager"`, ...; `None` before a model resolves it):
+    transformers' `config._attn_implementation`, which every modeling file reads."""
+    try:
+        return config._attn_implementation
+    except AttributeError as err:
+        raise incompatibility("a configuration holds its attention implementation in _attn_implementation",
+                              f"{type(config).__name__} has none") from err
+
+
+def set_attn_implementation(config: PretrainedConfig, value: str | None) -> None:
+    """Sets `config`'s attention implementation (and its sub-configurations', which transformers' setter of
+    `_attn_implementation` updates with it)."""
+    if not isinstance(getattr(type(config), "_attn_implementation", None), property):
+        raise incompatibility("PretrainedConfig._attn_implementation is a property whose setter updates the "
+                              "sub-configurations")
+    config._attn_implementation = value
 
 
 class PumaConfig(PretrainedConfig):
@@ -218,7 +270,7 @@ class PumaConfig(PretrainedConfig):
     ```"""
 
     model_type = "puma"
-    locals()[_sub_config_declaration()[0]] = _sub_config_declaration()[1]
+    locals().update(sub_config_declaration())  # see "transformers compatibility" above
 
     def __init__(
         self,
@@ -281,7 +333,7 @@ class PumaConfig(PretrainedConfig):
         )
         # the same objects, not copies (transformers 4.x's constructors copy a given instance's fields, or ignore it)
         backbone.text_config, backbone.vision_config = self.text_config, self.vision_config
-        backbone._attn_implementation = self._attn_implementation
+        set_attn_implementation(backbone, attn_implementation(self))
         return backbone
 
     @classmethod
@@ -441,4 +493,6 @@ def validate_kept_layers(kept_layers, base_depth: int) -> None:
         raise ValueError(f"kept_layers {kept_layers!r} must lie in 0..{base_depth - 1} (the base model has {base_depth} layers).")
 
 
-__all__ = ["FAMILIES", "PRESETS", "PumaConfig", "preset_defaults", "validate_kept_layers", "with_legacy_keys"]
+__all__ = ["FAMILIES", "PRESETS", "PumaConfig", "TransformersCompatibilityError", "attn_implementation",
+           "preset_defaults", "set_attn_implementation", "transformers_major", "validate_kept_layers",
+           "with_legacy_keys"]

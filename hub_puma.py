@@ -25,13 +25,14 @@ import shutil
 import tempfile
 
 import jinja2
-import transformers
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_session, try_to_load_from_cache
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, try_to_load_from_cache
 
-from configuration_puma import PumaConfig
+from configuration_puma import SUPPORTED_TRANSFORMERS, PumaConfig
 from cost_puma import depth_costs, image_grid
 from mbeir_puma import markdown_table
-from modeling_puma import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, build_prompt, write_sentence_transformers_files
+from modeling_puma import (HUB_PROBE_TIMEOUT_S, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, build_prompt,
+                           hub_offline_mode, hub_probe_failure, set_image_processor_pixels,
+                           write_sentence_transformers_files)
 
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -64,8 +65,7 @@ DEFAULT_EVAL_DATASET = "TIGER-Lab/M-BEIR"
 PAPER_URL = "https://arxiv.org/abs/2507.08064"
 # What the remote code and the handler import beyond torch; Inference Endpoints installs it from the repository.
 # torchvision: the Qwen-VL processors of transformers 5 need it.
-ENDPOINT_REQUIREMENTS = "transformers>=4.57,<6\ntorchvision\npillow>=10\n"
-HUB_PROBE_TIMEOUT_S = 5.0
+ENDPOINT_REQUIREMENTS = f"transformers{SUPPORTED_TRANSFORMERS}\ntorchvision\npillow>=10\n"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -155,21 +155,17 @@ def check_hub_reachable(endpoint: str, repo_id: str, timeout: float = HUB_PROBE_
                         fallback: str = "write the repository with save_hub_folder() and upload that folder later") -> None:
     """Raises `ConnectionError` naming `repo_id` when the Hub is off (HF_HUB_OFFLINE) or does not answer in time;
     `fallback` says what to do instead."""
-    # huggingface_hub's own switch (`is_offline_mode()` where it exists, else the constant; 2.x reads HF_HUB_OFFLINE
-    # once, at import), so this check and the requests huggingface_hub refuses agree.
-    offline = constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE
-    if offline:
+    if hub_offline_mode():
         raise ConnectionError(
             f"Cannot push to '{repo_id}': Hugging Face Hub offline mode is on (HF_HUB_OFFLINE). Unset it, or "
             f"{fallback}."
         )
-    try:
-        get_session().head(endpoint, timeout=timeout)
-    except Exception as err:  # any transport failure (DNS, refused, timeout, proxy) means "unreachable"
+    failure = hub_probe_failure(endpoint, timeout)
+    if failure is not None:
         raise ConnectionError(
             f"Cannot push to '{repo_id}': the Hugging Face Hub at {endpoint} did not answer within {timeout:g} s "
-            f"({type(err).__name__}: {err}). Check the network, or {fallback}."
-        ) from err
+            f"({failure}). Check the network, or {fallback}."
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -423,10 +419,7 @@ def _export_processor(puma_dir: str, puma_config: PumaConfig, out_dir: str) -> N
     for image_processor in (processor.image_processor, getattr(processor, "video_processor", None)):
         if image_processor is None:
             continue
-        # transformers 5 reads `size`, transformers 4 `min_pixels`/`max_pixels` before `size`: set both
-        image_processor.size = dict(bounds)
-        if hasattr(image_processor, "min_pixels"):
-            image_processor.min_pixels, image_processor.max_pixels = bounds["shortest_edge"], bounds["longest_edge"]
+        set_image_processor_pixels(image_processor, bounds["shortest_edge"], bounds["longest_edge"])
     processor.save_pretrained(out_dir)
     make_tokenizer_config_portable(os.path.join(out_dir, "tokenizer_config.json"))
 
@@ -478,7 +471,10 @@ def _export_card(puma_dir: str, puma_config: PumaConfig, out_dir: str, repo_id: 
 
 
 def _export_key(key: str, layout: str) -> str:
-    """A PUMA tensor name (`model.language_model.*`, `model.visual.*`) in the family's Hub layout."""
+    """A PUMA tensor name in the family's Hub layout. PUMA folders hold `model.language_model.*` and `model.visual.*`,
+    or `model.layers.*` (and `model.embed_tokens`, `model.norm`) where transformers' save reverts Qwen2-VL's own
+    conversion (transformers 5.4 does): both are read."""
+    key = re.sub(r"^model\.(?!language_model\.|visual\.)", "model.language_model.", key)
     if layout == "old" and key.startswith("model.language_model."):
         return "model." + key[len("model.language_model."):]
     if layout in ("old", "base") and key.startswith("model."):

@@ -9,6 +9,8 @@ own `from_pretrained`, without downloading the shards that hold only dropped lay
 
 This file and `configuration_puma.py` are the remote code of a PUMA Hub repository: they import only each other,
 torch, transformers, the standard library, numpy and PIL (sentence-transformers optionally, for its module class).
+What they assume of transformers beyond its public API, and every difference between its versions, is in each
+file's "transformers compatibility" section.
 """
 
 import contextlib
@@ -25,15 +27,20 @@ import torch
 import torch.nn.functional as F
 import transformers
 from transformers import PreTrainedModel
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, is_flash_attn_2_available, logging
 
 
 if __package__:
-    from .configuration_puma import FAMILIES, PRESETS, PumaConfig, validate_kept_layers
+    from .configuration_puma import (FAMILIES, PRESETS, PumaConfig, TransformersCompatibilityError, attn_implementation,
+                                     incompatibility, transformers_major, validate_kept_layers)
 else:  # imported as a top-level module (a checkout or a pip install) rather than as Hub remote code
     _configuration = importlib.import_module("configuration_puma")
     FAMILIES, PRESETS = _configuration.FAMILIES, _configuration.PRESETS
     PumaConfig, validate_kept_layers = _configuration.PumaConfig, _configuration.validate_kept_layers
+    # the configuration's "transformers compatibility" helpers, reused by this file's section of that name
+    TransformersCompatibilityError = _configuration.TransformersCompatibilityError
+    attn_implementation, incompatibility = _configuration.attn_implementation, _configuration.incompatibility
+    transformers_major = _configuration.transformers_major
 
 
 logger = logging.get_logger(__name__)
@@ -43,12 +50,13 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 SUPPORTED_MODEL_TYPES = (*FAMILIES, "puma")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 URL_PREFIXES = ("http://", "https://", "ftp://", "s3://", "gs://", "hf://")
+# seconds a Hub id's load waits for the Hub to answer before reading from the local cache only
+HUB_PROBE_TIMEOUT_S = 5.0
 # rows averaged into an added embedding token's initial row (evenly spaced when the vocabulary is larger)
 EMBEDDING_MEAN_ROWS = 1024
 # Keyword arguments of `from_pretrained` that `AutoModel` forwards and that need no action here.
 _IGNORED_LOAD_KWARGS = {"_from_auto", "_from_pipeline", "trust_remote_code", "adapter_kwargs", "code_revision",
                         "low_cpu_mem_usage", "use_safetensors", "_commit_hash", "proxies", "key_mapping"}
-_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "revision", "token", "subfolder")
 # Target of the checkpoint tensors a pruned model does not use (dropped layers and mergers, the LM head); the model
 # ignores them as unexpected keys, and transformers never materialises them.
@@ -306,85 +314,73 @@ class PumaForEmbedding(PumaPreTrainedModel):
 
         The weights are loaded by transformers' own `from_pretrained` of the pruned configuration, with a key mapping
         that renumbers the kept layers (and Qwen3-VL's kept DeepStack mergers) and sets aside the rest; only
-        safetensors are read, and shards holding only dropped tensors are neither downloaded nor opened.
+        safetensors are read, and shards holding only dropped tensors are neither downloaded nor opened. A Hub id is
+        read from the local cache only when HF_HUB_OFFLINE is set or the Hub does not answer within
+        `HUB_PROBE_TIMEOUT_S` seconds; a file missing there is then an error at once.
         """
         if model_args:
             raise TypeError(f"PumaForEmbedding.from_pretrained takes no extra positional arguments, got {model_args!r}.")
         if num_layers is not None and kept_layers is not None:
             raise ValueError("Pass num_layers or kept_layers, not both.")
-        hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
-        for key in _IGNORED_LOAD_KWARGS:
-            kwargs.pop(key, None)
         name = str(pretrained_model_name_or_path)
+        hub_kwargs, puma_overrides = _split_load_kwargs(kwargs)
+        hub_kwargs = _hub_kwargs_for(name, hub_kwargs)
 
         source_config = load_source_config(name, hub_kwargs)
-        is_puma = isinstance(source_config, PumaConfig)
-        if config is not None and is_puma and kept_layers is None and num_layers is None \
-                and list(config.kept_layers) != list(source_config.kept_layers):
-            # AutoModel applies a `kept_layers=` keyword to the loaded config; honour it as a pruning request.
-            kept_layers = list(config.kept_layers)
-        local_layers = _select_local_layers(source_config, num_layers, kept_layers)
-
-        puma_overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in _puma_field_names()}
-        if kwargs:
-            raise TypeError(f"PumaForEmbedding.from_pretrained got unexpected keyword arguments {sorted(kwargs)}.")
-        if config is not None and is_puma:
-            carried = _puma_fields(config)
-            if carried.get("trained_depths") == source_config.trained_depths:
-                # the checkpoint's own depths (the config AutoModel loaded): re-derived below for the layers kept
-                carried.pop("trained_depths", None)
-            puma_overrides = {**carried, **puma_overrides}
-        if preset is None and not is_puma:
-            preset = detect_preset(name, hub_kwargs)
-        if preset is not None:
-            puma_overrides.setdefault("preset", preset)
-        target = PumaConfig.from_base_config(source_config, local_layers, **puma_overrides)
-
+        target, local_layers = _target_config(name, source_config, hub_kwargs, config, num_layers, kept_layers,
+                                              preset, puma_overrides)
         processor = processor if processor is not None else load_processor(name, source_config, hub_kwargs)
         added_token_rows = None
         if processor is not None:
-            added_token_rows = _ensure_embedding_token(processor, target, is_puma=is_puma)
+            added_token_rows = _ensure_embedding_token(processor, target, is_puma=isinstance(source_config, PumaConfig))
 
         device = _resolve_device(device_map)
         torch_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, device, source_config)
-        attn_implementation = _resolve_attn_implementation(attn_implementation, device, torch_dtype)
         target.dtype = torch_dtype
-
-        is_kept = _is_kept_key_function(source_config, local_layers)
-        # transformers 5: the checkpoint's prefix does not matter (see _key_mapping) and the load opens every file
-        weights = _checkpoint_weights(name, hub_kwargs, is_kept, check_files=not _TRANSFORMERS_5)
-        mapping = _key_mapping(source_config, local_layers, weights.has_model_prefix)
-        load_kwargs = {"config": target, "key_mapping": mapping, "dtype": torch_dtype,
-                       "attn_implementation": attn_implementation}
+        load_kwargs = {"config": target, "dtype": torch_dtype,
+                       "attn_implementation": _resolve_attn_implementation(attn_implementation, device, torch_dtype)}
         if device.type != "cpu":
             load_kwargs["device_map"] = {"": device}
-        if _TRANSFORMERS_5:
+        model = cls._load_kept_weights(name, hub_kwargs, source_config, local_layers, load_kwargs)
+        model._finish_loading(name, processor, added_token_rows)
+        return model
+
+    @classmethod
+    def _load_kept_weights(cls, name: str, hub_kwargs: dict, source_config, local_layers: list[int],
+                           load_kwargs: dict) -> "PumaForEmbedding":
+        """transformers' own `from_pretrained` of the pruned configuration (`load_kwargs["config"]`) with the kept
+        tensors of checkpoint `name`, renamed by the pruning key mapping."""
+        is_kept = _is_kept_key_function(source_config, local_layers)
+        lazy = loads_lazy_state_dict()
+        # a loader of lazy state dicts opens every file anyway, and needs no checkpoint prefix (see _key_mapping)
+        weights = _checkpoint_weights(name, hub_kwargs, is_kept, check_files=not lazy)
+        mapping = _key_mapping(source_config, local_layers, weights.has_model_prefix)
+        if lazy:
             # transformers 5 loads a checkpoint tensor under its own name when its mapped name is not a parameter and
             # its own name is one (a dropped layer 1 of a checkpoint whose layer 2 becomes layer 1): hand it the kept
             # tensors only, as the lazy memory-mapped safetensors slices its own loader reads from files.
             with contextlib.ExitStack() as files:
                 model = super().from_pretrained(None, state_dict=weights.lazy_state_dict(is_kept, files),
-                                                **load_kwargs)
+                                                key_mapping=mapping, **load_kwargs)
         else:
             import tempfile
 
             # transformers 4 reads the files itself: a folder with the pruned config and links to the needed files
             with tempfile.TemporaryDirectory(prefix="puma-load-") as view:
-                weights.write_view(view, target)
-                model = super().from_pretrained(view, **load_kwargs)
-        if getattr(model, "_weight_conversions", None):
-            # transformers 5 reverts the load-time key mapping on save; the pruning map is not a format conversion
-            # (reverting it would renumber the layers back), so only the family's own conversions are kept
-            model._weight_conversions = [
-                conversion for conversion in model._weight_conversions
-                if not set(getattr(conversion, "_original_source_patterns", conversion.source_patterns)) & set(mapping)]
-        model.config._name_or_path = name
-        model.name_or_path = name
-        if added_token_rows is not None:
-            model._init_embedding_token_row(*added_token_rows)
-        model.processor = processor
-        model.eval()
+                weights.write_view(view, load_kwargs["config"])
+                model = super().from_pretrained(view, key_mapping=mapping, **load_kwargs)
+        keep_pruned_names_on_save(model, mapping)
         return model
+
+    def _finish_loading(self, name: str, processor, added_token_rows: tuple[int, int] | None) -> None:
+        """After transformers' load: the checkpoint's name, the added embedding token's row, the processor and
+        evaluation mode."""
+        self.config.name_or_path = name
+        self.name_or_path = name
+        if added_token_rows is not None:
+            self._init_embedding_token_row(*added_token_rows)
+        self.processor = processor
+        self.eval()
 
     def _init_embedding_token_row(self, token_id: int, num_trained_rows: int):
         """Initialises a newly added embedding token's input row to the mean of the tokenizer's existing rows.
@@ -434,7 +430,7 @@ class PumaForEmbedding(PumaPreTrainedModel):
         inputs,
         *,
         instruction: str | None = None,
-        is_query: bool = False,
+        is_query: bool | None = None,
         batch_size: int = 8,
         truncate_dim: int | None = None,
         normalize: bool = True,
@@ -450,8 +446,10 @@ class PumaForEmbedding(PumaPreTrainedModel):
                 `str` that looks like an image path (ends in `.jpg`, `.png`, ...) but names no file raises
                 `FileNotFoundError`; any other `str` is text. `{"text": ...}` is always text. URLs are not fetched.
                 A single item is embedded on its own and returns a 1-D result.
-            instruction: task instruction of queries (used only with `is_query=True`); where it goes is the recipe's.
-            is_query: whether the inputs are queries (instructions apply) or candidates.
+            instruction: task instruction; giving one makes the inputs queries (as Sentence Transformers applies a
+                `prompt` and Qwen3-VL-Embedding an `instruction` to what they embed). Where it goes is the recipe's.
+            is_query: whether the inputs are queries or candidates; default: queries exactly when an instruction is
+                given. Candidates are embedded without an instruction, so `is_query=False` with one raises.
             batch_size: inputs per forward pass; inputs are sorted by length into batches, order is restored.
             truncate_dim: keep the first `truncate_dim` dimensions (Matryoshka), renormalised if `normalize`.
             normalize: L2-normalise the returned embeddings.
@@ -479,8 +477,10 @@ class PumaForEmbedding(PumaPreTrainedModel):
         if truncate_dim is not None and not 0 < truncate_dim <= hidden_size:
             raise ValueError(f"truncate_dim={truncate_dim} is outside 1..{hidden_size} (the embedding dimension).")
 
+        if instruction and is_query is False:
+            raise ValueError("instruction applies to queries only; drop it to embed candidates, or drop "
+                             "is_query=False.")
         examples = [parse_input(item, i, max_image_pixels) for i, item in enumerate(items)]
-        instruction = instruction if is_query else None
         prompts = [build_prompt(self.config, text, image is not None, instruction, self.processor.tokenizer)
                    for text, image in examples]
         lengths = [_estimate_length(self.config, prompt, image) for prompt, (_, image) in zip(prompts, examples)]
@@ -581,8 +581,6 @@ def build_prompt(config: PumaConfig, text: str | None, has_image: bool, instruct
 def resize_image(image, config: PumaConfig):
     """`image` resized with PIL bicubic so that each side is a multiple of the vision patch size times the merge
     size and its pixel count lies in `[config.min_pixels, config.max_pixels]` (qwen-vl-utils' `fetch_image`)."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
     from PIL import Image
 
     vision = config.vision_config
@@ -596,14 +594,10 @@ def resize_image(image, config: PumaConfig):
 
 def processor_kwargs(config: PumaConfig) -> dict:
     """Processor keywords of the recipe: no resize after `resize_image`, or a second one into the processor pixel
-    range (`size` on transformers 5; transformers 4's image processors read `min_pixels`/`max_pixels`)."""
+    range."""
     if config.processor_min_pixels is None:
         return {"do_resize": False}
-    low, high = config.processor_min_pixels, config.processor_max_pixels
-    limits = {"size": {"shortest_edge": low, "longest_edge": high}}
-    if int(transformers.__version__.split(".")[0]) < 5:
-        limits.update(min_pixels=low, max_pixels=high)
-    return limits
+    return image_processor_pixel_kwargs(config.processor_min_pixels, config.processor_max_pixels)
 
 
 def featurize(processor, config: PumaConfig, prompts: list[str], images: list) -> dict:
@@ -817,6 +811,40 @@ def _puma_fields(config: PumaConfig) -> dict:
     return {key: getattr(config, key) for key in _puma_field_names() + ("preset",) if hasattr(config, key)}
 
 
+def _split_load_kwargs(kwargs: dict) -> tuple[dict, dict]:
+    """`(hub_kwargs, puma_overrides)` of `from_pretrained`'s keyword arguments: the Hub arguments and the PUMA config
+    fields; what `AutoModel` forwards and needs no action is dropped, anything else is a `TypeError`."""
+    hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+    puma_overrides = {key: kwargs[key] for key in kwargs if key in _puma_field_names()}
+    unexpected = set(kwargs) - set(hub_kwargs) - set(puma_overrides) - _IGNORED_LOAD_KWARGS
+    if unexpected:
+        raise TypeError(f"PumaForEmbedding.from_pretrained got unexpected keyword arguments {sorted(unexpected)}.")
+    return hub_kwargs, puma_overrides
+
+
+def _target_config(name: str, source_config, hub_kwargs: dict, config: PumaConfig | None, num_layers: int | None,
+                   kept_layers: list[int] | None, preset: str | None, overrides: dict) -> tuple[PumaConfig, list[int]]:
+    """The pruned configuration of the checkpoint `name` (configuration `source_config`) and the kept layers in the
+    checkpoint's own numbering. `config` is a PUMA configuration `AutoModel` loaded and modified with keywords: its
+    fields carry over, and different `kept_layers` in it are a pruning request."""
+    is_puma = isinstance(source_config, PumaConfig)
+    if config is not None and is_puma and kept_layers is None and num_layers is None \
+            and list(config.kept_layers) != list(source_config.kept_layers):
+        kept_layers = list(config.kept_layers)
+    local_layers = _select_local_layers(source_config, num_layers, kept_layers)
+    if config is not None and is_puma:
+        carried = _puma_fields(config)
+        if carried.get("trained_depths") == source_config.trained_depths:
+            # the checkpoint's own depths (the config AutoModel loaded): re-derived for the layers kept
+            carried.pop("trained_depths", None)
+        overrides = {**carried, **overrides}
+    if preset is None and not is_puma:
+        preset = detect_preset(name, hub_kwargs)
+    if preset is not None:
+        overrides.setdefault("preset", preset)
+    return PumaConfig.from_base_config(source_config, local_layers, **overrides), local_layers
+
+
 def detect_preset(name: str, hub_kwargs: dict | None = None) -> str:
     """The recipe of a stock checkpoint: `"qwen3_vl_embedding"` or `"gme"` when its name or files identify one of
     those trained embedders (e.g. `Qwen/Qwen3-VL-Embedding-2B`, `Alibaba-NLP/gme-Qwen2-VL-2B-Instruct`, or a folder
@@ -832,8 +860,64 @@ def detect_preset(name: str, hub_kwargs: dict | None = None) -> str:
     return "puma"
 
 
+def _hub_kwargs_for(name: str, hub_kwargs: dict) -> dict:
+    """`hub_kwargs` for reading the checkpoint `name`: for a Hub id, with `local_files_only=True` when the Hub is off
+    (HF_HUB_OFFLINE) or does not answer a probe within `HUB_PROBE_TIMEOUT_S`. Files then come from the local cache
+    at once, and a missing one is a one-line error; otherwise huggingface_hub would retry each file for about 25 s."""
+    if os.path.isdir(name) or hub_kwargs.get("local_files_only") or not _is_hub_id(name):
+        return hub_kwargs
+    if not hub_offline_mode():
+        from huggingface_hub import constants
+
+        failure = hub_probe_failure(constants.ENDPOINT)
+        if failure is None:
+            return hub_kwargs
+        logger.warning(f"The Hugging Face Hub at {constants.ENDPOINT} did not answer ({failure}); reading '{name}' "
+                       "from the local cache only.")
+    return {**hub_kwargs, "local_files_only": True}
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether `name` is a valid Hub repository id (a mistyped local path is not asked of the Hub)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_probe_failure(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """`None` when the Hub at `endpoint` answers a HEAD request within `timeout` seconds (any status), else why not.
+    One request without retries, through huggingface_hub's own session (its proxies and headers)."""
+    from huggingface_hub import get_session
+
+    try:
+        get_session().head(endpoint, timeout=timeout)
+    except Exception as err:  # any transport failure (DNS, refused, timeout, proxy) means "unreachable"
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _not_cached(name: str, filename: str) -> OSError:
+    """The error for a file of a Hub checkpoint that is not in the local cache while the Hub is not used."""
+    if hub_offline_mode():
+        why, advice = "Hugging Face Hub offline mode is on (HF_HUB_OFFLINE=1)", "or unset HF_HUB_OFFLINE to download it"
+    else:
+        why = "the Hub did not answer or is not used (local_files_only=True; HF_HUB_OFFLINE=1 skips it at once)"
+        advice = "or check the network"
+    return OSError(f"Cannot load '{name}': it is not a local folder, {why}, and its {filename!r} is not in the local "
+                   f"cache. Pass the path of a local checkpoint folder, {advice}.")
+
+
 def _resolve_file(name: str, filename: str, hub_kwargs: dict, required: bool = True) -> str | None:
-    """Local path of `filename` in the folder or Hub repository `name`; `None` when absent and not required."""
+    """Local path of `filename` in the folder or Hub repository `name`; `None` when absent and not required.
+
+    Written out rather than transformers' `cached_file`, which reports an absent optional file only through a private
+    keyword (`_raise_exceptions_for_missing_entries`) and words its errors for model identifiers: this one says which
+    file is missing and why (no such file, not in the cache while offline, the Hub failing). Either way only the
+    requested file is downloaded, so the shards of dropped layers never are."""
     subfolder = hub_kwargs.get("subfolder") or ""
     if os.path.isdir(name):
         path = os.path.join(name, subfolder, filename)
@@ -853,6 +937,8 @@ def _resolve_file(name: str, filename: str, hub_kwargs: dict, required: bool = T
             return None  # optional file: absent from the repository, or from the cache when offline
         if kind in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
             raise OSError(f"The Hub repository '{name}' has no file {filename!r}.") from None
+        if kind == "LocalEntryNotFoundError" and (hub_kwargs.get("local_files_only") or hub_offline_mode()):
+            raise _not_cached(name, filename) from None
         raise OSError(
             f"Could not load '{name}': it is not a local folder, and fetching {filename!r} from the Hugging Face Hub "
             f"failed ({kind}: {err}). Pass the path of a local checkpoint folder."
@@ -868,6 +954,9 @@ def load_source_config(name: str, hub_kwargs: dict | None = None):
         except json.JSONDecodeError as err:
             raise OSError(f"{path} is not valid JSON ({err}).") from err
     model_type = config_dict.get("model_type")
+    if model_type is None:
+        raise ValueError(f"{path} has no 'model_type'; PumaForEmbedding loads checkpoints whose config.json names one "
+                         f"of the model types {', '.join(map(repr, SUPPORTED_MODEL_TYPES))}.")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"'{name}' is a {model_type!r} checkpoint; PumaForEmbedding loads {', '.join(map(repr, FAMILIES))} and "
@@ -927,8 +1016,7 @@ def _key_mapping(source_config, local_layers: list[int], has_model_prefix: bool 
     so it matches no later rename), then the layout patterns, which map an already mapped key to itself. Pruning to
     the first k layers renames nothing, so it costs two patterns per key however deep the model.
     """
-    # transformers 4.x adds the `model.` prefix itself to a checkpoint whose keys lack it
-    prefix = "model." if has_model_prefix or _TRANSFORMERS_5 else ""
+    prefix = key_mapping_prefix(has_model_prefix)
     mapping = {}
     layouts = {}
     for source_prefix, target_prefix, count, kept in (
@@ -1013,6 +1101,8 @@ def _checkpoint_weights(name: str, hub_kwargs: dict, is_kept, check_files: bool 
         keys = list(weight_map)
     else:
         if _resolve_file(name, SAFE_WEIGHTS_NAME, hub_kwargs, required=False) is None:
+            if not os.path.isdir(name) and (hub_kwargs.get("local_files_only") or hub_offline_mode()):
+                raise _not_cached(name, SAFE_WEIGHTS_NAME)
             raise OSError(
                 f"'{name}' has no safetensors weights ({SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}); only "
                 "safetensors are loaded. Convert .bin weights with transformers' save_pretrained(..., "
@@ -1058,9 +1148,7 @@ def load_processor(name: str, config, hub_kwargs: dict | None = None):
         return None
     family = config.base_model_type if isinstance(config, PumaConfig) else config.model_type
     kwargs = {key: value for key, value in hub_kwargs.items() if key != "force_download"}
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        # transformers 5's tokenizer loader resolves the model config, which for PUMA is remote code: hand it over.
-        kwargs["config"] = config
+    kwargs.update(processor_config_kwargs(config))
     # The family's own processor class; AutoProcessor would consult the PUMA config (remote code).
     return getattr(transformers, FAMILIES[family]["processor"]).from_pretrained(name, **kwargs)
 
@@ -1151,20 +1239,128 @@ def _resolve_dtype(dtype, device: torch.device, source_config) -> torch.dtype:
 def _resolve_attn_implementation(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
     if requested is not None:
         return requested
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            return "flash_attention_2"
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and is_flash_attn_2_available():
+        return "flash_attention_2"
     return "sdpa"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transformers compatibility
+# ----------------------------------------------------------------------------------------------------------------
+# Every version branch, private attribute and model-module import of transformers (and huggingface_hub) that the
+# project relies on, one documented helper each; configuration_puma.py's section of the same name holds the
+# configuration's (`transformers_major`, `attn_implementation`, ...), reused here. The rest of the project imports
+# these helpers rather than testing versions itself. A broken assumption raises `TransformersCompatibilityError`
+# naming the installed version and the assumption; tests/test_compat.py checks each one.
+def loads_lazy_state_dict() -> bool:
+    """Whether `from_pretrained(None, state_dict=...)` is how the kept tensors are loaded (transformers 5): its loader
+    takes lazy safetensors slices, applies every `key_mapping` pattern in turn and opens every file it is given.
+    transformers 4 reads the files of a folder itself and applies the first matching pattern."""
+    return transformers_major() >= 5
+
+
+def key_mapping_prefix(has_model_prefix: bool | None) -> str:
+    """The prefix of the pruning `key_mapping`'s targets: `"model."`, except for a checkpoint whose keys lack it on
+    transformers 4, which adds it itself after the mapping."""
+    return "model." if has_model_prefix or transformers_major() >= 5 else ""
+
+
+def keep_pruned_names_on_save(model, key_mapping: dict[str, str]) -> None:
+    """Keeps `save_pretrained` from undoing the pruning `key_mapping` of a model just loaded with it.
+
+    transformers 5 records the renamings applied at load time in `model._weight_conversions` (one per pattern, with
+    its `source_patterns`, kept unnormalised in `_original_source_patterns` from 5.6) and reverts them on save, which
+    would renumber the kept layers back; the family's own format conversions are kept. transformers 4 reverts only
+    the class's own conversion mapping: nothing to do."""
+    if transformers_major() < 5:
+        return
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:
+        raise incompatibility("from_pretrained records the key_mapping it applied in model._weight_conversions",
+                              "the attribute is missing after the load")
+    kept = []
+    for conversion in conversions:
+        patterns = getattr(conversion, "_original_source_patterns", None) or getattr(conversion, "source_patterns",
+                                                                                     None)
+        if patterns is None:
+            raise incompatibility("each recorded weight conversion lists its source_patterns",
+                                  f"{type(conversion).__name__} has none")
+        if not set(patterns) & set(key_mapping):
+            kept.append(conversion)
+    if len(kept) == len(conversions):
+        raise incompatibility("the key_mapping given to from_pretrained is among model._weight_conversions",
+                              "no recorded conversion has its patterns")
+    model._weight_conversions = kept
+
+
+def processor_config_kwargs(config) -> dict:
+    """Keywords of the family processor's `from_pretrained`: transformers 5's tokenizer loader resolves the model
+    configuration, which for a PUMA checkpoint is remote code, so it is handed over."""
+    return {"config": config} if transformers_major() >= 5 else {}
+
+
+def image_processor_pixel_kwargs(min_pixels: int, max_pixels: int) -> dict:
+    """Keywords of a Qwen-VL image processor's call that resize into `[min_pixels, max_pixels]`: `size` (read by
+    transformers 5), plus `min_pixels`/`max_pixels` on transformers 4, whose image processors read those first."""
+    limits = {"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}}
+    if transformers_major() < 5:
+        limits.update(min_pixels=min_pixels, max_pixels=max_pixels)
+    return limits
+
+
+def set_image_processor_pixels(image_processor, min_pixels: int, max_pixels: int) -> None:
+    """Saves the pixel range `[min_pixels, max_pixels]` into a Qwen-VL image (or video) processor so that both
+    majors read it: `size` (transformers 5) and, where the processor has them, `min_pixels`/`max_pixels`
+    (transformers 4 reads those before `size`)."""
+    image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    if hasattr(image_processor, "min_pixels"):
+        image_processor.min_pixels, image_processor.max_pixels = min_pixels, max_pixels
+
+
+def holds_fused_experts_transposed() -> bool:
+    """Whether transformers holds Qwen3-VL-MoE's fused expert weights (`mlp.experts.gate_up_proj`, `down_proj`)
+    transposed relative to the Hub's checkpoints (transformers 5 converts them at load; 4.57 reads them as is)."""
+    return transformers_major() >= 5
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """`(height, width)` with each side a multiple of `factor` and their product in `[min_pixels, max_pixels]`, the
+    aspect ratio kept as nearly as possible: Qwen2-VL's `smart_resize`, which transformers keeps in the model's
+    image processing module (it has no public home)."""
+    try:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as qwen2_vl_smart_resize
+    except ImportError as err:
+        raise incompatibility("transformers.models.qwen2_vl.image_processing_qwen2_vl defines smart_resize",
+                              str(err)) from err
+    return qwen2_vl_smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def prepare_inputs(trainer, inputs: dict) -> dict:
+    """`inputs` on the trainer's device (nested feature groups included; floats in the DeepSpeed dtype under
+    ZeRO-3): `Trainer._prepare_inputs`, the step `training_step` and `prediction_step` take first, for overrides of
+    those that replace the Trainer's own."""
+    prepare = getattr(trainer, "_prepare_inputs", None)
+    if prepare is None:
+        raise incompatibility("Trainer prepares a batch with _prepare_inputs(inputs)",
+                              f"{type(trainer).__name__} has no _prepare_inputs")
+    return prepare(inputs)
+
+
+def hub_offline_mode() -> bool:
+    """Whether huggingface_hub's offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE): `is_offline_mode()`
+    from huggingface_hub 1.0, the constant read at import before."""
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE
 
 
 PumaConfig.register_for_auto_class()
 PumaForEmbedding.register_for_auto_class("AutoModel")
 
-__all__ = ["PumaEmbeddingOutput", "PumaForEmbedding", "PumaPreTrainedModel", "build_prompt", "detect_preset",
-           "featurize", "format_string", "load_image", "load_processor", "load_source_config",
-           "make_tokenizer_config_portable", "parse_input", "processor_kwargs", "resize_image",
-           "write_sentence_transformers_files"]
+__all__ = ["PumaEmbeddingOutput", "PumaForEmbedding", "PumaPreTrainedModel", "TransformersCompatibilityError",
+           "attn_implementation", "build_prompt", "detect_preset", "featurize", "format_string",
+           "holds_fused_experts_transposed", "hub_offline_mode", "hub_probe_failure", "image_processor_pixel_kwargs",
+           "keep_pruned_names_on_save", "key_mapping_prefix", "load_image", "load_processor", "load_source_config",
+           "loads_lazy_state_dict", "make_tokenizer_config_portable", "parse_input", "prepare_inputs",
+           "processor_config_kwargs", "processor_kwargs", "resize_image", "set_image_processor_pixels", "smart_resize",
+           "transformers_major", "write_sentence_transformers_files"]

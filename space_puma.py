@@ -19,6 +19,7 @@ import tempfile
 
 from huggingface_hub import HfApi, SpaceCard, SpaceCardData
 
+from configuration_puma import SUPPORTED_TRANSFORMERS
 from hub_puma import asset_folder, check_hub_reachable
 
 
@@ -27,8 +28,8 @@ APP_FILE = os.path.join(asset_folder("space", "puma_space"), "app.py")
 # What app.py imports from the project (cli_puma, puma_eval.corpus and their imports).
 PROJECT_FILES = ("configuration_puma.py", "modeling_puma.py", "mbeir_puma.py", "cli_puma.py", "puma_eval")
 # Gradio comes with the Space's SDK; these are what the app adds.
-REQUIREMENTS = ("torch>=2.4", "torchvision>=0.19", "transformers>=4.57,<6", "safetensors>=0.4.3", "accelerate>=1.0",
-                "faiss-cpu>=1.8", "pillow>=10", "numpy>=1.24", "datasets>=3.0")
+REQUIREMENTS = ("torch>=2.4", "torchvision>=0.19", f"transformers{SUPPORTED_TRANSFORMERS}", "safetensors>=0.4.3",
+                "accelerate>=1.0", "faiss-cpu>=1.8", "pillow>=10", "numpy>=1.24", "datasets>=3.0")
 
 
 def save_space_folder(out_dir, model_id: str, *, gallery=None, gallery_split: str = "train",

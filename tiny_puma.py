@@ -23,6 +23,8 @@ import zlib
 import torch
 from safetensors.torch import save_file
 
+from modeling_puma import holds_fused_experts_transposed
+
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 LAYOUTS = ("old", "new", "base")
@@ -528,8 +530,8 @@ def parameter_shapes(config: dict) -> dict[str, torch.Size]:
     shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
     if model.config.tie_word_embeddings or getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         shapes.pop("lm_head.weight", None)  # tied checkpoints on the Hub do not store lm_head
-    if family == "qwen3_vl_moe" and int(transformers.__version__.split(".")[0]) >= 5:
-        # transformers 5 holds fused experts transposed relative to the Hub's checkpoints (which 4.57 reads as is)
+    if family == "qwen3_vl_moe" and holds_fused_experts_transposed():
+        # the checkpoint holds them as the Hub's do
         shapes = {name: shape[:1] + shape[1:][::-1] if re.search(r"mlp\.experts\.(gate_up|down)_proj$", name) else shape
                   for name, shape in shapes.items()}
     return shapes

@@ -40,7 +40,7 @@ from losses_puma import (
     build_loss,
     tau_hard_schedule,
 )
-from modeling_puma import PumaForEmbedding
+from modeling_puma import PumaForEmbedding, prepare_inputs
 
 
 logger = logging.get_logger(__name__)
@@ -616,7 +616,7 @@ class PumaTrainer(Trainer):
 
     # ---- evaluation -------------------------------------------------------------------------------------------
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
+        inputs = prepare_inputs(self, inputs)
         with torch.no_grad():
             embeddings = {group: self._embed(model, inputs[group]) for group in FEATURE_GROUPS if group in inputs}
             # Evaluation batches feed the eval_ metrics only, never the logged training components.
@@ -638,7 +638,7 @@ class PumaTrainer(Trainer):
         if not self.args.grad_cache_chunk_size:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
-        inputs = self._prepare_inputs(inputs)
+        inputs = prepare_inputs(self, inputs)
         size = self.args.grad_cache_chunk_size
         image_token_id = self.accelerator.unwrap_model(model).config.image_token_id
         chunks = {group: split_features(inputs[group], size, image_token_id) for group in FEATURE_GROUPS if group in inputs}

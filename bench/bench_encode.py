@@ -36,7 +36,7 @@ from PIL import Image
 from common import (ALL_CHECKPOINTS, DEFAULT_DATA, Report, add_markdown_argument, check, ensure_checkpoint,
                     load_note, log, ratios, spread, time_interleaved)
 from cost_puma import text_flops_per_sequence, vision_flops_per_image
-from modeling_puma import PumaForEmbedding
+from modeling_puma import PumaForEmbedding, smart_resize
 
 
 WORDS = ("the a photo of dog cat man woman red blue green small large two three running sitting on in at with near "
@@ -76,8 +76,6 @@ def make_images(sizes) -> list[Image.Image]:
 def image_flops(model, images, max_pixels: int, batch_size: int) -> tuple[float, int]:
     """Forward FLOPs (vision tower + language model, prompts padded per batch) and image tokens of encoding `images`
     under `max_pixels`."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
     config = model.config
     prompt_tokens = len(model.processor.tokenizer(model.build_prompt(None, True))["input_ids"]) - 1
     flops, tokens = 0.0, []

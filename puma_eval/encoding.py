@@ -45,9 +45,11 @@ def model_fingerprint(model) -> str:
     """Hash of what determines the model's embeddings: its configuration (kept layers, prompts, pixel limits),
     dtype and attention, and, for a local checkpoint folder, the content of its files
     (`mbeir_puma.checkpoint_fingerprint`)."""
+    from modeling_puma import attn_implementation
+
     digest = hashlib.sha256()
     digest.update(model.config.to_json_string(use_diff=False).encode())
-    digest.update(f"{model.dtype}|{model.config._attn_implementation}".encode())
+    digest.update(f"{model.dtype}|{attn_implementation(model.config)}".encode())
     if os.path.isdir(model.name_or_path):
         digest.update(json.dumps(checkpoint_fingerprint(model.name_or_path), sort_keys=True).encode())
     return digest.hexdigest()

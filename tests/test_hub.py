@@ -16,6 +16,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -363,14 +364,14 @@ def test_push_without_the_hub_fails_fast_naming_the_repo(puma, monkeypatch, offl
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
     monkeypatch.setattr(HfApi, "create_repo", lambda *a, **k: pytest.fail("create_repo must not be reached"))
     sent = []  # the probes, passed on to the real session (a closed port refuses them)
-    session = hub_puma.get_session()
+    session = huggingface_hub.get_session()
 
     class RecordingSession:
         def head(self, url, **kwargs):
             sent.append((url, kwargs))
             return session.head(url, **kwargs)
 
-    monkeypatch.setattr(hub_puma, "get_session", RecordingSession)
+    monkeypatch.setattr(huggingface_hub, "get_session", RecordingSession)  # the probe's session
     endpoint = f"http://127.0.0.1:{_closed_port()}"
     with pytest.raises(ConnectionError, match=rf"Cannot push to '{REPO_ID}': .*{match}"):
         hub_puma.push_to_hub(puma, REPO_ID, endpoint=endpoint, license="apache-2.0")

@@ -174,13 +174,18 @@ def test_encode_accepts_paths_single_items_numpy_and_matryoshka(tiny_checkpoint,
     assert_close(truncated[0], torch.nn.functional.normalize(full[0, :16], dim=0), ulps=FORWARD_ULPS)
 
 
-def test_query_instruction_changes_queries_only(tiny_checkpoint):
+def test_an_instruction_makes_the_inputs_queries_and_candidates_refuse_one(tiny_checkpoint):
     model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2)
     plain = model.encode(["a dog"])
-    candidate = model.encode(["a dog"], instruction="Find an image.")
+    # an instruction applies without is_query, as Sentence Transformers' prompt and Qwen3-VL-Embedding's instruction do
+    instructed = model.encode(["a dog"], instruction="Find an image.")
     query = model.encode(["a dog"], instruction="Find an image.", is_query=True)
-    assert torch.equal(plain, candidate)  # the same prompt, so the same computation
+    assert torch.equal(instructed, query)  # the same prompt, so the same computation
     assert (plain - query).abs().max() > 1e-3
+    # a query without an instruction is embedded like a candidate
+    assert torch.equal(model.encode(["a dog"], is_query=True), plain)
+    with pytest.raises(ValueError, match=r"instruction applies to queries only"):
+        model.encode(["a dog"], instruction="Find an image.", is_query=False)
     prompt = model.build_prompt("a dog", True, "find an image")
     assert "<|vision_start|><|image_pad|><|vision_end|>Find an image.\na dog.\nSummarize above image and sentence in one word: <|im_end|>" in prompt
     assert prompt.endswith("<|im_start|>assistant\n[RET].<|im_end|>\n")
@@ -446,7 +451,7 @@ def test_trust_remote_code_round_trip_in_a_fresh_process(tiny_checkpoint, images
 def test_hub_files_import_only_each_other_and_allowed_libraries():
     import ast
 
-    allowed = {"torch", "transformers", "numpy", "PIL", "tqdm", "huggingface_hub", "safetensors", "flash_attn"} \
+    allowed = {"torch", "transformers", "numpy", "PIL", "tqdm", "huggingface_hub", "safetensors"} \
         | set(sys.stdlib_module_names)
     optional = {"sentence_transformers"}  # only inside try/except ImportError
 
@@ -498,9 +503,64 @@ def test_bin_only_checkpoint_is_refused(tiny_checkpoint, tmp_path):
         PumaForEmbedding.from_pretrained(str(folder), num_layers=2)
 
 
-def test_hub_download_failure_is_a_clear_error():
-    with pytest.raises(OSError, match=r"not a local folder.*Hugging Face Hub"):
-        PumaForEmbedding.from_pretrained("no-such-org/no-such-model", num_layers=2, local_files_only=True)
+def test_a_config_without_model_type_is_named_with_the_supported_types(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "untyped"
+    shutil.copytree(tiny_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["model_type"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"{folder / 'config.json'} has no 'model_type'.*'qwen2_vl', 'qwen2_5_vl', "
+                                         r"'qwen3_vl', 'qwen3_vl_moe', 'puma'"):
+        PumaForEmbedding.from_pretrained(str(folder), num_layers=2)
+
+
+def _no_retry_waits(*args):
+    raise AssertionError("the load waited to retry a request")
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_hub_id_without_the_hub_fails_at_once_naming_hf_hub_offline(monkeypatch, tmp_path, offline):
+    # Given offline mode, or a Hub that refuses connections (a closed loopback port)
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setattr(time, "sleep", _no_retry_waits)
+    # When a Hub id that is not in the cache is loaded, then one line names HF_HUB_OFFLINE and a local folder
+    with pytest.raises(OSError, match=r"^Cannot load 'no-such-org/no-such-model': .*HF_HUB_OFFLINE.*local checkpoint "
+                                      r"folder") as raised:
+        PumaForEmbedding.from_pretrained("no-such-org/no-such-model", num_layers=2, cache_dir=str(tmp_path))
+    assert "\n" not in str(raised.value)
+
+
+def test_a_hub_id_in_the_cache_loads_while_the_hub_does_not_answer(tiny_checkpoint, monkeypatch, tmp_path, images):
+    # Given a checkpoint in the Hugging Face cache layout and a Hub that refuses connections
+    import time
+
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--puma-org--qwen2-vl-tiny"
+    shutil.copytree(tiny_checkpoint, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setattr(time, "sleep", _no_retry_waits)
+    # When it is loaded by its Hub id, then it comes from the cache, without retries, and equals the folder's model
+    model = PumaForEmbedding.from_pretrained("puma-org/qwen2-vl-tiny", num_layers=2, cache_dir=str(tmp_path / "cache"))
+    expected = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2)
+    assert torch.equal(model.encode([images[0], "a dog"]), expected.encode([images[0], "a dog"]))  # the same files
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_tokenizer_lacking_the_embedding_token_is_refused(tiny_checkpoint, tmp_path):

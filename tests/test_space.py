@@ -157,12 +157,12 @@ def test_space_folder_has_app_modules_gallery_requirements_and_metadata(gallery,
 
 
 def test_push_space_fails_fast_offline_naming_the_space(monkeypatch):
-    import hub_puma
+    import huggingface_hub
     from huggingface_hub import constants
     from space_puma import push_space
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets when huggingface_hub loads
-    monkeypatch.setattr(hub_puma, "get_session", lambda: pytest.fail("offline, no request may be sent"))
+    monkeypatch.setattr(huggingface_hub, "get_session", lambda: pytest.fail("offline, no request may be sent"))
     with pytest.raises(ConnectionError, match=r"Cannot push to .me/puma-search.*save_space_folder\(\)"):
         push_space("me/puma-search", "my-org/puma-2b")
 

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from mbeir_puma import modality_id
 from numerics import assert_close
-from modeling_puma import PumaForEmbedding, build_prompt, featurize, parse_input
+from modeling_puma import PumaForEmbedding, build_prompt, featurize, parse_input, prepare_inputs
 from trainer_puma import (
     CachedTeacher,
     PumaTrainer,
@@ -127,7 +127,7 @@ def test_training_lowers_the_mac_loss_and_logs_every_component(tiny_checkpoint, 
     collator = Collator(base.processor, base.config)
     args = training_args(tmp_path, num_train_epochs=6, loss="mac", tau_norm=0.05)
     trainer = PumaTrainer(model=student, args=args, train_dataset=dataset, data_collator=collator)
-    batch = trainer._prepare_inputs(one_batch(dataset, collator, 12))
+    batch = prepare_inputs(trainer, one_batch(dataset, collator, 12))
     with torch.no_grad():
         before = trainer.compute_loss(student, batch).item()
     trainer.train()
@@ -465,12 +465,13 @@ def test_evaluation_batches_stay_out_of_the_logged_training_components(tiny_chec
     trainer = PumaTrainer(model=student, args=args, train_dataset=train, eval_dataset=evaluation, data_collator=collator)
     # Given one training batch's components tracked for the next log
     with torch.no_grad():
-        _, training = trainer.compute_loss(student, trainer._prepare_inputs(one_batch(train, collator)), return_outputs=True)
-        _, expected_eval = trainer.compute_loss(student, trainer._prepare_inputs(one_batch(evaluation, collator)),
+        _, training = trainer.compute_loss(student, prepare_inputs(trainer, one_batch(train, collator)),
+                                           return_outputs=True)
+        _, expected_eval = trainer.compute_loss(student, prepare_inputs(trainer, one_batch(evaluation, collator)),
                                                 return_outputs=True)
     trainer._tracked.clear()
     with torch.no_grad():
-        trainer.compute_loss(student, trainer._prepare_inputs(one_batch(train, collator)))
+        trainer.compute_loss(student, prepare_inputs(trainer, one_batch(train, collator)))
     # When an evaluation runs before the next training log
     metrics = trainer.evaluate()
     logs = {"loss": 1.0}
