@@ -61,7 +61,8 @@ def test_a_mistake_exits_with_one_line_and_a_bug_keeps_its_traceback(capsys, mon
     with pytest.raises(SystemExit) as exit_info:
         run_command(mistaken, prog="puma-eval")
     assert exit_info.value.code == 1
-    assert capsys.readouterr().err == "puma-eval: error: --corpus photos/: /home/me/photos is not a folder\n"
+    assert capsys.readouterr().err == ("puma-eval: error: --corpus photos/: /home/me/photos is not a folder "
+                                       "(PUMA_DEBUG=1 shows where)\n")
 
     with pytest.raises(SystemExit) as exit_info:
         run_command(lambda argv: (_ for _ in ()).throw(UsageError("--tasks: unknown task x")), prog="puma-eval")
