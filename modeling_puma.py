@@ -468,7 +468,8 @@ class PumaForEmbedding(PumaPreTrainedModel):
                 `prompt` and Qwen3-VL-Embedding an `instruction` to what they embed). Where it goes is the recipe's.
             is_query: whether the inputs are queries or candidates; default: queries exactly when an instruction is
                 given. Candidates are embedded without an instruction, so `is_query=False` with one raises.
-            batch_size: inputs per forward pass; inputs are sorted by length into batches, order is restored.
+            batch_size: inputs per forward pass; inputs are sorted by length into batches (videos apart from the rest),
+                order is restored.
             truncate_dim: keep the first `truncate_dim` dimensions (Matryoshka), renormalised if `normalize`.
             normalize: L2-normalise the returned embeddings.
             show_progress_bar: default: shown when there are more than 10 batches.
@@ -508,8 +509,12 @@ class PumaForEmbedding(PumaPreTrainedModel):
         prompts = [build_prompt(self.config, text, visual, instruction, self.processor.tokenizer)
                    for text, visual in examples]
         lengths = [_estimate_length(self.config, prompt, visual) for prompt, (_, visual) in zip(prompts, examples)]
-        order = sorted(range(len(items)), key=lambda i: -lengths[i])
-        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        # videos are batched apart: transformers 5.4 to 5.1x cannot place a Qwen2.5-VL batch mixing images and videos
+        batches = []
+        for has_video in (False, True):
+            group = [i for i in range(len(items)) if (visual_kind(examples[i][1]) == "video") == has_video]
+            order = sorted(group, key=lambda i: -lengths[i])
+            batches += [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
         if show_progress_bar is None:
             show_progress_bar = len(batches) > 10
 
@@ -1214,20 +1219,21 @@ def _decode_with_pyav(path: str, choose, limit: int | None, name: str):
     try:
         with av.open(path) as container:
             stream = _video_stream(container, name, limit)
-            # frames and the span of the stream from the packets, without decoding (as torchcodec's exact mode)
-            total, begin, end = 0, math.inf, -math.inf
+            # frames and the span of the stream from the packets, without decoding (as torchcodec's exact mode);
+            # in exact fractions of the time base, so that a frame count at a boundary does not flip
+            total, begin, end = 0, None, None
             for packet in container.demux(stream):
                 if packet.size == 0:
                     continue  # the demuxer's closing empty packet
                 total += 1
                 if packet.pts is not None:
-                    start = float(packet.pts * stream.time_base)
-                    begin = min(begin, start)
-                    end = max(end, start + float((packet.duration or 0) * stream.time_base))
+                    start = packet.pts * stream.time_base
+                    stop = start + (packet.duration or 0) * stream.time_base
+                    begin, end = min(begin, start) if begin is not None else start, max(end or stop, stop)
         if total == 0:
             raise ValueError(f"{name} holds no video frames.")
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        fps = total / (end - begin) if end > begin else float(rate or 0)
+        fps = float(total / (end - begin)) if begin is not None and end > begin else float(rate or 0)
         indices = choose(total, fps)
         wanted = sorted(set(indices))
         decoded = {}
