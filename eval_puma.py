@@ -11,6 +11,7 @@ shows which depth to keep before training (`puma_eval.analysis`).
         --baseline-name untrained --model-name trained                              # charts: untrained vs trained
     python eval_puma.py mmeb --model my-puma --mmeb-root MMEB-eval --out mmeb_out
     python eval_puma.py search --model my-puma --corpus photos/ --query "a dog on a beach" --top-k 5
+    python eval_puma.py search --model my-puma --corpus reports/ --query "revenue by region"   # PDFs: file and page
     python eval_puma.py curves --trainer-state out/trainer_state.json --out curves.png
     python eval_puma.py analyze --model Qwen/Qwen2-VL-7B-Instruct --mbeir-root M-BEIR --max-cost 0.5 --out analysis
     python eval_puma.py analyze --model base --hf-dataset my/pairs --columns '{"query_text": "caption", "positive_image": "image"}'
@@ -109,12 +110,13 @@ def _run_mmeb(args) -> None:
 def _run_search(args) -> None:
     model = load_model(args.model, args.dtype)
     hits = search_corpus(model, args.corpus, args.query, args.image, args.top_k, args.instruction, args.batch_size,
-                         args.cache_dir, args.index)
+                         args.cache_dir, args.index, video=args.video)
     width = max(len(hit["id"]) for hit in hits)
     print(f"{'rank':>4}  {'score':>7}  {'id':<{width}}  content")
     for hit in hits:
-        content = " ".join(part for part in (f"[image {hit['image']}]" if hit["image"] else "",
-                                             (hit["text"] or "")[:80].replace("\n", " ")) if part)
+        visual = f"[image {hit['image']}]" if hit.get("image") else f"[video {hit['video']}]" if hit.get("video") \
+            else f"[page {hit['page']} of {hit['pdf']}]" if hit.get("pdf") else ""
+        content = " ".join(part for part in (visual, (hit["text"] or "")[:80].replace("\n", " ")) if part)
         print(f"{hit['rank']:>4}  {hit['score']:>7.4f}  {hit['id']:<{width}}  {content}")
 
 
@@ -214,9 +216,11 @@ def make_parser() -> ArgumentParser:
     search = commands.add_parser("search", help="index a folder or JSONL corpus and print the top hits of a query")
     search.add_argument("--model", required=True, help="PUMA or Qwen2-VL checkpoint folder or Hub id")
     search.add_argument("--corpus", required=True,
-                        help="folder of images and .txt files, or a JSONL file of {id?, text?, image?} records")
+                        help="folder of images, videos, PDFs (one item per page) and .txt files, or a JSONL file of "
+                             "{id?, text?, image? | video? | pdf? (page?)} records")
     search.add_argument("--query", help="query text")
     search.add_argument("--image", help="query image (with or without --query)")
+    search.add_argument("--video", help="query video file (with or without --query)")
     search.add_argument("--instruction", help="task instruction put before the query text")
     search.add_argument("--top-k", type=int, default=5)
     search.add_argument("--batch-size", type=int, default=16)
@@ -337,12 +341,16 @@ def _check_mmeb(args) -> None:
 
 
 def _check_search(args) -> None:
-    if args.query is None and args.image is None:
-        raise UsageError("search needs --query, --image, or both")
+    if args.query is None and args.image is None and args.video is None:
+        raise UsageError("search needs --query, --image or --video, or --query with one of them")
+    if args.image and args.video:
+        raise UsageError("search takes --image or --video, not both")
     check_model_path(args.model)
     require_path(args.corpus, "--corpus")
     if args.image:
         require_path(args.image, "--image", "file")
+    if args.video:
+        require_path(args.video, "--video", "file")
     if args.top_k < 1:
         raise UsageError(f"--top-k {args.top_k}: give a positive number of results")
 

@@ -1291,10 +1291,11 @@ def _decode_with_torchcodec(path: str, choose, limit: int | None, name: str):
     return frames, indices, total, metadata.average_fps
 
 
-def load_pdf_page(path, page: int | None, name: str, max_pixels: int | None = None, config: PumaConfig | None = None):
-    """Page `page` (from 1; `None` for a one-page PDF) of the PDF at `path`, rendered with pypdfium2 at
-    `config.pdf_dpi` (200 without a config) on white, as an RGB `PIL.Image`. A missing or unreadable file, a page
-    out of range or a rendering over `max_pixels` pixels raise, naming the file."""
+def load_pdf_page(path, page: int | None, name: str, max_pixels: int | None = None, config: PumaConfig | None = None,
+                  dpi: float | None = None):
+    """Page `page` (from 1; `None` for a one-page PDF) of the PDF at `path`, rendered with pypdfium2 at `dpi`
+    (default `config.pdf_dpi`, 200 without a config) on white, as an RGB `PIL.Image`. A missing or unreadable file,
+    a page out of range or a rendering over `max_pixels` pixels raise, naming the file."""
     from PIL import Image
 
     path = os.fspath(path) if isinstance(path, os.PathLike) else path
@@ -1305,7 +1306,7 @@ def load_pdf_page(path, page: int | None, name: str, max_pixels: int | None = No
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name}: PDF file {path!r} does not exist.")
     pdfium = _pypdfium2(name)
-    dpi = config.pdf_dpi if config is not None else PRESETS["puma"]["pdf_dpi"]
+    dpi = dpi or (config.pdf_dpi if config is not None else PRESETS["puma"]["pdf_dpi"])
     limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
     try:
         document = pdfium.PdfDocument(path)
@@ -1316,7 +1317,7 @@ def load_pdf_page(path, page: int | None, name: str, max_pixels: int | None = No
         if page is None and pages != 1:
             raise ValueError(f"{name}: {path!r} has {pages} pages; name one with {{'pdf': path, 'page': n}} or "
                              f"'{path}#page=n' (pages numbered from 1).")
-        page = page or 1
+        page = 1 if page is None else page
         if not 1 <= page <= pages:
             raise ValueError(f"{name}: {path!r} has {pages} page{'s' if pages != 1 else ''}; there is no page {page} "
                              "(pages are numbered from 1).")
