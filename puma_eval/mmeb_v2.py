@@ -114,8 +114,8 @@ V2_TASKS = {task.name: task for task in [
               f"vidore/{name}_beir") for name in _VIDORE_V1],
     _visdoc("ViDoRe_esg_reports_human_labeled_v2", "ViDoRe v2", "vidore/esg_reports_human_labeled_v2",
             folder="esg_reports_human_labeled_v2"),
-    *[_visdoc(f"ViDoRe_{name}_v2_multilingual", "ViDoRe v2", f"vidore/{name}_v2",
-              folder=f"{name}_v2_multilingual") for name in ("biomedical_lectures", "economics_reports", "esg_reports")],
+    *[_visdoc(f"ViDoRe_{name}_v2_multilingual", "ViDoRe v2", f"vidore/{name}_v2", folder=f"{name}_v2_multilingual")
+      for name in ("biomedical_lectures", "economics_reports", "esg_reports")],
     *[_visdoc(f"VisRAG_{name}", "VisRAG", f"openbmb/VisRAG-Ret-Test-{name}", split="train", hashed_names=True)
       for name in _VISRAG],
     _visdoc("ViDoSeek-page", "VisDoc OOD", "VLM2Vec/ViDoSeek-page-fixed"),

@@ -132,7 +132,8 @@ def small_video_checkpoint(puma_checkpoint, tmp_path_factory):
 V2_EXPECTED = {  # task: (modality, meta-task, queries, distinct candidates, ranked against all)
     "ImageNet-1K": ("image", "classification", 3, 3, False), "UCF101": ("video", "video classification", 4, 3, True),
     "SmthSmthV2": ("video", "video classification", 2, 5, False), "MSR-VTT": ("video", "video retrieval", 3, 3, True),
-    "QVHighlight": ("video", "moment retrieval", 2, 6, False), "MomentSeeker": ("video", "moment retrieval", 3, 8, False),
+    "QVHighlight": ("video", "moment retrieval", 2, 6, False),
+    "MomentSeeker": ("video", "moment retrieval", 3, 8, False),
     "Video-MME": ("video", "video QA", 1, 4, False), "NExTQA": ("video", "video QA", 1, 5, False),
     "EgoSchema": ("video", "video QA", 1, 5, False), "MVBench": ("video", "video QA", 1, 3, False),
     "ActivityNetQA": ("video", "video QA", 2, 2, False), "ViDoRe_arxivqa": ("visdoc", "ViDoRe v1", 3, 5, True),
@@ -162,7 +163,8 @@ def test_mmeb_v2_layout_is_read_as_the_harness_builds_each_task(mmeb_v2_root):
         "Which way does the shape move?\nA. Left.\nB. Right.\nC. Up.\nD. Down."
     assert [c["text"] for c in tasks["Video-MME"].candidates] == ["Left", "Right", "Up", "Down"]
     assert tasks["Video-MME"].relevance == [{1: 1.0}]
-    assert tasks["NExTQA"].query_items[0]["text"].endswith("Options:\n(A) red\n(B) green\n(C) blue\n(D) yellow\n(E) black")
+    assert tasks["NExTQA"].query_items[0]["text"].endswith(
+        "Options:\n(A) red\n(B) green\n(C) blue\n(D) yellow\n(E) black")
     assert tasks["NExTQA"].candidates[2] == {"text": "(C) blue"} and tasks["NExTQA"].relevance == [{2: 1.0}]
     assert tasks["ActivityNetQA"].query_items[1]["text"] == "is the shape red? (A) yes; (B) no."
     assert tasks["ActivityNetQA"].relevance[1] == {1: 1.0}
@@ -237,8 +239,8 @@ def test_mmeb_v2_cli_prints_meta_task_modality_overall_and_leaderboard_tables(sm
     rows = {row["task"]: row for row in saved["tasks"]}
     tasks = [rows[name] for name in V2_EXPECTED]
     assert saved["average"]["score"] == pytest.approx(sum(row["score"] for row in tasks) / len(tasks))
-    for label in ("| video QA (5 tasks) | mean |", "| moment retrieval (2 tasks) | mean |", "| VisRAG (1 tasks) | mean |",
-                  "| image (1 tasks) | mean |", "| video (10 tasks) | mean |", "| visdoc (2 tasks) | mean |",
+    for label in ("| video QA (5 tasks) | mean |", "| moment retrieval (2 tasks) | mean |",
+                  "| VisRAG (1 tasks) | mean |", "| image (1 tasks) | mean |", "| video (10 tasks) | mean |", "| visdoc (2 tasks) | mean |",
                   f"| average ({len(V2_EXPECTED)} tasks) | mean |", "| ViDoRe_arxivqa | ndcg_linear@5 |"):
         assert label in printed, label
     # a modality's average is over its tasks (MMEB-V2's leaderboard), not over its meta-task averages
