@@ -1051,6 +1051,8 @@ def video_input(source, name: str, fps: float | None = None, max_frames: int | N
     if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
                                    or max_frames < FRAME_FACTOR):
         raise ValueError(f"{name}['max_frames'] must be an integer >= {FRAME_FACTOR}, got {max_frames!r}.")
+    if is_video_decoder(source):
+        return VideoInput(source, f"{name} (a {type(source).__name__})", fps, max_frames, max_pixels)
     if isinstance(source, str):
         if _is_url(source):
             raise ValueError(f"{name}: {source!r} is a URL; URLs are not fetched. Download the video first and pass "
@@ -1072,6 +1074,12 @@ def video_input(source, name: str, fps: float | None = None, max_frames: int | N
     raise ValueError(f"{name}: a video must be a file path or a list of frames, got {type(source).__name__}.")
 
 
+def is_video_decoder(source) -> bool:
+    """Whether `source` is an open video decoder with torchcodec's `VideoDecoder` API (`metadata`, `get_frames_at`):
+    what 🤗 datasets' `Video` feature and mteb's video tasks hold. It is sampled as a file is."""
+    return hasattr(source, "get_frames_at") and hasattr(source, "metadata")
+
+
 def sample_video(video: VideoInput, config: PumaConfig) -> SampledVideo:
     """Decodes, samples and resizes `video` as `config`'s recipe says (qwen-vl-utils 0.0.14's `fetch_video`).
 
@@ -1082,7 +1090,7 @@ def sample_video(video: VideoInput, config: PumaConfig) -> SampledVideo:
     is resized to one size: each side a multiple of the merged patch, the pixel count within `video_min_pixels` and
     `min(video_max_pixels, 2 * video_total_pixels / frames)` (at least 1.05 x `video_min_pixels`)."""
     max_frames = video.max_frames or config.video_max_frames
-    if isinstance(video.source, str):
+    if isinstance(video.source, str) or is_video_decoder(video.source):
         frames, metadata, sample_fps = _sample_video_file(video, config, video.fps or config.video_fps, max_frames)
     else:
         frames, metadata, sample_fps = _sample_frame_list(video, config, max_frames)
@@ -1193,13 +1201,16 @@ def _frame_list_frame(frame, config: PumaConfig, name: str, max_pixels: int | No
 
 def decode_video(path: str, choose, max_pixels: int | None = None, name: str | None = None):
     """Decodes the frames `choose(total_frames, fps)` picks from the video file at `path`; returns
-    `(frames uint8 (T, 3, H, W), indices, total_frames, fps)`. The decoder is PyAV, or torchcodec when PyAV is not
-    installed (the `PUMA_VIDEO_DECODER` environment variable picks one: `pyav` or `torchcodec`). An unreadable file,
-    one without frames, or frames over `max_pixels` pixels raise a `ValueError` naming `name`."""
+    `(frames uint8 (T, 3, H, W), indices, total_frames, fps)`. `path` may be an open torchcodec `VideoDecoder`. The
+    decoder is PyAV, or torchcodec when PyAV is not installed (the `PUMA_VIDEO_DECODER` environment variable picks
+    one: `pyav` or `torchcodec`). An unreadable file, one without frames, or frames over `max_pixels` pixels raise a
+    `ValueError` naming `name`."""
     from PIL import Image
 
-    name = name or path
+    name = name or str(path)
     limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    if is_video_decoder(path):  # already open (a torchcodec VideoDecoder)
+        return _frames_from_decoder(path, choose, limit, name)
     decoder = os.environ.get(VIDEO_DECODER_VARIABLE, "").strip().lower() or None
     if decoder not in (None, "pyav", "torchcodec"):
         raise ValueError(f"{VIDEO_DECODER_VARIABLE}={decoder!r}: use 'pyav' or 'torchcodec'.")
@@ -1276,15 +1287,24 @@ def _decode_with_torchcodec(path: str, choose, limit: int | None, name: str):
                           "torchcodec (or use PyAV: pip install av).") from err
     try:
         decoder = VideoDecoder(path, seek_mode="exact")
-        metadata = decoder.metadata
-        if limit is not None and metadata.width * metadata.height > limit:
-            raise ValueError(f"{name} has {metadata.width}x{metadata.height} = {metadata.width * metadata.height} "
-                             f"pixels per frame, over the limit of {limit} (a possible decompression bomb); raise "
-                             "max_image_pixels to accept it.")
-        total = metadata.num_frames
-        if not total:
-            raise ValueError(f"{name} holds no video frames.")
-        indices = choose(total, metadata.average_fps)
+    except (RuntimeError, OSError, ValueError) as err:
+        raise ValueError(f"{name} is not a readable video ({type(err).__name__}: {err}).") from err
+    return _frames_from_decoder(decoder, choose, limit, name)
+
+
+def _frames_from_decoder(decoder, choose, limit: int | None, name: str):
+    """The frames `choose` picks from an open torchcodec `VideoDecoder` (its frame count and rate from its
+    metadata)."""
+    metadata = decoder.metadata
+    width, height = metadata.width, metadata.height
+    if limit is not None and width is not None and height is not None and width * height > limit:
+        raise ValueError(f"{name} has {width}x{height} = {width * height} pixels per frame, over the limit of {limit} "
+                         "(a possible decompression bomb); raise max_image_pixels to accept it.")
+    total = metadata.num_frames
+    if not total:
+        raise ValueError(f"{name} holds no video frames.")
+    indices = choose(total, metadata.average_fps)
+    try:
         frames = decoder.get_frames_at(indices=indices).data
     except (RuntimeError, OSError) as err:
         raise ValueError(f"{name} is not a readable video ({type(err).__name__}: {err}).") from err
@@ -1940,4 +1960,5 @@ __all__ = ["PumaEmbeddingOutput", "PumaForEmbedding", "PumaPreTrainedModel", "Sa
            "make_tokenizer_config_portable", "parse_input", "pdf_page_count", "prepare_inputs",
            "processor_config_kwargs", "processor_kwargs", "qwen_vl_smart_resize", "resize_frames", "resize_image",
            "sample_video", "set_image_processor_pixels", "smart_resize", "to_rgb", "transformers_major",
-           "video_processor_kwargs", "video_input", "visual_kind", "write_sentence_transformers_files"]
+           "video_processor_kwargs", "video_input", "visual_kind", "is_video_decoder",
+           "write_sentence_transformers_files"]
