@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
+import io
 import json
 import math
 import os
@@ -905,6 +906,12 @@ def _load_path(path: str, index: int, max_image_pixels: int | None, config: Puma
     return load_image(path, index, max_image_pixels, config)
 
 
+def media_file(path: str) -> str:
+    """The file a media path names: `doc.pdf` of the page reference `doc.pdf#page=3`, else the path itself."""
+    match = _PDF_PAGE.match(path.strip()) if not os.path.isfile(path) else None
+    return match.group("path") if match is not None else path
+
+
 def _is_animated(path: str) -> bool:
     from PIL import Image
 
@@ -1009,8 +1016,8 @@ class VideoInput:
     resizes it.
 
     Args:
-        source: a file path, or frames (`PIL.Image`s, image paths, `(H, W, 3)` arrays, or a `(T, H, W, 3)` /
-            `(T, 3, H, W)` array or tensor).
+        source: a file path or a file's bytes, an open torchcodec `VideoDecoder`, or frames (`PIL.Image`s, image
+            paths, `(H, W, 3)` arrays, or a `(T, H, W, 3)` / `(T, 3, H, W)` array or tensor).
         name: how errors name it (`"inputs[3] (clip.mp4)"`).
         fps, max_frames: this input's own sampling rate (files) and frame cap, over the recipe's.
         max_pixels: the largest frame accepted (decompression bombs); default `PIL.Image.MAX_IMAGE_PIXELS`.
@@ -1053,6 +1060,10 @@ def video_input(source, name: str, fps: float | None = None, max_frames: int | N
         raise ValueError(f"{name}['max_frames'] must be an integer >= {FRAME_FACTOR}, got {max_frames!r}.")
     if is_video_decoder(source):
         return VideoInput(source, f"{name} (a {type(source).__name__})", fps, max_frames, max_pixels)
+    if isinstance(source, (bytes, bytearray)):  # a file's content (an undecoded 🤗 `Video` value)
+        if not source:
+            raise ValueError(f"{name}: the video file is empty (0 bytes).")
+        return VideoInput(bytes(source), f"{name} (video bytes)", fps, max_frames, max_pixels)
     if isinstance(source, str):
         if _is_url(source):
             raise ValueError(f"{name}: {source!r} is a URL; URLs are not fetched. Download the video first and pass "
@@ -1090,7 +1101,7 @@ def sample_video(video: VideoInput, config: PumaConfig) -> SampledVideo:
     is resized to one size: each side a multiple of the merged patch, the pixel count within `video_min_pixels` and
     `min(video_max_pixels, 2 * video_total_pixels / frames)` (at least 1.05 x `video_min_pixels`)."""
     max_frames = video.max_frames or config.video_max_frames
-    if isinstance(video.source, str) or is_video_decoder(video.source):
+    if isinstance(video.source, (str, bytes)) or is_video_decoder(video.source):
         frames, metadata, sample_fps = _sample_video_file(video, config, video.fps or config.video_fps, max_frames)
     else:
         frames, metadata, sample_fps = _sample_frame_list(video, config, max_frames)
@@ -1227,8 +1238,11 @@ def _decode_with_pyav(path: str, choose, limit: int | None, name: str):
     except ImportError as err:
         raise ImportError(f"Decoding {name} needs PyAV: pip install av (or pip install 'puma-embed[video]'); "
                           "torchcodec works too.") from err
+    def opened():
+        return av.open(io.BytesIO(path) if isinstance(path, bytes) else path)
+
     try:
-        with av.open(path) as container:
+        with opened() as container:
             stream = _video_stream(container, name, limit)
             # frames and the span of the stream from the packets, without decoding (as torchcodec's exact mode);
             # in exact fractions of the time base, so that a frame count at a boundary does not flip
@@ -1248,7 +1262,7 @@ def _decode_with_pyav(path: str, choose, limit: int | None, name: str):
         indices = choose(total, fps)
         wanted = sorted(set(indices))
         decoded = {}
-        with av.open(path) as container:
+        with opened() as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for position, frame in enumerate(container.decode(stream)):
@@ -1957,7 +1971,7 @@ __all__ = ["PumaEmbeddingOutput", "PumaForEmbedding", "PumaPreTrainedModel", "Sa
            "detect_preset", "featurize", "format_string", "holds_fused_experts_transposed", "hub_offline_mode",
            "hub_probe_failure", "image_processor_pixel_kwargs", "keep_pruned_names_on_save", "key_mapping_prefix",
            "load_image", "load_pdf_page", "load_processor", "load_source_config", "loads_lazy_state_dict",
-           "make_tokenizer_config_portable", "parse_input", "pdf_page_count", "prepare_inputs",
+           "make_tokenizer_config_portable", "media_file", "parse_input", "pdf_page_count", "prepare_inputs",
            "processor_config_kwargs", "processor_kwargs", "qwen_vl_smart_resize", "resize_frames", "resize_image",
            "sample_video", "set_image_processor_pixels", "smart_resize", "to_rgb", "transformers_major",
            "video_processor_kwargs", "video_input", "visual_kind", "is_video_decoder",

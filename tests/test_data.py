@@ -90,9 +90,9 @@ def puma(tiny_checkpoint):
 
 
 def test_modality_ids_are_fixed_for_known_labels_and_crc32_based_for_others():
-    assert MODALITY_IDS == {"text": 0, "image": 1, "image,text": 2, "video": 3}
-    labels = ("text", "image", "image,text", "text,image", " Image , TEXT")
-    assert [modality_id(label) for label in labels] == [0, 1, 2, 2, 2]
+    assert MODALITY_IDS == {"text": 0, "image": 1, "image,text": 2, "video": 3, "text,video": 4}
+    labels = ("text", "image", "image,text", "text,image", " Image , TEXT", "video", "video,text")
+    assert [modality_id(label) for label in labels] == [0, 1, 2, 2, 2, 3, 4]
     # Not Python's salted hash: the same on every process, so labels gathered across ranks agree
     assert modality_id("audio") == 1000 + zlib.crc32(b"audio")
     assert modality_id("audio,text") == modality_id("text,audio") >= 1000
