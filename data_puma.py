@@ -103,9 +103,10 @@ class MBEIRTrainDataset(Dataset):
             candidate = self.pool.get(did)
             if candidate is None:
                 dropped.add(f"{kind} ids absent from the pool", did)
-            elif not (self._has_image(join_path(self.image_root, candidate["img_path"]))
-                      and self._has_image(join_path(self.image_root, candidate.get("video_path")))):
-                dropped.add(f"{kind}s whose image or video file is missing", did)
+            elif not self._has_image(join_path(self.image_root, candidate["img_path"])):
+                dropped.add(f"{kind}s whose image file is missing", did)
+            elif not self._has_image(join_path(self.image_root, candidate.get("video_path"))):
+                dropped.add(f"{kind}s whose video file is missing", did)
             else:
                 usable.append(did)
         return usable
@@ -118,8 +119,11 @@ class MBEIRTrainDataset(Dataset):
             qid = query["qid"]
             image = join_path(self.image_root, query["query_img_path"])
             video = join_path(self.image_root, query.get("query_video_path"))
-            if not (self._has_image(image) and self._has_image(video)):
-                skipped.add("queries whose image or video file is missing", qid)
+            if not self._has_image(image):
+                skipped.add("queries whose image file is missing", qid)
+                continue
+            if not self._has_image(video):
+                skipped.add("queries whose video file is missing", qid)
                 continue
             positives = []
             for did in self._usable_candidates(query["pos_cand_list"], "positive", dropped):
