@@ -324,6 +324,7 @@ def test_unknown_license_must_be_given_and_the_refusal_leaves_no_folder(puma, tm
 def test_hub_requirements_name_what_the_remote_code_needs(hub_folder):
     requirements = (hub_folder / "requirements.txt").read_text().split()
     assert {"torchvision", "pillow>=10"} <= set(requirements) and any(r.startswith("transformers") for r in requirements)
+    assert {"av", "pypdfium2"} <= set(requirements)  # the handler decodes videos and renders PDF pages
 
 
 # ---------------------------------------------------------------------------------------------------------------
