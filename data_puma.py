@@ -90,11 +90,11 @@ class MBEIRTrainDataset(Dataset):
         self.examples = self._validate(load_mbeir_queries(query_file))
 
     def _has_image(self, path: str | None) -> bool:
-        """Whether the image, video or PDF file a path names exists (checked once per path)."""
+        """Whether the image, video (file or folder of frames) or PDF a path names exists (checked once per path)."""
         if path is None or not self.check_images:
             return True
         if path not in self._image_exists:
-            self._image_exists[path] = os.path.isfile(media_file(path))
+            self._image_exists[path] = os.path.exists(media_file(path))
         return self._image_exists[path]
 
     def _usable_candidates(self, ids: list[str], kind: str, dropped: SkipLog) -> list[str]:

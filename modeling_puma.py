@@ -455,7 +455,8 @@ class PumaForEmbedding(PumaPreTrainedModel):
                 - a video as frames: a list of `PIL.Image`s, image paths or `(H, W, 3)` arrays, or a `(T, H, W, 3)`
                   or `(T, 3, H, W)` `uint8` array or tensor;
                 - a dict of a text and at most one visual: `{"text": ...}` (always text), `{"image": ...}`,
-                  `{"video": path | frames}` with optional `"fps"` (frames sampled per second of a file) and
+                  `{"video": file | folder of frames | frames}` with optional `"fps"` (frames sampled per second of
+                  a file) and
                   `"max_frames"` (as Qwen3-VL-Embedding's inputs), or `{"pdf": path, "page": n}` (pages from 1; a
                   one-page PDF needs no page), each with an optional `"text"`.
 
@@ -1068,6 +1069,11 @@ def video_input(source, name: str, fps: float | None = None, max_frames: int | N
         if _is_url(source):
             raise ValueError(f"{name}: {source!r} is a URL; URLs are not fetched. Download the video first and pass "
                              "its path.")
+        if os.path.isdir(source):  # a folder of frames (how MMEB-V2 and the demo store videos)
+            frames = frame_files(source)
+            if not frames:
+                raise ValueError(f"{name}: the video folder {source!r} holds no frame image.")
+            return VideoInput(frames, f"{name} ({source})", fps, max_frames, max_pixels)
         if not os.path.isfile(source):
             raise FileNotFoundError(f"{name}: video file {source!r} does not exist.")
         return VideoInput(source, f"{name} ({source})", fps, max_frames, max_pixels)
@@ -1083,6 +1089,16 @@ def video_input(source, name: str, fps: float | None = None, max_frames: int | N
             raise ValueError(f"{name}: the video has no frames (an empty list).")
         return VideoInput(list(source), name, fps, max_frames, max_pixels)
     raise ValueError(f"{name}: a video must be a file path or a list of frames, got {type(source).__name__}.")
+
+
+def frame_files(folder: str) -> list[str]:
+    """The image files of a folder of video frames, natural-sorted (`frame_2` before `frame_10`), as MMEB-V2's
+    harnesses read them."""
+    def natural(name: str) -> list:
+        return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+    names = sorted((name for name in os.listdir(folder) if name.lower().endswith(IMAGE_SUFFIXES)), key=natural)
+    return [os.path.join(folder, name) for name in names]
 
 
 def is_video_decoder(source) -> bool:
@@ -1968,11 +1984,11 @@ PumaForEmbedding.register_for_auto_class("AutoModel")
 
 __all__ = ["PumaEmbeddingOutput", "PumaForEmbedding", "PumaPreTrainedModel", "SampledVideo",
            "TransformersCompatibilityError", "VideoInput", "attn_implementation", "build_prompt", "decode_video",
-           "detect_preset", "featurize", "format_string", "holds_fused_experts_transposed", "hub_offline_mode",
-           "hub_probe_failure", "image_processor_pixel_kwargs", "keep_pruned_names_on_save", "key_mapping_prefix",
-           "load_image", "load_pdf_page", "load_processor", "load_source_config", "loads_lazy_state_dict",
-           "make_tokenizer_config_portable", "media_file", "parse_input", "pdf_page_count", "prepare_inputs",
-           "processor_config_kwargs", "processor_kwargs", "qwen_vl_smart_resize", "resize_frames", "resize_image",
-           "sample_video", "set_image_processor_pixels", "smart_resize", "to_rgb", "transformers_major",
-           "video_processor_kwargs", "video_input", "visual_kind", "is_video_decoder",
+           "detect_preset", "featurize", "format_string", "frame_files", "holds_fused_experts_transposed",
+           "hub_offline_mode", "hub_probe_failure", "image_processor_pixel_kwargs", "is_video_decoder",
+           "keep_pruned_names_on_save", "key_mapping_prefix", "load_image", "load_pdf_page", "load_processor",
+           "load_source_config", "loads_lazy_state_dict", "make_tokenizer_config_portable", "media_file",
+           "parse_input", "pdf_page_count", "prepare_inputs", "processor_config_kwargs", "processor_kwargs",
+           "qwen_vl_smart_resize", "resize_frames", "resize_image", "sample_video", "set_image_processor_pixels",
+           "smart_resize", "to_rgb", "transformers_major", "video_input", "video_processor_kwargs", "visual_kind",
            "write_sentence_transformers_files"]

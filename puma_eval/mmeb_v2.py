@@ -16,7 +16,7 @@ Layout, under ROOT (TIGER-Lab/MMEB-V2 with its archives extracted, as its `downl
     ROOT/visdoc-tasks/[images/]<task>/<corpus-id>.png         (absent: the corpus dataset's own images)
     ANNOTATIONS/<org>/<name>/                                  (VLM2Vec/*, lmms-lab/YouCook2, vidore/*, openbmb/*)
 
-A video is the natural-sorted frames of its folder (.jpg, .jpeg, .png), given to the model as a frame list, which
+A video is the natural-sorted frame images of its folder, given to the model as a frame list, which
 thins it to its `video_max_frames` (`num_frames` thins it first, e.g. to VLM2Vec's 8). Classification candidates are
 the class names found in the annotations.
 """
@@ -33,7 +33,6 @@ from .tasks import violation
 
 logger = logging.getLogger(__name__)
 
-FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 QA_INSTRUCTION = ("Given a video and a question, select the most accurate answer from the provided candidates. Return "
                   "only the exact text of your chosen answer.")
 VISDOC_INSTRUCTION = "Find a document image that matches the given query."
@@ -147,10 +146,9 @@ def _natural_key(name: str) -> list:
 
 def load_frames(folder: str) -> list[str]:
     """The frame images of a video folder, natural-sorted (`frame_2` before `frame_10`); `[]` when absent."""
-    if not os.path.isdir(folder):
-        return []
-    names = sorted((name for name in os.listdir(folder) if name.lower().endswith(FRAME_SUFFIXES)), key=_natural_key)
-    return [os.path.join(folder, name) for name in names]
+    from modeling_puma import frame_files
+
+    return frame_files(folder) if os.path.isdir(folder) else []
 
 
 def thin_frames(frames: list[str], count: int | None) -> list[str]:
