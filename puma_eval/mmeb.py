@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from mbeir_puma import markdown_table
 
 from .encoding import distributed_state, encode_cached
 from .metrics import safe_name, summarize, write_results
+from .mmeb_v2 import V2_TASKS, MMEBTask, load_v2_task, v2_task_status
 from .tasks import violation
 
 
@@ -66,30 +66,10 @@ def _clean(text) -> str | None:
     return text or None
 
 
-@dataclass
-class MMEBTask:
-    """One MMEB task ready to encode: queries (`encode` inputs) and their instructions, the task's distinct
-    candidates, each query's candidate list (indices into `candidates`; `None`: every candidate, as MMEB-V2's global
-    tasks rank) and the graded relevance of its candidates (`{index: grade}`; default: the first of its list, MMEB's
-    target), the task's `modality` and reported `metric` (`"hit@1"` or `"ndcg_linear@5"`)."""
-
-    name: str
-    category: str
-    query_items: list[dict]
-    query_instructions: list[str | None]
-    candidates: list[dict]
-    candidate_lists: list[list[int] | None]
-    relevance: list[dict[int, float]] | None = None
-    modality: str = "image"
-    metric: str = "hit@1"
-
-
 def find_mmeb_tasks(root, annotations=None) -> dict[str, object]:
     """`{task: source}` of the MMEB tasks under `root`: image task files (a path) under it or, in MMEB-V2's layout,
     under `annotations/TIGER-Lab/MMEB-eval`, and the MMEB-V2 video and visual-document tasks (a `V2Task`) whose
     annotations (and frames) are there; `annotations` defaults to `root/annotations`."""
-    from .mmeb_v2 import V2_TASKS, v2_task_status
-
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"The MMEB root {root!r} is not a folder.")
@@ -117,8 +97,6 @@ def find_mmeb_tasks(root, annotations=None) -> dict[str, object]:
 
 def missing_v2_parts(root, annotations=None) -> dict[str, str]:
     """`{task: what is missing}` of the MMEB-V2 video and visual-document tasks not found under `root`."""
-    from .mmeb_v2 import V2_TASKS, v2_task_status
-
     annotations = os.fspath(annotations) if annotations is not None else os.path.join(os.fspath(root), "annotations")
     return {name: status for name, task in V2_TASKS.items()
             if (status := v2_task_status(task, os.fspath(root), annotations)) is not None}
@@ -225,8 +203,6 @@ def score_mmeb(task: MMEBTask, query_embeddings, candidate_embeddings) -> dict:
 
 def load_any_task(source, name: str, root, image_root=None, annotations=None, num_frames: int | None = None):
     """The task `name` from its `find_mmeb_tasks` source: an image task file, or an MMEB-V2 task."""
-    from .mmeb_v2 import load_v2_task
-
     if isinstance(source, (str, os.PathLike)):
         return load_mmeb_task(source, name, image_root)
     annotations = annotations if annotations is not None else os.path.join(os.fspath(root), "annotations")

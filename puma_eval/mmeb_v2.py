@@ -27,7 +27,6 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from .mmeb import MMEBTask
 from .tasks import violation
 
 
@@ -43,6 +42,24 @@ CLASSIFICATION_INSTRUCTIONS = {
     "HMDB51": "What actions or objects interactions are the person in the video doing?",
     "Breakfast": "Recognize the breakfast type that the person is cooking in the video. ",
 }
+
+
+@dataclass
+class MMEBTask:
+    """One MMEB task ready to encode: queries (`encode` inputs) and their instructions, the task's distinct
+    candidates, each query's candidate list (indices into `candidates`; `None`: every candidate, as MMEB-V2's global
+    tasks rank) and the graded relevance of its candidates (`{index: grade}`; default: the first of its list, MMEB's
+    target), the task's `modality` and reported `metric` (`"hit@1"` or `"ndcg_linear@5"`)."""
+
+    name: str
+    category: str
+    query_items: list[dict]
+    query_instructions: list[str | None]
+    candidates: list[dict]
+    candidate_lists: list[list[int] | None]
+    relevance: list[dict[int, float]] | None = None
+    modality: str = "image"
+    metric: str = "hit@1"
 
 
 @dataclass(frozen=True)
@@ -419,4 +436,4 @@ def _visdoc_task(builder: _Builder, task: V2Task, root: str, annotations: str) -
         logger.info(f"MMEB-V2 {task.name}: {skipped} queries without a relevant page are left out")
 
 
-__all__ = ["V2_TASKS", "V2Task", "load_frames", "load_v2_task", "thin_frames", "v2_task_status"]
+__all__ = ["MMEBTask", "V2_TASKS", "V2Task", "load_frames", "load_v2_task", "thin_frames", "v2_task_status"]
