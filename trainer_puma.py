@@ -257,10 +257,15 @@ def teacher_fingerprint(teacher_path: str, config, data_files: list[str]) -> dic
     and the data files' content (`mbeir_puma.checkpoint_fingerprint` / `file_fingerprint`)."""
     prompt_fields = ("embedding_token", "system_prompt", "instruction_template", "user_suffix_template",
                      "modality_words", "assistant_template", "format_text", "max_text_tokens", "pooling")
+    # the reading of images and the sampling of videos and PDF pages (fields of later versions, absent: defaults)
+    media_fields = ("max_prompt_tokens", "keep_empty_instruction", "exif_transpose", "alpha_mode", "video_fps",
+                    "video_min_frames", "video_max_frames", "video_min_pixels", "video_max_pixels",
+                    "video_total_pixels", "pdf_dpi")
     return {
         "teacher_checkpoint": checkpoint_fingerprint(teacher_path),
         "prompt_template": {name: getattr(config, name) for name in prompt_fields},
         "pixel_limits": {"min_pixels": config.min_pixels, "max_pixels": config.max_pixels},
+        "media": {name: getattr(config, name, None) for name in media_fields},
         "data_files": {os.path.basename(path): file_fingerprint(path) for path in data_files},
     }
 
@@ -373,28 +378,53 @@ class RandContext:
         self._fork.__exit__(*exc)
 
 
-def split_features(features: dict, chunk_size: int, image_token_id: int) -> list[dict]:
-    """Splits a batch of processor features into row chunks, with each chunk's images and trimmed right padding.
+def split_features(features: dict, chunk_size: int, image_token_id: int,
+                   video_token_id: int | None = None) -> list[dict]:
+    """Splits a batch of processor features into row chunks, with each chunk's images and videos and trimmed right
+    padding.
 
-    Image patches are flattened across images in `pixel_values`; a row's images are found from its image-token runs.
+    Patches are flattened across images in `pixel_values` (and videos in `pixel_values_videos`); a row's images
+    (videos) are the next ones in order whose placeholder tokens add up to the row's count of image (video) tokens
+    (a Qwen3-VL video's tokens come in one run per frame pair, so runs do not count videos).
     """
     ids = features["input_ids"]
-    is_image = ids == image_token_id
-    starts = is_image & ~torch.cat([torch.zeros_like(is_image[:, :1]), is_image[:, :-1]], dim=1)
-    images_per_row = starts.sum(dim=1).tolist()
-    grid = features.get("image_grid_thw")
-    patch_offsets = [0] + torch.cumsum(grid.prod(-1), 0).tolist() if grid is not None else None
+    visuals = [(kind, _row_visuals(features, token_id, grid_key))
+               for kind, token_id, grid_key in (("image", image_token_id, "image_grid_thw"),
+                                                ("video", video_token_id, "video_grid_thw"))
+               if token_id is not None and features.get(grid_key) is not None]
     chunks = []
     for start in range(0, ids.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         width = int(features["attention_mask"][rows].sum(dim=1).max())
         chunk = {key: value[rows, :width] for key, value in features.items() if key in ("input_ids", "attention_mask", "mm_token_type_ids")}
-        first, count = sum(images_per_row[:start]), sum(images_per_row[rows])
-        if grid is not None and count:
-            chunk["image_grid_thw"] = grid[first:first + count]
-            chunk["pixel_values"] = features["pixel_values"][patch_offsets[first]:patch_offsets[first + count]]
+        for kind, (spans, offsets) in visuals:
+            first, last = spans[start][0], spans[min(start + chunk_size, len(spans)) - 1][1]
+            if last == first:
+                continue
+            grid_key, values_key = ("image_grid_thw", "pixel_values") if kind == "image" else \
+                ("video_grid_thw", "pixel_values_videos")
+            chunk[grid_key] = features[grid_key][first:last]
+            chunk[values_key] = features[values_key][offsets[first]:offsets[last]]
+            if kind == "video" and features.get("second_per_grid_ts") is not None:
+                chunk["second_per_grid_ts"] = features["second_per_grid_ts"][first:last]
         chunks.append(chunk)
     return chunks
+
+
+def _row_visuals(features: dict, token_id: int, grid_key: str) -> tuple[list[tuple[int, int]], list[int]]:
+    """`([(first, end) visual of each row], patch offsets)` of the images or videos of `grid_key`."""
+    grid = features[grid_key]
+    patches = grid.prod(-1).tolist()
+    is_token = features["input_ids"] == token_id
+    per_token = sum(patches) // max(int(is_token.sum()), 1)  # patches per placeholder token: the merge area
+    spans, visual = [], 0
+    for count in is_token.sum(dim=1).tolist():
+        first, covered = visual, 0
+        while covered < count:
+            covered += patches[visual] // per_token
+            visual += 1
+        spans.append((first, visual))
+    return spans, [0, *torch.cumsum(grid.prod(-1), 0).tolist()]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -640,8 +670,9 @@ class PumaTrainer(Trainer):
         model.train()
         inputs = prepare_inputs(self, inputs)
         size = self.args.grad_cache_chunk_size
-        image_token_id = self.accelerator.unwrap_model(model).config.image_token_id
-        chunks = {group: split_features(inputs[group], size, image_token_id) for group in FEATURE_GROUPS if group in inputs}
+        config = self.accelerator.unwrap_model(model).config
+        chunks = {group: split_features(inputs[group], size, config.image_token_id, config.video_token_id)
+                  for group in FEATURE_GROUPS if group in inputs}
         # 1. Embed every chunk without a graph. Each chunk's RNG state is captured right before its own forward, so
         #    its replay in 3. draws the dropout masks this forward drew. Every group's embeddings are kept as
         #    {depth: tensor} (the key None without elastic depths): with depths, each depth's embedding is cached.

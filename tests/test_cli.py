@@ -166,7 +166,7 @@ def test_eval_without_arguments_prints_a_short_usage():
     (["--mbeir-root", "{demo}", "--bogus"], ["unrecognized arguments: --bogus"]),
     (["mmeb", "--mmeb-root", "{missing}"], ["--mmeb-root {missing}", "is not a folder"]),
     (["search", "--corpus", "{missing}", "--query", "a dog"], ["--corpus {missing}", "does not exist"]),
-    (["search", "--corpus", "{demo}"], ["search needs --query, --image, or both"]),
+    (["search", "--corpus", "{demo}"], ["search needs --query, --image or --video, or --query with one of them"]),
     (["analyze"], ["analyze needs exactly one of --mbeir-root, --hf-dataset, --pairs-folder"]),
     (["analyze", "--pairs-folder", "{missing}"], ["--pairs-folder {missing}", "is not a folder"]),
 ], ids=["mbeir-root", "tasks", "baseline", "baseline-names", "unknown-option", "mmeb-root", "corpus", "no-query",
