@@ -348,10 +348,9 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
 
     The config is the family's (kept layers renumbered: `text_config.num_hidden_layers = k`, `layer_types` and
     Qwen3-VL's `deepstack_visual_indexes` sliced; legacy rope keys kept for transformers 4.57) with
-    `architectures = ["<Family>ForConditionalGeneration"]` and no `auto_map`. The weights are written in the key
-    layout every class of the family reads on both majors (`EXPORT_LAYOUT`); `lm_head` is tied to the input embeddings (the
-    next-token head of a pruned model is unused, and tying stores nothing), so every class loads without missing
-    weights. The processor keeps the embedding token and resizes images into the recipe's pixel range (`size` and
+    `architectures = ["<Family>ForConditionalGeneration"]` and no `auto_map`. The weights are written in the family's
+    Hub key layout (`EXPORT_LAYOUT`); `lm_head` is tied to the input embeddings (the next-token head of a pruned model
+    is unused, and tying stores nothing), so every class loads without missing weights. The processor keeps the embedding token and resizes images into the recipe's pixel range (`size` and
     `min_pixels`/`max_pixels`, for both transformers majors); its chat template renders the recipe's prompt cut after
     the pooled token (`serving_chat_template`), `puma_recipe.json` holds what a client applies itself
     (`serving_recipe`), and config.json lists the trained Matryoshka sizes as `matryoshka_dimensions` (what vLLM
@@ -489,6 +488,7 @@ def _export_card(puma_dir: str, puma_config: PumaConfig, out_dir: str, repo_id: 
                              max_pixels=puma_config.max_pixels, max_text_tokens=puma_config.max_text_tokens,
                              processor_resize=puma_config.processor_min_pixels is not None,
                              matryoshka_dims=puma_config.matryoshka_dims, prompts=prompts,
+                             instruction_in_text=puma_config.instruction_placement == "user",
                              query_code=_py(EXAMPLE_QUERY), instruction_code=_py(EXAMPLE_INSTRUCTION)),
     ).save(os.path.join(out_dir, "README.md"))
 
@@ -535,7 +535,7 @@ def _puma_field_names() -> set[str]:
 # --------------------------------------------------------------------------------------------------------------------
 SERVING_RECIPE_NAME = "puma_recipe.json"
 # What vLLM's pooling runner needs besides the folder: the hidden state at the last token (the prompt is cut after
-# the pooled token), L2-normalised (`use_activation` is the normalisation of an embedding task; vLLM >= 0.11 refused
+# the pooled token), L2-normalised (`use_activation` is the normalisation of an embedding task; recent vLLM refuses
 # the older `normalize`).
 POOLING_TYPES = {"token": "LAST", "last": "LAST", "mean": "MEAN"}
 # The vLLM releases PUMA's tests run the recipe with (CI installs them with .ci/vllm_env.sh); the card names them.
@@ -639,11 +639,11 @@ def serving_chat_template(config: PumaConfig) -> str:
     and `prepared_text` places the user text as it is (already merged, formatted and truncated); the instruction
     still goes to the system turn where the recipe puts it there.
     """
-    if config.pooling == "token" and not config.assistant_template.format(embedding_token=config.embedding_token) \
-            .count(config.embedding_token):
-        raise ValueError("The recipe's assistant turn has no embedding token to pool.")
     assistant = config.assistant_template.format(embedding_token=config.embedding_token or "")
     if config.pooling == "token":
+        if config.embedding_token not in assistant:
+            raise ValueError(f"The recipe's assistant turn {config.assistant_template!r} holds no embedding token to "
+                             "pool at.")
         assistant = assistant[: assistant.rindex(config.embedding_token) + len(config.embedding_token)]
     suffix = {modality: config.user_suffix_template.format(modality=config.modality_words[modality])
               for modality in ("image", "text", "image,text")}
@@ -670,9 +670,11 @@ def serving_chat_template(config: PumaConfig) -> str:
         '{%- else -%}',
         '{%- if message.role == "user" -%}{%- set ns.users = ns.users + 1 -%}{%- endif -%}',
         '{%- for part in message.content -%}',
-        '{%- if part.type == "text" and message.role == "system" -%}{%- set ns.instruction = ns.instruction ~ part.text -%}',
+        '{%- if part.type == "text" and message.role == "system" -%}',
+        '{%- set ns.instruction = ns.instruction ~ part.text -%}',
         '{%- elif part.type == "text" -%}{%- set ns.text = ns.text ~ part.text -%}',
-        f'{{%- elif part.type in {list(IMAGE_PARTS)} and message.role == "user" -%}}{{%- set ns.images = ns.images + 1 -%}}',
+        f'{{%- elif part.type in {list(IMAGE_PARTS)} and message.role == "user" -%}}',
+        '{%- set ns.images = ns.images + 1 -%}',
         '{%- else -%}{{- raise_exception("An embedding input holds text and at most one image; got a " ~ part.type '
         '~ " part in a " ~ message.role ~ " message.") -}}',
         '{%- endif -%}',

@@ -37,8 +37,9 @@ class VllmEmbedder:
 
         recipe_path = os.path.join(path, RECIPE_FILE)
         if not os.path.isfile(recipe_path):
-            raise FileNotFoundError(f"{path!r} holds no {RECIPE_FILE}: give the folder hub_puma.export_plain_checkpoint "
-                                    "wrote (the engine runs the plain export, not the PUMA checkpoint).")
+            raise FileNotFoundError(f"{path!r} holds no {RECIPE_FILE}: give the folder that "
+                                    "hub_puma.export_plain_checkpoint wrote (the engine runs the plain export, not the "
+                                    "PUMA checkpoint).")
         with open(recipe_path, encoding="utf-8") as f:
             engine_args = json.load(f)["vllm"]
         self.recipe = ServingRecipe.from_file(recipe_path)
