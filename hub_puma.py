@@ -236,7 +236,9 @@ def build_model_card(model, *, card_data=None, eval_results=None, base_model=Non
         prompts=prompts or {},
         eval_table=_eval_table(eval_results) if eval_results else None,
         depths=depths,
-        vllm_section=_render(VLLM_TEMPLATE, embedding_token=config.embedding_token, export_dir=f"{model_name}-qwen2vl"),
+        family_tag=FAMILY_TAGS[config.base_model_type],
+        export_dir=f"{model_name}-{config.base_model_type.replace('_', '')}",
+        serve_gpu=vllm_serve(config, f"{model_name}-{config.base_model_type.replace('_', '')}")["gpu"],
     )
 
 
@@ -326,25 +328,30 @@ def _is_hub_id(name: str) -> bool:
 # --------------------------------------------------------------------------------------------------------------------
 # Export to the plain family checkpoint
 # --------------------------------------------------------------------------------------------------------------------
-# The key layout of each family that every transformers class of the family loads on 4.57 and 5.x: Qwen2-VL and
-# Qwen2.5-VL's Hub layout (transformers <= 4.51: `model.layers.*`, `visual.*`); for Qwen3-VL a base model's
-# (`language_model.*`, `visual.*`), since 4.57's `Qwen3VLModel` cannot read the `model.`-prefixed Hub layout.
-EXPORT_LAYOUT = {"qwen2_vl": "old", "qwen2_5_vl": "old", "qwen3_vl": "base", "qwen3_vl_moe": "base"}
+# The key layout of each family: its Hub checkpoints' own, which vLLM's weight mappers read. Qwen2-VL and Qwen2.5-VL:
+# transformers <= 4.51's (`model.layers.*`, `visual.*`), which every transformers class of the family loads on 4.57
+# and 5.x. Qwen3-VL: `model.language_model.*`, `model.visual.*`, which transformers 5 loads in every class and 4.57 in
+# `Qwen3VLForConditionalGeneration` only (4.57's `Qwen3VLModel` reads no `model.` prefix, for Qwen's own checkpoints
+# neither); vLLM cannot load a base model's `language_model.*` keys.
+EXPORT_LAYOUT = {"qwen2_vl": "old", "qwen2_5_vl": "old", "qwen3_vl": "new", "qwen3_vl_moe": "new"}
 FAMILY_TAGS = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl", "qwen3_vl_moe": "qwen3-vl-moe"}
 
 
 def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None, license=None) -> str:
     """Writes the PUMA checkpoint in `puma_dir` as a plain checkpoint of its family (`qwen2_vl`, `qwen2_5_vl` or
     `qwen3_vl`) into the new or empty `out_dir`, loadable without remote code by `AutoModel`, the family's `*Model` and
-    `*ForConditionalGeneration` on transformers 4.57 and 5.x.
+    `*ForConditionalGeneration` (Qwen3-VL on transformers 4.57: the latter only, as for Qwen's own checkpoints),
+    and by vLLM's pooling runner.
 
     The config is the family's (kept layers renumbered: `text_config.num_hidden_layers = k`, `layer_types` and
     Qwen3-VL's `deepstack_visual_indexes` sliced; legacy rope keys kept for transformers 4.57) with
-    `architectures = ["<Family>ForConditionalGeneration"]` and no `auto_map`. The weights are written in the key
-    layout every class of the family reads on both majors (`EXPORT_LAYOUT`); `lm_head` is tied to the input embeddings (the
-    next-token head of a pruned model is unused, and tying stores nothing), so every class loads without missing
-    weights. The processor keeps the embedding token and resizes images into the recipe's pixel range (`size` and
-    `min_pixels`/`max_pixels`, for both transformers majors). README.md gives the transformers and vLLM recipes.
+    `architectures = ["<Family>ForConditionalGeneration"]` and no `auto_map`. The weights are written in the family's
+    Hub key layout (`EXPORT_LAYOUT`); `lm_head` is tied to the input embeddings (the next-token head of a pruned model
+    is unused, and tying stores nothing), so every class loads without missing weights. The processor keeps the embedding token and resizes images into the recipe's pixel range (`size` and
+    `min_pixels`/`max_pixels`, for both transformers majors); its chat template renders the recipe's prompt cut after
+    the pooled token (`serving_chat_template`), `puma_recipe.json` holds what a client applies itself
+    (`serving_recipe`), and config.json lists the trained Matryoshka sizes as `matryoshka_dimensions` (what vLLM
+    serves as a request's `dimensions`). README.md gives the transformers and vLLM recipes.
 
     Args:
         repo_id (`str`, *optional*): the id shown in the README's code. Default: the folder name.
@@ -358,6 +365,7 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
     _export_config(puma_config, dtype, out_dir)
     _export_weights(puma_dir, out_dir, EXPORT_LAYOUT[puma_config.base_model_type])
     _export_processor(puma_dir, puma_config, out_dir)
+    _write_json(os.path.join(out_dir, SERVING_RECIPE_NAME), serving_recipe(puma_config))
     _export_card(puma_dir, puma_config, out_dir, repo_id or os.path.basename(os.path.abspath(out_dir)), base_model,
                  license)
     return out_dir
@@ -390,6 +398,8 @@ def _export_config(puma_config: PumaConfig, dtype: str | None, out_dir: str) -> 
     family_config.update(model_type=family, architectures=[FAMILIES[family]["generation"]], tie_word_embeddings=True,
                          dtype=dtype)
     family_config.pop("transformers_version", None)
+    if puma_config.matryoshka_dims:
+        family_config["matryoshka_dimensions"] = list(puma_config.matryoshka_dims)
     _write_json(os.path.join(out_dir, "config.json"), family_config)
 
 
@@ -410,8 +420,8 @@ def _export_weights(puma_dir: str, out_dir: str, layout: str) -> None:
 
 
 def _export_processor(puma_dir: str, puma_config: PumaConfig, out_dir: str) -> None:
-    """The processor, with the embedding token and the recipe's pixel range in the fields both transformers majors
-    read."""
+    """The processor, with the embedding token, the recipe's pixel range in the fields both transformers majors read,
+    and the serving chat template."""
     from modeling_puma import load_processor, make_tokenizer_config_portable, processor_kwargs
 
     processor = load_processor(puma_dir, puma_config)
@@ -421,6 +431,7 @@ def _export_processor(puma_dir: str, puma_config: PumaConfig, out_dir: str) -> N
         if image_processor is None:
             continue
         set_image_processor_pixels(image_processor, bounds["shortest_edge"], bounds["longest_edge"])
+    processor.chat_template = processor.tokenizer.chat_template = serving_chat_template(puma_config)
     processor.save_pretrained(out_dir)
     make_tokenizer_config_portable(os.path.join(out_dir, "tokenizer_config.json"))
 
@@ -465,9 +476,14 @@ def _export_card(puma_dir: str, puma_config: PumaConfig, out_dir: str, repo_id: 
         max_pixels=puma_config.max_pixels,
         processor_resize=puma_config.processor_min_pixels is not None,
         prompts=prompts,
-        vllm_section=_render(VLLM_TEMPLATE, embedding_token=puma_config.embedding_token, export_dir=repo_id,
-                             pooling=puma_config.pooling, family=family,
-                             sequential_positions=puma_config.position_mode == "sequential"),
+        vllm_section=_render(VLLM_TEMPLATE, embedding_token=puma_config.embedding_token, pooling=puma_config.pooling,
+                             tested_vllm=TESTED_VLLM, serve=vllm_serve(puma_config, repo_id), repo_code=_py(repo_id),
+                             factor=vision.patch_size * vision.spatial_merge_size, min_pixels=puma_config.min_pixels,
+                             max_pixels=puma_config.max_pixels, max_text_tokens=puma_config.max_text_tokens,
+                             processor_resize=puma_config.processor_min_pixels is not None,
+                             matryoshka_dims=puma_config.matryoshka_dims, prompts=prompts,
+                             instruction_in_text=puma_config.instruction_placement == "user",
+                             query_code=_py(EXAMPLE_QUERY), instruction_code=_py(EXAMPLE_INSTRUCTION)),
     ).save(os.path.join(out_dir, "README.md"))
 
 
@@ -478,7 +494,7 @@ def _export_key(key: str, layout: str) -> str:
     key = re.sub(r"^model\.(?!language_model\.|visual\.)", "model.language_model.", key)
     if layout == "old" and key.startswith("model.language_model."):
         return "model." + key[len("model.language_model."):]
-    if layout in ("old", "base") and key.startswith("model."):
+    if layout == "old" and key.startswith("model."):
         return key[len("model."):]
     return key
 
@@ -508,6 +524,201 @@ def _puma_field_names() -> set[str]:
 
     return {"base_model_type", "kept_layers", "base_num_hidden_layers", "trained_depths", "preset",
             "embedding_token_id", "normalize", *RECIPE_FIELDS}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# vLLM serving recipe: the pooler, the chat template that renders `build_prompt`'s prompt, the client's recipe file
+# --------------------------------------------------------------------------------------------------------------------
+SERVING_RECIPE_NAME = "puma_recipe.json"
+# What vLLM's pooling runner needs besides the folder: the hidden state at the last token (the prompt is cut after
+# the pooled token), L2-normalised (`use_activation` is the normalisation of an embedding task; recent vLLM refuses
+# the older `normalize`).
+POOLING_TYPES = {"token": "LAST", "last": "LAST", "mean": "MEAN"}
+# The vLLM releases PUMA's tests run the recipe with (CI installs them with .ci/vllm_env.sh); the card names them.
+TESTED_VLLM = "0.32.0"
+# One image per input; no video (its memory is then not reserved).
+MM_LIMITS = {"image": 1, "video": 0}
+IMAGE_PARTS = ("image", "image_url", "image_pil", "image_embeds")
+
+
+def pooler_config(config: PumaConfig) -> dict:
+    """vLLM's `--pooler-config` of the recipe."""
+    return {"pooling_type": POOLING_TYPES[config.pooling], "use_activation": config.normalize}
+
+
+def hf_overrides(config: PumaConfig) -> dict | None:
+    """vLLM's `--hf-overrides` of a recipe that numbers tokens sequentially (GME): without an M-RoPE section vLLM
+    gives every token the 1-D position 0, 1, 2, ... (M-RoPE with three equal position rows); `None` for the family's
+    own 3-D positions. (vLLM merges the override into the config's rope parameters, so the section is set to null.)"""
+    if config.position_mode != "sequential":
+        return None
+    return {"text_config": {"rope_parameters": {"mrope_section": None}}}
+
+
+def vllm_serve(config: PumaConfig, model: str) -> dict:
+    """The vLLM commands serving the export `model` (a folder or Hub id): `gpu` (`vllm serve`), `cpu` (the CPU
+    package's module entry point, in float32), and the pooler and overrides as Python literals for `LLM(...)`."""
+    import shlex
+
+    options = [("--runner", "pooling"), ("--convert", "embed"),
+               ("--pooler-config", json.dumps(pooler_config(config))),
+               ("--limit-mm-per-prompt", json.dumps(MM_LIMITS))]
+    overrides = hf_overrides(config)
+    if overrides is not None:
+        options.append(("--hf-overrides", json.dumps(overrides)))
+    lines = [" ".join(f"{flag} {shlex.quote(value)}" for flag, value in options[:2])]
+    lines += [f"{flag} {shlex.quote(value)}" for flag, value in options[2:]]
+    model = shlex.quote(model)
+    return {
+        "gpu": " \\\n  ".join([f"vllm serve {model} {lines[0]}", *lines[1:]]),
+        "cpu": " \\\n  ".join([f"python -m vllm.entrypoints.openai.api_server --model {model} {lines[0]}", *lines[1:],
+                                  "--dtype float32"]),
+        "pooler_py": repr(pooler_config(config)),
+        "hf_overrides": overrides,
+        "hf_overrides_py": repr(overrides),
+    }
+
+
+def serving_recipe(config: PumaConfig) -> dict:
+    """The recipe values a client needs to reproduce `encode` through a server (`puma_recipe.json`): the image grid
+    and pixel range images are resized into first (PIL bicubic; the server's processor then leaves them as they are,
+    or resizes them into its own range as `encode`'s processor does), the text token limit (truncation needs a
+    tokenizer, so the client applies it), the Matryoshka sizes served, and the arguments of `vllm.LLM` (what
+    `vllm_serve` passes as flags)."""
+    vision = config.vision_config
+    return {"preset": config.preset, "pooling": config.pooling, "embedding_token": config.embedding_token,
+            "image_factor": vision.patch_size * vision.spatial_merge_size, "min_pixels": config.min_pixels,
+            "max_pixels": config.max_pixels, "max_text_tokens": config.max_text_tokens,
+            "matryoshka_dims": config.matryoshka_dims, "hidden_size": config.text_config.hidden_size,
+            "vllm": {"pooler_config": pooler_config(config), "hf_overrides": hf_overrides(config),
+                     "limit_mm_per_prompt": MM_LIMITS, "tested_version": TESTED_VLLM}}
+
+
+def _jinja_string(text: str) -> str:
+    """`text` as a Jinja string literal (Jinja unescapes literals as Python does)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r") + '"'
+
+
+def _jinja_format(template: str, **fields: str) -> str:
+    """A Jinja expression that is `template.format(**values)`, where `fields` maps each field name to the Jinja
+    expression of its value (an exact translation, unlike a string replace that would also substitute inside
+    values)."""
+    import string
+
+    parts = []
+    for literal, name, spec, conversion in string.Formatter().parse(template):
+        if literal:
+            parts.append(_jinja_string(literal))
+        if name is not None:
+            if spec or conversion or name not in fields:
+                raise ValueError(f"Cannot serve the template {template!r}: only plain {{{'}, {'.join(fields)}}} "
+                                 "fields translate to a chat template.")
+            parts.append(f"({fields[name]})")
+    return " ~ ".join(parts) or '""'
+
+
+def _punctuation() -> str:
+    """Every character of Unicode's punctuation categories (P*), the set `punctuate` tests with `unicodedata`."""
+    import sys
+    import unicodedata
+
+    return "".join(c for c in map(chr, range(sys.maxunicode + 1)) if unicodedata.category(c).startswith("P"))
+
+
+def serving_chat_template(config: PumaConfig) -> str:
+    """A chat template that renders `build_prompt`'s prompt of the recipe, cut right after the pooled token, from one
+    request of vLLM's `/v1/embeddings`: an optional system message holding the instruction (placed where the recipe
+    puts it, punctuated and formatted as it says) and one user message holding at most one image and the text.
+
+    Two keywords (`chat_template_kwargs`) serve a client that truncates long texts to the recipe's token limit, which
+    a template cannot count: `text_only` renders the recipe's text (instruction merged and formatted, nothing else),
+    and `prepared_text` places the user text as it is (already merged, formatted and truncated); the instruction
+    still goes to the system turn where the recipe puts it there.
+    """
+    assistant = config.assistant_template.format(embedding_token=config.embedding_token or "")
+    if config.pooling == "token":
+        if config.embedding_token not in assistant:
+            raise ValueError(f"The recipe's assistant turn {config.assistant_template!r} holds no embedding token to "
+                             "pool at.")
+        assistant = assistant[: assistant.rindex(config.embedding_token) + len(config.embedding_token)]
+    suffix = {modality: config.user_suffix_template.format(modality=config.modality_words[modality])
+              for modality in ("image", "text", "image,text")}
+    system = "none" if config.system_prompt is None else _jinja_string(config.system_prompt)
+    user_placement = config.instruction_placement == "user"
+    merge = _jinja_format(config.instruction_template, instruction="instruction.strip()", text="text")
+    lines = [
+        f"{{#- PUMA embedding prompt, recipe {config.preset!r}: [system turn] user turn (image, text, suffix), "
+        "assistant turn cut after the pooled token. -#}",
+        '{%- macro format_string(value) -%}',
+        '{%- set value = value.replace("\\r", "").strip().strip(\'"\') -%}',
+        '{%- if value -%}{%- set value = value[0].upper() ~ value[1:] -%}'
+        '{%- if value[-1] not in ".?!" -%}{%- set value = value ~ "." -%}{%- endif -%}{%- endif -%}',
+        '{{- value -}}',
+        '{%- endmacro -%}',
+        '{%- set ns = namespace(instruction="", text="", images=0, users=0) -%}',
+        '{%- for message in messages -%}',
+        '{%- if message.role not in ["system", "user"] -%}',
+        '{{- raise_exception("An embedding request holds an optional system message (the instruction) and one user '
+        'message (the input); got a " ~ message.role ~ " message.") -}}',
+        '{%- elif message.content is string -%}',
+        '{%- if message.role == "system" -%}{%- set ns.instruction = ns.instruction ~ message.content -%}'
+        '{%- else -%}{%- set ns.users = ns.users + 1 -%}{%- set ns.text = ns.text ~ message.content -%}{%- endif -%}',
+        '{%- else -%}',
+        '{%- if message.role == "user" -%}{%- set ns.users = ns.users + 1 -%}{%- endif -%}',
+        '{%- for part in message.content -%}',
+        '{%- if part.type == "text" and message.role == "system" -%}',
+        '{%- set ns.instruction = ns.instruction ~ part.text -%}',
+        '{%- elif part.type == "text" -%}{%- set ns.text = ns.text ~ part.text -%}',
+        f'{{%- elif part.type in {list(IMAGE_PARTS)} and message.role == "user" -%}}',
+        '{%- set ns.images = ns.images + 1 -%}',
+        '{%- else -%}{{- raise_exception("An embedding input holds text and at most one image; got a " ~ part.type '
+        '~ " part in a " ~ message.role ~ " message.") -}}',
+        '{%- endif -%}',
+        '{%- endfor -%}',
+        '{%- endif -%}',
+        '{%- endfor -%}',
+        '{%- if ns.users != 1 or ns.images > 1 -%}',
+        '{{- raise_exception("An embedding input is one user message with at most one image; got " ~ ns.users ~ '
+        '" user messages and " ~ ns.images ~ " images.") -}}',
+        '{%- endif -%}',
+        '{%- set instruction = ns.instruction -%}',
+        '{%- set text = ns.text -%}',
+        f'{{%- set system = {system} -%}}',
+        '{%- if instruction -%}',
+    ]
+    if config.punctuate_instruction:
+        lines += [
+            '{%- set instruction = instruction.strip() -%}',
+            f'{{%- if instruction and instruction[-1] not in {_jinja_string(_punctuation())} -%}}'
+            '{%- set instruction = instruction ~ "." -%}{%- endif -%}',
+        ]
+    if user_placement:
+        lines += [
+            '{%- if not prepared_text -%}',
+            '{%- set instruction = format_string(instruction) -%}' if config.format_text else '',
+            f'{{%- set text = {merge} -%}}',
+            '{%- endif -%}',
+        ]
+    else:
+        lines.append('{%- set system = instruction -%}')
+    lines.append('{%- endif -%}')
+    if config.format_text:
+        lines.append('{%- if not prepared_text -%}{%- set text = format_string(text) -%}{%- endif -%}')
+    lines += [
+        '{%- if text_only -%}{{- text -}}{%- else -%}',
+        '{%- if not text and not ns.images -%}{{- raise_exception("An input has neither text nor image.") -}}'
+        '{%- endif -%}',
+        '{%- if system is not none -%}{{- "<|im_start|>system\\n" ~ system ~ "<|im_end|>\\n" -}}{%- endif -%}',
+        '{{- "<|im_start|>user\\n" -}}',
+        '{%- if ns.images -%}{{- "<|vision_start|><|image_pad|><|vision_end|>" -}}{%- endif -%}',
+        '{{- text -}}',
+        f'{{%- if ns.images and text -%}}{{{{- {_jinja_string(suffix["image,text"])} -}}}}'
+        f'{{%- elif ns.images -%}}{{{{- {_jinja_string(suffix["image"])} -}}}}'
+        f'{{%- else -%}}{{{{- {_jinja_string(suffix["text"])} -}}}}{{%- endif -%}}',
+        f'{{{{- "<|im_end|>\\n<|im_start|>assistant\\n" ~ {_jinja_string(assistant)} -}}}}',
+        '{%- endif -%}',
+    ]
+    return "\n".join(line for line in lines if line) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------------------------

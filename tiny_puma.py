@@ -7,7 +7,7 @@ real checkpoints use, and, for the tiny shape, a byte-level BPE tokenizer traine
 special tokens plus the family's real processor and chat template. Nothing here is pretrained: the weights are random.
 
     python tiny_puma.py OUT_DIR [--family qwen2_vl|qwen2_5_vl|qwen3_vl] [--layout old|new|base] [--shards N]
-                                   [--shape tiny|small|2b|8b] [--dtype bfloat16]
+                                   [--shape tiny|tiny64|small|2b|8b] [--dtype bfloat16]
 
 Layouts: "old" is transformers <= 4.51's (`model.layers.N`, `visual.*`; Qwen/Qwen2-VL-* and Qwen2.5-VL-* are
 published so), "new" is >= 4.52's (`model.language_model.*`, `model.visual.*`; Qwen3-VL and Qwen3-VL-Embedding), "base"
@@ -397,6 +397,22 @@ SHAPES["qwen3_vl_moe"] = {"tiny": {
     "text": dict(SHAPES["qwen3_vl"]["tiny"]["text"], moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
                  decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=True),
     "vision": dict(SHAPES["qwen3_vl"]["tiny"]["vision"])}}
+# "tiny64": the smallest shapes vLLM's CPU attention runs (head sizes 32, 64, 80, ... 512; "tiny" has 16): text width
+# 128 in 2 heads of 64, 4 layers, vision heads of 32; Qwen3-VL injects DeepStack features after layers 0 and 1.
+_TEXT_TINY64 = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+                    num_key_value_heads=2, tie_word_embeddings=True)
+SHAPES["qwen2_vl"]["tiny64"] = {
+    "text": dict(_TEXT_TINY64, rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}),
+    "vision": dict(depth=2, embed_dim=64, hidden_size=128, mlp_ratio=2, num_heads=2)}
+SHAPES["qwen2_5_vl"]["tiny64"] = {
+    "text": dict(_TEXT_TINY64, rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}),
+    "vision": dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                   fullatt_block_indexes=[1], window_size=56, tokens_per_second=2, hidden_act="silu")}
+SHAPES["qwen3_vl"]["tiny64"] = {
+    "text": dict(_TEXT_TINY64, head_dim=64, rope_scaling={"rope_type": "default", "mrope_section": [12, 10, 10],
+                                                          "mrope_interleaved": True}),
+    "vision": dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                   num_position_embeddings=64, deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh")}
 PATCH_SIZE = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_vl_moe": 16}
 ROPE_THETA = {"qwen2_vl": 1000000.0, "qwen2_5_vl": 1000000.0, "qwen3_vl": 5000000.0, "qwen3_vl_moe": 5000000.0}
 
@@ -605,13 +621,17 @@ EMBEDDERS = {"qwen3_vl_embedding": "qwen3_vl", "gme": "qwen2_vl"}
 
 def build_tiny_checkpoint(out_dir: str, family: str = "qwen2_vl", layout: str | None = None, num_shards: int = 1,
                           seed: int = 0, num_hidden_layers: int | None = None, dtype: torch.dtype = torch.float32,
-                          max_pixels: int | None = None, embedder: str | None = None) -> str:
+                          max_pixels: int | None = None, embedder: str | None = None, shape: str = "tiny") -> str:
     """A complete tiny checkpoint folder of `family` (config, weights, tokenizer, processor); returns `out_dir`.
 
     `layout` defaults to the one the family's Hub checkpoints use. `embedder` ("qwen3_vl_embedding" or "gme") lays it
-    out like that trained embedder: its family, chat template and tokenizer, and GME's `gme_inference.py`."""
+    out like that trained embedder: its family, chat template and tokenizer, and GME's `gme_inference.py`. `shape`:
+    "tiny", or "tiny64" (heads of 64, which vLLM's CPU attention runs)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}.")
+    tiny_shapes = [name for name in ("tiny", "tiny64") if name in SHAPES[family]]
+    if shape not in tiny_shapes:
+        raise ValueError(f"shape={shape!r} is not a tiny shape of {family}; use one of {tiny_shapes}.")
     if embedder is not None and EMBEDDERS.get(embedder) != family:
         raise ValueError(f"embedder={embedder!r} is built on {EMBEDDERS.get(embedder)}, not {family}.")
     layout = layout or HUB_LAYOUT[family]
@@ -620,7 +640,7 @@ def build_tiny_checkpoint(out_dir: str, family: str = "qwen2_vl", layout: str | 
         with open(os.path.join(out_dir, "gme_inference.py"), "w", encoding="utf-8") as f:
             f.write('"""GME inference code (stand-in)."""\n')
     vocab_size = (num_tokens + 8 + 63) // 64 * 64  # padded rows beyond the tokenizer, as in real checkpoints
-    config = hub_config(family, "tiny", str(dtype).replace("torch.", ""), token_ids, vocab_size, num_hidden_layers,
+    config = hub_config(family, shape, str(dtype).replace("torch.", ""), token_ids, vocab_size, num_hidden_layers,
                         nested=family.startswith("qwen3_vl") or layout != "old")
     write_random_checkpoint(out_dir, config, layout, num_shards, seed, dtype)
     return out_dir
@@ -632,7 +652,7 @@ def main():
     parser.add_argument("--family", choices=FAMILIES, default="qwen2_vl")
     parser.add_argument("--layout", choices=LAYOUTS, default=None, help="default: the family's Hub layout")
     parser.add_argument("--shards", type=int, default=1)
-    parser.add_argument("--shape", default="tiny", help="tiny, small (qwen2_vl), 2b, 8b (qwen3_vl)")
+    parser.add_argument("--shape", default="tiny", help="tiny, tiny64 (vLLM's CPU build), small (qwen2_vl), 2b, 8b")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -640,8 +660,8 @@ def main():
         parser.error(f"--shape {args.shape} is not one of {sorted(SHAPES[args.family])} for {args.family}.")
     dtype = getattr(torch, args.dtype)
     layout = args.layout or HUB_LAYOUT[args.family]
-    if args.shape == "tiny":
-        build_tiny_checkpoint(args.out_dir, args.family, layout, args.shards, args.seed, dtype=dtype)
+    if args.shape in ("tiny", "tiny64"):
+        build_tiny_checkpoint(args.out_dir, args.family, layout, args.shards, args.seed, dtype=dtype, shape=args.shape)
     else:
         token_ids, num_tokens = save_tiny_processor(args.out_dir, args.family)  # the embedding token needs one
         vocab_size = None if args.shape in ("2b", "8b") else (num_tokens + 8 + 63) // 64 * 64

@@ -43,13 +43,15 @@ def distributed_state():
 
 def model_fingerprint(model) -> str:
     """Hash of what determines the model's embeddings: its configuration (kept layers, prompts, pixel limits),
-    dtype and attention, and, for a local checkpoint folder, the content of its files
+    dtype and attention, the engine (vLLM: `vllm_engine.VllmEmbedder`) and, for a local checkpoint folder, the content of its files
     (`mbeir_puma.checkpoint_fingerprint`)."""
     from modeling_puma import attn_implementation
 
     digest = hashlib.sha256()
     digest.update(model.config.to_json_string(use_diff=False).encode())
     digest.update(f"{model.dtype}|{attn_implementation(model.config)}".encode())
+    if getattr(model, "engine", None):  # another engine's kernels round differently: its own cache
+        digest.update(f"|{model.engine} {model.version}".encode())
     if os.path.isdir(model.name_or_path):
         digest.update(json.dumps(checkpoint_fingerprint(model.name_or_path), sort_keys=True).encode())
     return digest.hexdigest()
