@@ -655,16 +655,18 @@ def serving_chat_template(config: PumaConfig) -> str:
         '{%- if value[-1] not in ".?!" -%}{%- set value = value ~ "." -%}{%- endif -%}{%- endif -%}',
         '{{- value -}}',
         '{%- endmacro -%}',
-        '{%- set ns = namespace(instruction="", text="", images=0, users=0) -%}',
+        '{%- set ns = namespace(instruction="", has_system=false, text="", images=0, users=0) -%}',
         '{%- for message in messages -%}',
         '{%- if message.role not in ["system", "user"] -%}',
         '{{- raise_exception("An embedding request holds an optional system message (the instruction) and one user '
         'message (the input); got a " ~ message.role ~ " message.") -}}',
         '{%- elif message.content is string -%}',
-        '{%- if message.role == "system" -%}{%- set ns.instruction = ns.instruction ~ message.content -%}'
+        '{%- if message.role == "system" -%}{%- set ns.has_system = true -%}'
+        '{%- set ns.instruction = ns.instruction ~ message.content -%}'
         '{%- else -%}{%- set ns.users = ns.users + 1 -%}{%- set ns.text = ns.text ~ message.content -%}{%- endif -%}',
         '{%- else -%}',
-        '{%- if message.role == "user" -%}{%- set ns.users = ns.users + 1 -%}{%- endif -%}',
+        '{%- if message.role == "user" -%}{%- set ns.users = ns.users + 1 -%}{%- else -%}'
+        '{%- set ns.has_system = true -%}{%- endif -%}',
         '{%- for part in message.content -%}',
         '{%- if part.type == "text" and message.role == "system" -%}',
         '{%- set ns.instruction = ns.instruction ~ part.text -%}',
@@ -684,7 +686,9 @@ def serving_chat_template(config: PumaConfig) -> str:
         '{%- set instruction = ns.instruction -%}',
         '{%- set text = ns.text -%}',
         f'{{%- set system = {system} -%}}',
-        '{%- if instruction -%}',
+        # build_prompt: a system message (even an empty one) is an instruction; punctuated first where the recipe
+        # says, then a blank one leaves the default system turn unless the recipe keeps empty instructions (GME)
+        '{%- if ns.has_system -%}',
     ]
     if config.punctuate_instruction:
         lines += [
@@ -694,13 +698,14 @@ def serving_chat_template(config: PumaConfig) -> str:
         ]
     if user_placement:
         lines += [
-            '{%- if not prepared_text -%}',
+            '{%- if instruction and not prepared_text -%}',
             '{%- set instruction = format_string(instruction) -%}' if config.format_text else '',
             f'{{%- set text = {merge} -%}}',
             '{%- endif -%}',
         ]
     else:
-        lines.append('{%- set system = instruction -%}')
+        keep = "true" if config.keep_empty_instruction else "false"
+        lines.append(f'{{%- if instruction or {keep} -%}}{{%- set system = instruction -%}}{{%- endif -%}}')
     lines.append('{%- endif -%}')
     if config.format_text:
         lines.append('{%- if not prepared_text -%}{%- set text = format_string(text) -%}{%- endif -%}')
