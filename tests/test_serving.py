@@ -19,7 +19,7 @@ from modeling_puma import PumaForEmbedding, build_prompt, load_image, resize_ima
 
 TEXTS = [None, "a red circle", '  "a quoted text "  ', "ends with a question?", "two\r\nlines", "ßtraße lower",
          "{text} and {instruction} in braces"]
-INSTRUCTIONS = [None, "Find an image that matches the given caption", "检索相符的图片。", " spaced out ! ",
+INSTRUCTIONS = [None, "", "Find an image that matches the given caption", "检索相符的图片。", " spaced out ! ",
                 "«quoted»", '"q"', "   "]
 
 
