@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import struct
 import time
 from dataclasses import dataclass
 
@@ -59,7 +60,10 @@ class ServingRecipe:
     Args:
         image_factor (`int`): image sides are multiples of it (vision patch size times merge size).
         min_pixels (`int`), max_pixels (`int`): the pixel range images are resized into first.
-        max_text_tokens (`int`): longer texts (instruction merged, where the recipe merges it) are truncated.
+        max_text_tokens (`int`, *optional*): longer texts (instruction merged, where the recipe merges it) are
+            truncated before the suffix (PUMA's recipe); `None`: not.
+        max_prompt_tokens (`int`, *optional*): the whole tokenised prompt is truncated on the right to this many
+            tokens (Qwen3-VL-Embedding's and GME's published truncation); `None`: not.
         matryoshka_dims (`list[int]`, *optional*): the trained sizes a request's `dimensions` may take.
         hidden_size (`int`, *optional*): the full embedding size.
     """
@@ -67,9 +71,10 @@ class ServingRecipe:
     image_factor: int
     min_pixels: int
     max_pixels: int
-    max_text_tokens: int
+    max_text_tokens: int | None
     matryoshka_dims: list[int] | None = None
     hidden_size: int | None = None
+    max_prompt_tokens: int | None = None
 
     @classmethod
     def from_file(cls, path) -> "ServingRecipe":
@@ -82,7 +87,8 @@ class ServingRecipe:
                                     "(hub_puma.export_plain_checkpoint writes it).")
         with open(path, encoding="utf-8") as f:
             values = json.load(f)
-        fields = ("image_factor", "min_pixels", "max_pixels", "max_text_tokens", "matryoshka_dims", "hidden_size")
+        fields = ("image_factor", "min_pixels", "max_pixels", "max_text_tokens", "matryoshka_dims", "hidden_size",
+                  "max_prompt_tokens")
         return cls(**{name: values.get(name) for name in fields})
 
 
@@ -255,9 +261,16 @@ class EmbeddingsClient:
         instruction = instruction if is_query else None
         messages = [self.messages(*parse_input(item, index), instruction) for index, item in enumerate(items)]
         prepared = [self._truncated(message) for message in messages]
+        token_ids = [self._prompt_ids(message, index) for index, message in enumerate(messages)]
         results = [None] * len(items)
+        cut = [i for i, ids in enumerate(token_ids) if ids is not None]
+        for start in range(0, len(cut), self.batch_size):  # prompts cut by the recipe travel as token ids
+            batch = cut[start:start + self.batch_size]
+            for index, vector in zip(batch, self.embed_token_ids([token_ids[i] for i in batch], dimensions)):
+                results[index] = vector
+        prepared = [None if ids is not None else p for p, ids in zip(prepared, token_ids)]
         for kind in (False, True):  # texts placed as they are travel in requests of their own
-            indices = [i for i, p in enumerate(prepared) if (p is not None) == kind]
+            indices = [i for i, p in enumerate(prepared) if (p is not None) == kind and token_ids[i] is None]
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start:start + self.batch_size]
                 vectors = self.embed_messages([prepared[i] if kind else messages[i] for i in batch], dimensions,
@@ -276,7 +289,8 @@ class EmbeddingsClient:
             content.append({"type": "text", "text": text})
         if not content:
             raise ValueError("An input has neither text nor image.")
-        system = [{"role": "system", "content": instruction}] if instruction else []
+        # an empty instruction is still an instruction (GME keeps an empty system turn)
+        system = [{"role": "system", "content": instruction}] if instruction is not None else []
         return system + [{"role": "user", "content": content}]
 
     # ------------------------------------------------------------------------------------------------------------
@@ -284,9 +298,9 @@ class EmbeddingsClient:
         """The messages with the recipe's text cut to `max_text_tokens` tokens (placed as is, `prepared_text`), or
         `None` when no cut is needed. A byte-level BPE token covers at least one byte, so a text of fewer bytes than
         the limit is never cut and costs no request."""
-        texts = [part.get("text") or "" for message in messages for part in
-                 (message["content"] if isinstance(message["content"], list) else [{"text": message["content"]}])]
-        if sum(len(text.encode("utf-8")) for text in texts) + 8 <= self.recipe.max_text_tokens:
+        if self.recipe.max_text_tokens is None:
+            return None
+        if _text_bytes(messages) + 8 <= self.recipe.max_text_tokens:
             return None
         rendered = self._request("POST", "/tokenize", {
             "model": self.model, "messages": [_text_only(m) for m in messages], "add_generation_prompt": False,
@@ -299,6 +313,36 @@ class EmbeddingsClient:
         images = [part for part in user["content"] if part.get("type") != "text"]
         system = [message for message in messages if message["role"] == "system"]
         return system + [{"role": "user", "content": images + [{"type": "text", "text": text}]}]
+
+    def _prompt_ids(self, messages: list[dict], index: int) -> list[int] | None:
+        """The token ids of the rendered prompt cut to `max_prompt_tokens` (as `encode`'s processor cuts it: special
+        tokens added, then the right end dropped), or `None` when no cut is needed. A template cannot count tokens
+        and the server's own truncation keeps the left end, so the client sends the cut ids. An input with an image
+        whose prompt needs the cut raises: its ids cannot travel without the image."""
+        limit = self.recipe.max_prompt_tokens
+        image_tokens = sum(_image_tokens(part, self.recipe.image_factor) for part in messages[-1]["content"])
+        if limit is None or _text_bytes(messages) + image_tokens + 256 <= limit:  # a template adds < 256 tokens
+            return None
+        ids = self._request("POST", "/tokenize", {
+            "model": self.model, "messages": [_text_only(m) for m in messages], "add_generation_prompt": False,
+            "add_special_tokens": True})["tokens"]
+        if len(ids) + image_tokens <= limit:
+            return None
+        if image_tokens:
+            raise ValueError(f"inputs[{index}]: its prompt ({len(ids) + image_tokens} tokens with the image) passes "
+                             f"the recipe's max_prompt_tokens={limit}, which encode truncates on the right; a server "
+                             "request cannot carry that cut with an image. Shorten the text.")
+        return ids[:limit]
+
+    def embed_token_ids(self, prompts: list[list[int]], dimensions: int | None = None) -> list[list[float]]:
+        """The embeddings of prompts given as token ids (already rendered and cut), in one request."""
+        body = {"model": self.model, "input": prompts, "encoding_format": "float"}
+        if dimensions is not None:
+            body["dimensions"] = dimensions
+        data = self._request("POST", "/v1/embeddings", body)["data"]
+        if len(data) != len(prompts):
+            raise EmbeddingRequestError(f"The server returned {len(data)} embeddings for {len(prompts)} inputs.")
+        return [row["embedding"] for row in sorted(data, key=lambda row: row["index"])]
 
     def embed_messages(self, conversations: list[list[dict]], dimensions: int | None = None,
                        prepared_text: bool = False) -> list[list[float]]:
@@ -333,6 +377,23 @@ class EmbeddingsClient:
                 logger.warning(f"{method} {path} failed ({problem}); retrying in {wait:g} s")
                 time.sleep(wait)
         raise EmbeddingRequestError(f"{method} {path} failed {self.max_retries + 1} times; last: {problem}.", status)
+
+
+def _text_bytes(messages: list[dict]) -> int:
+    """UTF-8 bytes of the messages' texts: a byte-level BPE token covers at least one byte, so no text of fewer
+    bytes than a token limit passes it."""
+    texts = [part.get("text") or "" for message in messages for part in
+             (message["content"] if isinstance(message["content"], list) else [{"text": message["content"]}])]
+    return sum(len(text.encode("utf-8")) for text in texts)
+
+
+def _image_tokens(part: dict, factor: int) -> int:
+    """Tokens of a fitted image sent as a PNG data URL (its size read from the PNG header): one per merged patch."""
+    if not isinstance(part, dict) or part.get("type") != "image_url":
+        return 0
+    data = base64.b64decode(part["image_url"]["url"].split(",", 1)[1][:44])
+    width, height = struct.unpack(">II", data[16:24])
+    return (width // factor) * (height // factor)
 
 
 def _text_only(message: dict) -> dict:

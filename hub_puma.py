@@ -480,7 +480,7 @@ def _export_card(puma_dir: str, puma_config: PumaConfig, out_dir: str, repo_id: 
                              tested_vllm=TESTED_VLLM, serve=vllm_serve(puma_config, repo_id), repo_code=_py(repo_id),
                              factor=vision.patch_size * vision.spatial_merge_size, min_pixels=puma_config.min_pixels,
                              max_pixels=puma_config.max_pixels, max_text_tokens=puma_config.max_text_tokens,
-                             processor_resize=puma_config.processor_min_pixels is not None,
+                             max_prompt_tokens=puma_config.max_prompt_tokens, processor_resize=puma_config.processor_min_pixels is not None,
                              matryoshka_dims=puma_config.matryoshka_dims, prompts=prompts,
                              instruction_in_text=puma_config.instruction_placement == "user",
                              query_code=_py(EXAMPLE_QUERY), instruction_code=_py(EXAMPLE_INSTRUCTION)),
@@ -589,6 +589,7 @@ def serving_recipe(config: PumaConfig) -> dict:
     return {"preset": config.preset, "pooling": config.pooling, "embedding_token": config.embedding_token,
             "image_factor": vision.patch_size * vision.spatial_merge_size, "min_pixels": config.min_pixels,
             "max_pixels": config.max_pixels, "max_text_tokens": config.max_text_tokens,
+            "max_prompt_tokens": config.max_prompt_tokens,
             "matryoshka_dims": config.matryoshka_dims, "hidden_size": config.text_config.hidden_size,
             "vllm": {"pooler_config": pooler_config(config), "hf_overrides": hf_overrides(config),
                      "limit_mm_per_prompt": MM_LIMITS, "tested_version": TESTED_VLLM}}

@@ -80,11 +80,11 @@ class VllmEmbedder:
     def prompt(self, text: str | None, has_image: bool, instruction: str | None = None) -> str:
         """The recipe's prompt, rendered by the export's chat template, the text cut to the recipe's token limit
         first (what `build_prompt` does with the model's tokenizer)."""
-        system = [{"role": "system", "content": instruction}] if instruction else []
+        system = [{"role": "system", "content": instruction}] if instruction is not None else []
         content = ([{"type": "image"}] if has_image else []) + ([{"type": "text", "text": text}] if text else [])
         messages = system + [{"role": "user", "content": content}]
         options = {}
-        if text:
+        if text and self.recipe.max_text_tokens is not None:
             recipe_text = self._render(messages, text_only=True)
             ids = self.tokenizer(recipe_text, add_special_tokens=False)["input_ids"]
             if len(ids) > self.recipe.max_text_tokens:
@@ -97,9 +97,20 @@ class VllmEmbedder:
     def request(self, text: str | None, image, instruction: str | None = None):
         """One input of `LLM.embed`: the prompt, with the image resized onto the recipe's grid."""
         prompt = self.prompt(text, image is not None, instruction)
+        limit = self.recipe.max_prompt_tokens
         if image is None:
+            if limit is not None:  # the published truncation: the whole prompt cut on the right, as encode's processor
+                ids = self.tokenizer(prompt)["input_ids"]
+                if len(ids) > limit:
+                    return {"prompt_token_ids": ids[:limit]}
             return prompt
-        return {"prompt": prompt, "multi_modal_data": {"image": fit_image(image, self.recipe)}}
+        image = fit_image(image, self.recipe)
+        if limit is not None and len(self.tokenizer(prompt)["input_ids"]) - 1 + (
+                image.width // self.recipe.image_factor) * (image.height // self.recipe.image_factor) > limit:
+            raise ValueError(f"An input's prompt with its image passes the recipe's max_prompt_tokens={limit}, which "
+                             "encode truncates on the right, into the text after the image; vLLM cannot take that cut "
+                             "with an image. Shorten the text.")
+        return {"prompt": prompt, "multi_modal_data": {"image": image}}
 
     def _render(self, messages: list[dict], **template_kwargs) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)

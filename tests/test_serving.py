@@ -180,6 +180,13 @@ def stand_in():
             if state["fail"]:
                 status = state["fail"].pop(0)
                 return self.answer(status, {"error": {"message": f"refused with {status}"}})
+            if self.path == "/tokenize":  # one token per character of the texts, plus ten for the template
+                texts = [part.get("text", "") for message in body["messages"] for part in
+                         (message["content"] if isinstance(message["content"], list) else [{"text": message["content"]}])]
+                return self.answer(200, {"tokens": list(range(sum(map(len, texts)) + 10))})
+            if "input" in body:  # token-id prompts: vector = [index, prompt length]
+                return self.answer(200, {"data": [{"index": i, "embedding": [float(i), float(len(ids))]}
+                                                  for i, ids in enumerate(body["input"])]})
             conversations = body["messages"] if isinstance(body["messages"][0], list) else [body["messages"]]
             self.answer(200, {"data": [{"index": i, "embedding": [float(i), float(len(c))]}
                                        for i, c in enumerate(conversations)]})
@@ -221,6 +228,23 @@ def test_client_batches_by_count_and_sends_the_recipe_request(stand_in, images):
     # documents carry no instruction
     client.embed(["a"], instruction="Find it")
     assert state["bodies"][-1]["messages"] == [{"role": "user", "content": [{"type": "text", "text": "a"}]}]
+
+
+def test_client_cuts_prompts_over_max_prompt_tokens_into_token_ids_and_refuses_them_with_an_image(stand_in, images):
+    # Given a recipe that truncates the whole prompt (Qwen3-VL-Embedding's and GME's published truncation)
+    url, state = stand_in
+    recipe = ServingRecipe(image_factor=28, min_pixels=3136, max_pixels=235200, max_text_tokens=None,
+                           max_prompt_tokens=300)
+    client = EmbeddingsClient(url, recipe, model="served-model", backoff=0)
+    # When a short and a long text are embedded
+    vectors = client.embed(["short", "x" * 400, "also short"])
+    # Then the long one travels as its rendered ids cut to the limit, the short ones as messages, answers in order
+    id_requests = [body for body in state["bodies"] if "input" in body]
+    assert [len(ids) for body in id_requests for ids in body["input"]] == [300]
+    assert vectors[1] == [0.0, 300.0] and vectors[0] == [0.0, 1.0] and vectors[2] == [1.0, 1.0]
+    # and a long text beside an image cannot travel cut: refused, naming the input
+    with pytest.raises(ValueError, match=r"inputs\[1\].*max_prompt_tokens=300"):
+        client.embed(["short", {"text": "y" * 400, "image": images[0]}])
 
 
 def test_client_retries_5xx_and_raises_4xx_with_the_servers_message(stand_in):

@@ -431,12 +431,12 @@ def test_bounded_load_on_loopback_has_no_errors_and_every_answer_right(served, i
 # eval_puma.py --engine vllm
 # ---------------------------------------------------------------------------------------------------------------
 def test_eval_engine_vllm_scores_a_benchmark_as_the_transformers_engine(exports, workdir):
-    from demo_data_puma import make_demo_benchmark
+    from demo_data_puma import TASKS, make_demo_benchmark
 
     from eval_puma import main
 
     root = workdir / "demo-benchmark"
-    manifest = make_demo_benchmark(root, num_train=6, num_test=6, num_nli=1, image_size=32)
+    manifest = make_demo_benchmark(root, num_train=len(TASKS), num_test=6, num_nli=1, image_size=32)
     names = [task["name"] for task in manifest["tasks"]][:3]
     model, export = exports["qwen2_vl"]
     puma_dir = workdir / "puma" / "qwen2_vl"
