@@ -182,7 +182,8 @@ def stand_in():
                 return self.answer(status, {"error": {"message": f"refused with {status}"}})
             if self.path == "/tokenize":  # one token per character of the texts, plus ten for the template
                 texts = [part.get("text", "") for message in body["messages"] for part in
-                         (message["content"] if isinstance(message["content"], list) else [{"text": message["content"]}])]
+                         (message["content"] if isinstance(message["content"], list)
+                          else [{"text": message["content"]}])]
                 return self.answer(200, {"tokens": list(range(sum(map(len, texts)) + 10))})
             if "input" in body:  # token-id prompts: vector = [index, prompt length]
                 return self.answer(200, {"data": [{"index": i, "embedding": [float(i), float(len(ids))]}

@@ -162,7 +162,8 @@ OFFLINE_LLM = dict(dtype="float32", enforce_eager=True, seed=0, max_model_len=40
 def offline(exports, image_files, workdir):
     """Runs every offline task in one worker and returns, per model, `{"embed": [rows per case], "engine": [rows per
     case]}` and the card block's `"card"` rows. `embed` is `LLM.embed` of the prompts `build_prompt` makes, cut after
-    the pooled token, with images resized as `encode` resizes them; `engine` is `VllmEmbedder.encode` (prompts from
+    the pooled token (as ids cut to `max_prompt_tokens` where the recipe cuts the whole prompt), with images resized
+    as `encode` resizes them; `engine` is `VllmEmbedder.encode` (prompts from
     the export's chat template)."""
     folder = workdir / "offline"
     folder.mkdir()
@@ -178,6 +179,11 @@ def offline(exports, image_files, workdir):
                     build_prompt(model.config, text, image is not None, case["instruction"] if case["is_query"]
                                  else None, model.processor.tokenizer), model.config)
                 request = {"prompt": prompt, "dimensions": case.get("truncate_dim")}
+                # the published truncation: the tokenised prompt cut on the right
+                limit = model.config.max_prompt_tokens
+                ids = model.processor.tokenizer(prompt)["input_ids"]
+                if image is None and limit is not None and len(ids) > limit:
+                    request["prompt_token_ids"] = ids[:limit]
                 if image is not None:
                     request["image"] = str(folder / f"{name}-{index}-{item_index}.png")
                     resize_image(image, model.config).save(request["image"])

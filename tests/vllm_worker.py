@@ -54,8 +54,11 @@ def run_model(task: dict) -> None:
     prompts, params = [], []
     for request in task["requests"]:
         image = request.get("image")
-        prompts.append({"prompt": request["prompt"], "multi_modal_data": {"image": Image.open(image).convert("RGB")}}
-                       if image else request["prompt"])
+        if "prompt_token_ids" in request:
+            prompts.append({"prompt_token_ids": request["prompt_token_ids"]})
+        else:
+            visual = {"image": Image.open(image).convert("RGB")} if image else None
+            prompts.append({"prompt": request["prompt"], "multi_modal_data": visual} if image else request["prompt"])
         params.append(PoolingParams(dimensions=request.get("dimensions")))
     outputs = embedder.llm.embed(prompts, pooling_params=params, use_tqdm=False)
     engine = [embedder.encode(case["inputs"], instruction=case.get("instruction"), is_query=case.get("is_query", False),
