@@ -23,7 +23,7 @@ def benchmark(tmp_path_factory):
     from demo_data_puma import make_demo_benchmark
 
     root = tmp_path_factory.mktemp("demo_benchmark")
-    make_demo_benchmark(root, num_train=6, num_test=6, num_negatives=1, num_nli=8, image_size=40)
+    make_demo_benchmark(root, num_train=7, num_test=6, num_negatives=1, num_nli=8, image_size=40)
     return str(root)
 
 

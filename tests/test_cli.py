@@ -37,7 +37,7 @@ def demo_data(tmp_path_factory):
     from demo_data_puma import make_demo_benchmark
 
     root = tmp_path_factory.mktemp("cli-demo")
-    make_demo_benchmark(str(root), num_train=6, num_test=1, num_negatives=1, num_nli=8, image_size=32)
+    make_demo_benchmark(str(root), num_train=7, num_test=1, num_negatives=1, num_nli=8, image_size=32)
     return str(root)
 
 

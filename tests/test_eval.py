@@ -331,7 +331,7 @@ def test_search_cli_reads_a_jsonl_corpus_and_an_image_query(puma_checkpoint, tmp
 def test_eval_cli_on_the_demo_benchmark_writes_table_json_and_plots(puma_checkpoint, tmp_path, capsys):
     from demo_data_puma import make_demo_benchmark
 
-    manifest = make_demo_benchmark(tmp_path / "demo", num_train=6, num_test=2, num_nli=1, image_size=32)
+    manifest = make_demo_benchmark(tmp_path / "demo", num_train=7, num_test=2, num_nli=1, image_size=32)
     names = [task["name"] for task in manifest["tasks"]][:2]
     out = tmp_path / "out"
 
