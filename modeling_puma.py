@@ -85,6 +85,11 @@ class PumaEmbeddingOutput(ModelOutput):
         depth_embeddings (`dict[int, torch.FloatTensor]`, *optional*):
             For each depth d of `output_depths`, the pooled final-norm hidden state of the model truncated after its
             first d layers, each of shape `(batch_size, hidden_size)`, before normalisation.
+        visual_outputs (`dict[str, ModelOutput]`, *optional*):
+            The vision tower's outputs of this forward, keyed `"image"` / `"video"` (the family's own output objects:
+            merged patch features, and DeepStack features for Qwen3-VL); returned with `output_visual_outputs=True`
+            where transformers can take them back (`reuses_visual_outputs`), to skip the tower when the same inputs
+            are embedded again (GradCache's second pass).
     """
 
     embeddings: torch.FloatTensor | None = None
@@ -92,6 +97,7 @@ class PumaEmbeddingOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     depth_embeddings: dict[int, torch.FloatTensor] | None = None
+    visual_outputs: dict | None = None
 
 
 class PumaPreTrainedModel(PreTrainedModel):
@@ -151,6 +157,8 @@ class PumaForEmbedding(PumaPreTrainedModel):
         mm_token_type_ids: torch.IntTensor | None = None,
         output_hidden_states: bool | None = None,
         output_depths: list[int] | None = None,
+        visual_outputs: dict | None = None,
+        output_visual_outputs: bool = False,
         return_dict: bool | None = None,
         **kwargs,
     ) -> PumaEmbeddingOutput | tuple:
@@ -166,6 +174,10 @@ class PumaForEmbedding(PumaPreTrainedModel):
                 `input_ids` when absent; transformers versions that do not take it ignore it.
             output_depths (`list[int]`, *optional*): also return the pooled embedding after the first d layers for
                 each d (`depth_embeddings`), from this one forward pass.
+            visual_outputs (`dict`, *optional*): `visual_outputs` of an earlier forward of these same inputs, used
+                instead of running the vision tower again (its pixel inputs are then ignored). Only valid while the
+                tower's weights are unchanged.
+            output_visual_outputs (`bool`, *optional*): also return the vision tower's outputs (`visual_outputs`).
         """
         if input_ids is None:
             raise ValueError("PumaForEmbedding.forward needs input_ids (the pooled position is located through them).")
@@ -179,6 +191,14 @@ class PumaForEmbedding(PumaPreTrainedModel):
         if "mm_token_type_ids" in self._backbone_inputs:
             backbone_inputs["mm_token_type_ids"] = (mm_token_type_ids if mm_token_type_ids is not None
                                                     else self._mm_token_type_ids(input_ids))
+        if visual_outputs:
+            if not reuses_visual_outputs(self):
+                raise incompatibility("the backbone's forward takes the vision tower's outputs (mm_encoder_outputs)",
+                                      "it has no such argument")
+            kwargs["mm_encoder_outputs"] = dict(visual_outputs)
+            for modality, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+                if modality in visual_outputs:
+                    backbone_inputs[pixels] = None
         if self.config.position_mode == "sequential" and "position_ids" not in kwargs:
             # Position i for token i in all three rotary sections, image tokens included (GME's inference).
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -211,6 +231,8 @@ class PumaForEmbedding(PumaPreTrainedModel):
             last_hidden_state=hidden if output_hidden_states else None,
             hidden_states=outputs.hidden_states if output_hidden_states else None,
             depth_embeddings=depth_embeddings,
+            visual_outputs=visual_outputs_of(outputs) if output_visual_outputs and reuses_visual_outputs(self)
+            else None,
         )
         return result if return_dict else result.to_tuple()
 
@@ -1293,6 +1315,19 @@ def keep_pruned_names_on_save(model, key_mapping: dict[str, str]) -> None:
     model._weight_conversions = kept
 
 
+def reuses_visual_outputs(model) -> bool:
+    """Whether the backbone of `model` (a `PumaForEmbedding`) takes the vision tower's outputs of an earlier forward
+    (`mm_encoder_outputs`) and returns them (`image_outputs`, `video_outputs`); transformers' recent 5.x releases do,
+    older ones re-run the tower."""
+    return "mm_encoder_outputs" in model._backbone_inputs
+
+
+def visual_outputs_of(outputs) -> dict:
+    """`{"image": ..., "video": ...}` of the backbone's `outputs`, for the modalities it encoded."""
+    found = {"image": getattr(outputs, "image_outputs", None), "video": getattr(outputs, "video_outputs", None)}
+    return {modality: value for modality, value in found.items() if value is not None}
+
+
 def processor_config_kwargs(config) -> dict:
     """Keywords of the family processor's `from_pretrained`: transformers 5's tokenizer loader resolves the model
     configuration, which for a PUMA checkpoint is remote code, so it is handed over."""
@@ -1362,5 +1397,5 @@ __all__ = ["PumaEmbeddingOutput", "PumaForEmbedding", "PumaPreTrainedModel", "Tr
            "holds_fused_experts_transposed", "hub_offline_mode", "hub_probe_failure", "image_processor_pixel_kwargs",
            "keep_pruned_names_on_save", "key_mapping_prefix", "load_image", "load_processor", "load_source_config",
            "loads_lazy_state_dict", "make_tokenizer_config_portable", "parse_input", "prepare_inputs",
-           "processor_config_kwargs", "processor_kwargs", "resize_image", "set_image_processor_pixels", "smart_resize",
-           "transformers_major", "write_sentence_transformers_files"]
+           "processor_config_kwargs", "processor_kwargs", "resize_image", "reuses_visual_outputs",
+           "set_image_processor_pixels", "smart_resize", "transformers_major", "write_sentence_transformers_files"]

@@ -40,7 +40,7 @@ from losses_puma import (
     build_loss,
     tau_hard_schedule,
 )
-from modeling_puma import PumaForEmbedding, prepare_inputs
+from modeling_puma import PumaForEmbedding, prepare_inputs, reuses_visual_outputs
 
 
 logger = logging.get_logger(__name__)
@@ -73,6 +73,7 @@ class PumaTrainingArguments(TrainingArguments):
     local_loss: bool = field(default=False, metadata={"help": "With gather_across_devices, score only this rank's queries against the global candidates: (B/W) x B logits instead of B x B, same gradient."})
     gather_with_grad: bool = field(default=True, metadata={"help": "Gather embeddings with gradient (each rank's gradient is the global batch's). False: the release's plain all-gather, whose applied gradient is 1/world_size of it."})
     grad_cache_chunk_size: int | None = field(default=None, metadata={"help": "GradCache: embed in chunks of this many inputs (None: off)."})
+    grad_cache_reuse_visual: bool = field(default=True, metadata={"help": "GradCache: keep the frozen vision tower's outputs of the first pass (the batch's image features) for the second, instead of running the tower twice. Off: less memory, one more vision forward. Ignored when the tower trains."})
     module_learning_rates: dict | str | None = field(default=None, metadata={"help": "Per-module learning rates: a mapping of regular expression to rate (a JSON object on the command line), e.g. {\"language_model\\\\.layers\\\\.0\\\\.\": 1e-4}. The first pattern found (re.search) in a trainable parameter's name sets its rate; the others use learning_rate. A pattern that matches no trainable parameter is an error."})
     embedding_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the input-embedding parameters (the embedding token's row): shorthand for a first module_learning_rates rule 'embed_tokens'."})
     merge_lora_on_save: bool = field(default=True, metadata={"help": "Merge LoRA into the base on the final save_model()."})
@@ -363,38 +364,91 @@ class RandContext:
         self.cpu_state = torch.get_rng_state()
         self.devices, self.device_states = get_device_states(*tensors)
 
+    def restore(self) -> None:
+        """Sets the captured states (inside a `fork_rng` of `self.devices`, which puts the caller's back)."""
+        torch.set_rng_state(self.cpu_state)
+        set_device_states(self.devices, self.device_states)
+
     def __enter__(self):
         self._fork = torch.random.fork_rng(devices=self.devices, enabled=True)
         self._fork.__enter__()
-        torch.set_rng_state(self.cpu_state)
-        set_device_states(self.devices, self.device_states)
+        self.restore()
 
     def __exit__(self, *exc):
         self._fork.__exit__(*exc)
 
 
-def split_features(features: dict, chunk_size: int, image_token_id: int) -> list[dict]:
-    """Splits a batch of processor features into row chunks, with each chunk's images and trimmed right padding.
+@contextlib.contextmanager
+def rand_context_at(module: nn.Module, state: RandContext | None = None):
+    """Within this context, the next forward of `module` (a submodule) starts with the RNG states of `state`, or,
+    without `state`, records them: yields a list that then holds the captured `RandContext`.
 
-    Image patches are flattened across images in `pixel_values`; a row's images are found from its image-token runs.
+    GradCache replays a chunk without re-running its frozen vision tower: the dropout masks of the language model
+    must be those its first forward drew after the tower, so the states are taken and put back at its entry.
+    """
+    captured = []
+
+    def hook(_module, args, kwargs):
+        if state is not None:
+            state.restore()
+        elif not captured:
+            captured.append(RandContext(*[value for value in (*args, *kwargs.values())
+                                          if isinstance(value, torch.Tensor)]))
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        if state is None:
+            yield captured
+        else:
+            with torch.random.fork_rng(devices=state.devices, enabled=True):
+                yield captured
+    finally:
+        handle.remove()
+
+
+def split_features(features: dict, chunk_size: int, image_token_id: int, order: list[int] | None = None,
+                   video_token_id: int | None = None) -> list[dict]:
+    """Splits a batch of processor features into chunks of `chunk_size` rows, taken in `order` (a permutation of the
+    rows; default: as they are), each with its rows' images (and videos) and its own right padding trimmed.
+
+    Image patches are flattened across images in `pixel_values` (videos in `pixel_values_videos`); a row's images are
+    found from its runs of image (video) tokens.
     """
     ids = features["input_ids"]
-    is_image = ids == image_token_id
-    starts = is_image & ~torch.cat([torch.zeros_like(is_image[:, :1]), is_image[:, :-1]], dim=1)
-    images_per_row = starts.sum(dim=1).tolist()
-    grid = features.get("image_grid_thw")
-    patch_offsets = [0] + torch.cumsum(grid.prod(-1), 0).tolist() if grid is not None else None
+    order = list(range(ids.shape[0])) if order is None else list(order)
+    media = {}  # per kind: (grid, patch offsets, first item of each row, items of each row)
+    for kind, token_id in (("image", image_token_id), ("video", video_token_id)):
+        grid = features.get(f"{kind}_grid_thw")
+        if grid is None or token_id is None:
+            continue
+        is_token = ids == token_id
+        starts = is_token & ~torch.cat([torch.zeros_like(is_token[:, :1]), is_token[:, :-1]], dim=1)
+        counts = starts.sum(dim=1).tolist()
+        firsts = [0] + torch.cumsum(torch.tensor(counts), 0).tolist()
+        media[kind] = (grid, [0] + torch.cumsum(grid.prod(-1), 0).tolist(), firsts, counts)
+    pixels = {"image": "pixel_values", "video": "pixel_values_videos"}
+    lengths = features["attention_mask"].sum(dim=1)
     chunks = []
-    for start in range(0, ids.shape[0], chunk_size):
-        rows = slice(start, start + chunk_size)
-        width = int(features["attention_mask"][rows].sum(dim=1).max())
-        chunk = {key: value[rows, :width] for key, value in features.items() if key in ("input_ids", "attention_mask", "mm_token_type_ids")}
-        first, count = sum(images_per_row[:start]), sum(images_per_row[rows])
-        if grid is not None and count:
-            chunk["image_grid_thw"] = grid[first:first + count]
-            chunk["pixel_values"] = features["pixel_values"][patch_offsets[first]:patch_offsets[first + count]]
+    for start in range(0, len(order), chunk_size):
+        rows = order[start:start + chunk_size]
+        index = torch.tensor(rows, device=ids.device)
+        width = int(lengths[index].max())
+        chunk = {key: value.index_select(0, index)[:, :width] for key, value in features.items()
+                 if key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        for kind, (grid, offsets, firsts, counts) in media.items():
+            items = [item for row in rows for item in range(firsts[row], firsts[row] + counts[row])]
+            if items:
+                chunk[f"{kind}_grid_thw"] = grid[items]
+                chunk[pixels[kind]] = torch.cat([features[pixels[kind]][offsets[i]:offsets[i + 1]] for i in items])
         chunks.append(chunk)
     return chunks
+
+
+def length_order(features: dict) -> list[int]:
+    """The rows of a feature batch from the shortest to the longest (ties in their order): GradCache chunks of rows of
+    similar length carry less padding than the batch, whose rows are all padded to its longest."""
+    lengths = features["attention_mask"].sum(dim=1).tolist()
+    return sorted(range(len(lengths)), key=lambda row: lengths[row])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -540,8 +594,6 @@ class PumaTrainer(Trainer):
         if isinstance(self.objective.contrastive, MACLoss) and self.train_dataset is not None and hasattr(self.train_dataset, "__getitem__"):
             if "modality" not in self.train_dataset[0]:
                 raise ValueError("loss='mac' needs modality labels, but the training examples have no 'modality' field.")
-        if self.args.grad_cache_chunk_size and self.is_deepspeed_enabled:
-            raise ValueError("GradCache (grad_cache_chunk_size) runs several backward passes per step, which DeepSpeed does not allow.")
         if isinstance(self.objective, ElasticObjective):
             config = self._embedding_model().config
             depth, hidden = config.text_config.num_hidden_layers, config.text_config.hidden_size
@@ -567,24 +619,19 @@ class PumaTrainer(Trainer):
             self.objective.contrastive.tau_hard = tau_hard_schedule(
                 *self._training_progress(), args.tau_norm, args.tau_decay, args.tau_plateau, args.tau_round_digits)
 
-    def _teacher_embeddings(self, inputs: dict, chunks: dict | None = None) -> dict[str, torch.Tensor]:
-        """The teacher's embedding of each feature group; with `chunks` (GradCache), one chunk at a time, so the
-        teacher's activations never exceed one chunk's."""
+    def _teacher_embeddings(self, inputs: dict, chunks: list | None = None) -> dict[str, torch.Tensor]:
+        """The teacher's embedding of each feature group; with `chunks` (GradCache's `(group, rows, features)`), one
+        chunk at a time, so the teacher's activations never exceed one chunk's, put back in the batch's row order."""
         if self.teacher is None:
             return {}
-        embeddings = {}
-        for group in FEATURE_GROUPS:
-            if group not in inputs:
-                continue
+        if chunks is None:
+            return {group: self.teacher.embed(inputs[group], inputs.get(f"{group}_ids"))
+                    for group in FEATURE_GROUPS if group in inputs}
+        pieces = defaultdict(list)
+        for group, rows, features in chunks:
             ids = inputs.get(f"{group}_ids")
-            if chunks is None:
-                embeddings[group] = self.teacher.embed(inputs[group], ids)
-                continue
-            size = self.args.grad_cache_chunk_size
-            embeddings[group] = torch.cat([
-                self.teacher.embed(chunk, None if ids is None else ids[i * size:(i + 1) * size])
-                for i, chunk in enumerate(chunks[group])])
-        return embeddings
+            pieces[group].append((rows, self.teacher.embed(features, None if ids is None else [ids[r] for r in rows])))
+        return {group: _in_row_order(parts) for group, parts in pieces.items()}
 
     def _objective(self, embeddings: dict, teacher: dict, inputs: dict, tracked: dict) -> dict[str, torch.Tensor]:
         """The objective's outputs; its logged components are appended to `tracked` (training or evaluation)."""
@@ -602,12 +649,20 @@ class PumaTrainer(Trainer):
         self._track(outputs, tracked)
         return outputs
 
-    def _embed(self, model, features: dict) -> torch.Tensor | dict[int, torch.Tensor]:
+    def _embed(self, model, features: dict, visual_outputs: dict | None = None, output_visual_outputs: bool = False):
         """The raw embeddings of `features`; for an `ElasticObjective`, `{depth: raw embeddings}` at each of its
-        depths, from the same forward pass."""
-        if not isinstance(self.objective, ElasticObjective):
-            return model(**features).raw_embeddings
-        return model(**features, output_depths=self.objective.depths).depth_embeddings
+        depths, from the same forward pass. With `output_visual_outputs`, `(embeddings, the vision tower's outputs)`;
+        `visual_outputs` (of an earlier forward of the same features) skips the tower."""
+        kwargs = {}
+        if visual_outputs:
+            kwargs["visual_outputs"] = visual_outputs
+        if output_visual_outputs:
+            kwargs["output_visual_outputs"] = True
+        if isinstance(self.objective, ElasticObjective):
+            kwargs["output_depths"] = self.objective.depths
+        outputs = model(**features, **kwargs)
+        embeddings = outputs.depth_embeddings if isinstance(self.objective, ElasticObjective) else outputs.raw_embeddings
+        return (embeddings, outputs.visual_outputs) if output_visual_outputs else embeddings
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         embeddings = {group: self._embed(model, inputs[group]) for group in FEATURE_GROUPS if group in inputs}
@@ -634,50 +689,103 @@ class PumaTrainer(Trainer):
         return output
 
     # ---- GradCache --------------------------------------------------------------------------------------------
+    def _trains_visual(self) -> bool:
+        return any(parameter.requires_grad for parameter in self._embedding_model().model.visual.parameters())
+
+    def _grad_cache_chunks(self, inputs: dict) -> list[tuple[str, list[int], dict]]:
+        """`(group, rows, features)` of every GradCache chunk: each group's rows from the shortest to the longest
+        (`length_order`), `grad_cache_chunk_size` at a time."""
+        size, config = self.args.grad_cache_chunk_size, self._embedding_model().config
+        chunks = []
+        for group in FEATURE_GROUPS:
+            if group in inputs:
+                order = length_order(inputs[group])
+                parts = split_features(inputs[group], size, config.image_token_id, order,
+                                       getattr(config, "video_token_id", None))
+                chunks += [(group, order[i * size:(i + 1) * size], part) for i, part in enumerate(parts)]
+        return chunks
+
+    def _chunk_backward(self, model, surrogate: torch.Tensor, last: bool) -> None:
+        """Backpropagates one GradCache chunk's surrogate. accelerate's backward steps a DeepSpeed engine at the end of
+        an optimizer step, so every chunk but the step's last goes through the engine alone, marked as inside the
+        accumulation (ZeRO reduces each backward's gradients into its partitions; only the boundary steps)."""
+        if not self.is_deepspeed_enabled:
+            self.accelerator.backward(surrogate)
+        elif last:
+            self.accelerator.backward(surrogate, scale_wrt_gas=False)  # the loss is already divided, as the Trainer does
+        else:
+            engine = self.accelerator.deepspeed_engine_wrapped.engine
+            engine.set_gradient_accumulation_boundary(is_boundary=False)
+            engine.backward(surrogate, scale_wrt_gas=False)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not self.args.grad_cache_chunk_size:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         inputs = prepare_inputs(self, inputs)
-        size = self.args.grad_cache_chunk_size
-        image_token_id = self.accelerator.unwrap_model(model).config.image_token_id
-        chunks = {group: split_features(inputs[group], size, image_token_id) for group in FEATURE_GROUPS if group in inputs}
-        # 1. Embed every chunk without a graph. Each chunk's RNG state is captured right before its own forward, so
-        #    its replay in 3. draws the dropout masks this forward drew. Every group's embeddings are kept as
-        #    {depth: tensor} (the key None without elastic depths): with depths, each depth's embedding is cached.
-        states, leaves = defaultdict(list), {}
-        with torch.no_grad():
-            for group, group_chunks in chunks.items():
-                embedded = []
-                for chunk in group_chunks:
-                    states[group].append(RandContext(*chunk.values()))
-                    embedded.append(_by_depth(self._embed(model, chunk)))
-                leaves[group] = {key: torch.cat([e[key] for e in embedded]).requires_grad_() for key in embedded[0]}
-        # 2. The loss on all embeddings; its gradients with respect to them are the cache.
+        chunks = self._grad_cache_chunks(inputs)
+        # The frozen vision tower's outputs are the same in both passes: kept from the first for the second.
+        reuse_visual = (self.args.grad_cache_reuse_visual and not self._trains_visual()
+                        and reuses_visual_outputs(self._embedding_model()))
+        # The last chunk embedded keeps its graph from the first pass (it is the one re-embedded first otherwise):
+        # one chunk's activations, what every replay holds anyway. Alone, it is the step's only (synced) backward.
+        keep_last = len(chunks) > 1
+        # 1. Embed every chunk, each group from its shortest rows to its longest; all but the kept chunk without a
+        #    graph. Each chunk's RNG state is captured right before its own forward, so its replay in 3. draws the
+        #    dropout masks this forward drew. Embeddings are kept as {depth: tensor} (the key None without elastic
+        #    depths): with depths, each depth's embedding is cached.
+        language_model = self._embedding_model().model.language_model
+        states, visual, pieces, kept = [], [], defaultdict(list), None
+        for i, (group, rows, features) in enumerate(chunks):
+            keep = keep_last and i == len(chunks) - 1
+            reuse = reuse_visual and not keep
+            # a replay that skips the vision tower restores the RNG where the language model starts
+            capture = (rand_context_at(language_model) if reuse
+                       else contextlib.nullcontext([RandContext(*features.values())]))
+            sync = self.accelerator.no_sync(model) if keep else contextlib.nullcontext()
+            with sync, capture as state, torch.set_grad_enabled(keep), self.compute_loss_context_manager():
+                result = self._embed(model, features, output_visual_outputs=reuse)
+            embedded, outputs = result if reuse else (result, None)
+            states.append(state[0])
+            visual.append(outputs)
+            embedded = _by_depth(embedded)
+            if keep:
+                kept = embedded
+            else:
+                embedded = {key: value.requires_grad_() for key, value in embedded.items()}
+            pieces[group].append((rows, embedded))
+        # 2. The loss on all embeddings, in the batch's row order; its gradients with respect to them are the cache.
         with self.compute_loss_context_manager():
             teacher = self._teacher_embeddings(inputs, chunks)
-            loss = self._objective({group: _from_depth(e) for group, e in leaves.items()}, teacher, inputs,
-                                   self._tracked)["loss"]
+            embeddings = {group: _from_depth({key: _in_row_order([(rows, e[key]) for rows, e in parts])
+                                              for key in parts[0][1]})
+                          for group, parts in pieces.items()}
+            loss = self._objective(embeddings, teacher, inputs, self._tracked)["loss"]
         loss = loss / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        keys = [(group, key) for group, by_key in leaves.items() for key in by_key]
-        grads = torch.autograd.grad(loss, [leaves[group][key] for group, key in keys], allow_unused=True)
-        cached = defaultdict(dict)
-        for (group, key), grad in zip(keys, grads):  # an unused embedding (a weight of 0 keeps it in the graph) gets 0
-            cached[group][key] = (grad if grad is not None else torch.zeros_like(leaves[group][key])).split(size)
-        # 3. Re-embed each chunk with a graph and the same dropout, and backpropagate its cached gradient. Under DDP
-        #    only the last backward all-reduces (the Trainer keeps earlier accumulation steps in no_sync too).
-        replays = [(chunk, state, {key: parts[i] for key, parts in cached[group].items()})
-                   for group, group_chunks in chunks.items()
-                   for i, (chunk, state) in enumerate(zip(group_chunks, states[group]))]
-        for i, (chunk, state, grad) in enumerate(replays):
-            sync = contextlib.nullcontext() if i == len(replays) - 1 else self.accelerator.no_sync(model)
-            with sync:
-                with state, self.compute_loss_context_manager():
-                    embedded = _by_depth(self._embed(model, chunk))
-                    # never below float32 (bf16 dot products), never below the model's own precision either
-                    surrogate = sum(torch.dot(at_least_fp32(embedded[key].flatten()),
-                                              at_least_fp32(grad[key].flatten())) for key in grad)
-                self.accelerator.backward(surrogate)
+        cached = [embedded for parts in pieces.values() for _, embedded in parts]  # in the order of `chunks`
+        flat = iter(torch.autograd.grad(loss, [value for embedded in cached for value in embedded.values()],
+                                        allow_unused=True))
+        # an unused embedding (a weight of 0 keeps it in the graph) gets 0
+        grads = [{key: _or_zeros(next(flat), value) for key, value in embedded.items()} for embedded in cached]
+        # 3. Backpropagate each chunk's cached gradient: the kept chunk first, through the graph it holds, then every
+        #    other chunk re-embedded with a graph, the same dropout and the first pass's vision outputs. Under DDP and
+        #    FSDP only the step's last backward synchronises (the Trainer keeps earlier accumulation steps in no_sync).
+        replays = list(range(len(chunks)))
+        if keep_last:
+            replays = [replays[-1]] + replays[:-1]
+        for position, i in enumerate(replays):
+            last = position == len(replays) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                if keep_last and i == len(chunks) - 1:
+                    embedded = kept
+                else:
+                    rand = rand_context_at(language_model, states[i]) if visual[i] is not None else states[i]
+                    with rand, self.compute_loss_context_manager():
+                        embedded = _by_depth(self._embed(model, chunks[i][2], visual_outputs=visual[i]))
+                # never below float32 (bf16 dot products), never below the model's own precision either
+                surrogate = sum(torch.dot(at_least_fp32(embedded[key].flatten()), at_least_fp32(grad.flatten()))
+                                for key, grad in grads[i].items())
+                self._chunk_backward(model, surrogate, last)
         return loss.detach()
 
     # ---- logging ----------------------------------------------------------------------------------------------
@@ -765,10 +873,23 @@ def _from_depth(embeddings: dict) -> torch.Tensor | dict:
     return embeddings[None] if list(embeddings) == [None] else embeddings
 
 
+def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return grad if grad is not None else torch.zeros_like(like)
+
+
+def _in_row_order(parts: list[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
+    """The rows of `(rows, tensor)` chunks put back in the batch's order (differentiable)."""
+    rows = [row for chunk_rows, _ in parts for row in chunk_rows]
+    stacked = torch.cat([tensor for _, tensor in parts])
+    inverse = torch.empty(len(rows), dtype=torch.long)
+    inverse[torch.tensor(rows)] = torch.arange(len(rows))
+    return stacked.index_select(0, inverse.to(stacked.device))
+
+
 def _means(tracked: dict) -> dict[str, float]:
     return {key: round(float(sum(values)) / len(values), 6) for key, values in tracked.items()}
 
 
 __all__ = ["CachedTeacher", "PumaTrainer", "PumaTrainingArguments", "ReadableLogCallback", "ReadableProgressCallback",
            "SeparateTeacher", "SetEpochCallback", "SharedWeightTeacher", "format_log", "merged_copy", "parameter_groups",
-           "precompute_teacher_cache", "split_features", "teacher_cache_is_fresh", "teacher_fingerprint"]
+           "precompute_teacher_cache", "length_order", "split_features", "teacher_cache_is_fresh", "teacher_fingerprint"]
