@@ -8,8 +8,9 @@ where each `features` is a dict of processor tensors for `PumaForEmbedding.forwa
 Teachers (the full-depth model whose embedding the pruned student distils):
 - `SharedWeightTeacher`: one copy of the base weights. The student's kept layers (LoRA adapters disabled) are reused
   in place and only the dropped layers are added, so the teacher costs the dropped layers' memory only.
-- `CachedTeacher`: embeddings precomputed once (`precompute_teacher_cache`) and stored as safetensors shards keyed
-  by sample id, with a fingerprint of the teacher checkpoint, prompt template, pixel limits and data files.
+- `CachedTeacher`: embeddings precomputed once (`precompute_teacher_cache`, by every process of the run) and read
+  memory-mapped by sample id, with a fingerprint of the teacher checkpoint, prompt template, pixel limits and data
+  files (`teacher_cache_puma`).
 - `SeparateTeacher`: an independent full model, as the release does (kept for comparison).
 """
 
@@ -28,7 +29,6 @@ from torch.utils.checkpoint import get_device_states, set_device_states
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
-from mbeir_puma import checkpoint_fingerprint, file_fingerprint
 from losses_puma import (
     PAIR_MODES,
     DistillationObjective,
@@ -41,6 +41,7 @@ from losses_puma import (
     tau_hard_schedule,
 )
 from modeling_puma import PumaForEmbedding, prepare_inputs, reuses_visual_outputs
+from teacher_cache_puma import CachedTeacher, precompute_teacher_cache, teacher_cache_is_fresh, teacher_fingerprint
 
 
 logger = logging.get_logger(__name__)
@@ -251,106 +252,6 @@ class SharedWeightTeacher:
     def embed(self, features: dict, ids: list[str]) -> torch.Tensor:
         with self.peft_model.disable_adapter():
             return self.model(**features).raw_embeddings
-
-
-def teacher_fingerprint(teacher_path: str, config, data_files: list[str]) -> dict:
-    """What a cached teacher embedding depends on: the teacher checkpoint's content, prompt template, pixel limits
-    and the data files' content (`mbeir_puma.checkpoint_fingerprint` / `file_fingerprint`)."""
-    prompt_fields = ("embedding_token", "system_prompt", "instruction_template", "user_suffix_template",
-                     "modality_words", "assistant_template", "format_text", "max_text_tokens", "pooling")
-    return {
-        "teacher_checkpoint": checkpoint_fingerprint(teacher_path),
-        "prompt_template": {name: getattr(config, name) for name in prompt_fields},
-        "pixel_limits": {"min_pixels": config.min_pixels, "max_pixels": config.max_pixels},
-        "data_files": {os.path.basename(path): file_fingerprint(path) for path in data_files},
-    }
-
-
-def teacher_cache_is_fresh(cache_dir: str, fingerprint: dict) -> bool:
-    """Whether `cache_dir` holds a complete teacher cache written for exactly this `fingerprint`."""
-    path = os.path.join(cache_dir, "fingerprint.json")
-    if not (os.path.isfile(path) and os.path.isfile(os.path.join(cache_dir, "index.json"))):
-        return False
-    with open(path, encoding="utf-8") as f:
-        return json.load(f) == json.loads(json.dumps(fingerprint, sort_keys=True))
-
-
-@torch.no_grad()
-def precompute_teacher_cache(teacher: PumaForEmbedding, dataloader, out_dir: str, fingerprint: dict,
-                             shard_size: int = 65536) -> int:
-    """Embeds every query, candidate and negative of `dataloader` once with `teacher`; returns the number of ids.
-
-    Writes `fingerprint.json`, `index.json` (id -> [shard, row]) and `embeddings-XXXXX.safetensors` shards.
-    """
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    os.makedirs(out_dir, exist_ok=True)
-    teacher.eval()
-    index, rows, shard = {}, [], 0
-
-    def flush():
-        nonlocal rows, shard
-        if rows:
-            save_file({"embeddings": torch.stack(rows)}, os.path.join(out_dir, f"embeddings-{shard:05d}.safetensors"))
-            rows, shard = [], shard + 1
-
-    for batch in tqdm(dataloader, desc="Teacher cache"):
-        for group in FEATURE_GROUPS:
-            if group not in batch:
-                continue
-            ids = batch[f"{group}_ids"]
-            fresh = [i for i, sample_id in enumerate(ids) if sample_id not in index]
-            if not fresh:
-                continue
-            features = {k: v.to(teacher.device) for k, v in batch[group].items()}
-            embeddings = teacher(**features).raw_embeddings.float().cpu()
-            for i in fresh:
-                if ids[i] in index:
-                    continue
-                index[ids[i]] = [shard, len(rows)]
-                rows.append(embeddings[i])
-                if len(rows) == shard_size:
-                    flush()
-    flush()
-    with open(os.path.join(out_dir, "index.json"), "w", encoding="utf-8") as f:
-        json.dump(index, f)
-    with open(os.path.join(out_dir, "fingerprint.json"), "w", encoding="utf-8") as f:
-        json.dump(fingerprint, f, indent=2, sort_keys=True)
-    return len(index)
-
-
-class CachedTeacher:
-    """Teacher embeddings looked up by sample id; refuses a cache whose fingerprint differs from the run's."""
-
-    def __init__(self, cache_dir: str, expected_fingerprint: dict | None = None):
-        from safetensors.torch import load_file
-
-        with open(os.path.join(cache_dir, "fingerprint.json"), encoding="utf-8") as f:
-            stored = json.load(f)
-        if expected_fingerprint is not None:
-            expected = json.loads(json.dumps(expected_fingerprint, sort_keys=True))
-            differing = [key for key in sorted(set(stored) | set(expected)) if stored.get(key) != expected.get(key)]
-            if differing:
-                details = "; ".join(f"{key}: cache {stored.get(key)} != run {expected.get(key)}" for key in differing)
-                raise ValueError(f"The teacher cache {cache_dir} is stale ({details}). Recompute it with precompute_teacher_cache.")
-        with open(os.path.join(cache_dir, "index.json"), encoding="utf-8") as f:
-            index = json.load(f)
-        shards = sorted(name for name in os.listdir(cache_dir) if name.startswith("embeddings-"))
-        shards = [load_file(os.path.join(cache_dir, name))["embeddings"] for name in shards]
-        # One table and one row number per id, so a batch is a single gather rather than a stack of slices.
-        offsets = [0]
-        for shard in shards[:-1]:
-            offsets.append(offsets[-1] + shard.shape[0])
-        self.embeddings = torch.cat(shards)
-        self.rows = {sample_id: offsets[shard] + row for sample_id, (shard, row) in index.items()}
-
-    def embed(self, features: dict, ids: list[str]) -> torch.Tensor:
-        missing = [sample_id for sample_id in ids if sample_id not in self.rows]
-        if missing:
-            raise KeyError(f"The teacher cache lacks {len(missing)} ids of this batch, e.g. {missing[:5]}; it is incomplete.")
-        rows = torch.tensor([self.rows[sample_id] for sample_id in ids])
-        return self.embeddings.index_select(0, rows).to(features["input_ids"].device)
 
 
 # --------------------------------------------------------------------------------------------------------------------

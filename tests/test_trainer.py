@@ -43,7 +43,7 @@ class PairDataset(Dataset):
             else:
                 query, positive, modality = {"text": caption + " again"}, {"text": caption, "image": image}, "image,text"
             self.items.append({"query": query, "positive": positive, "modality": modality, "query_id": f"q{i}",
-                               "positive_id": f"c{i}"})
+                               "positive_id": f"c{i}", "instruction": "Find the match."})
 
     def __len__(self):
         return len(self.items)
@@ -66,7 +66,7 @@ class Collator:
 
     def __call__(self, examples):
         return {
-            "query": self._features([e["query"] for e in examples], "Find the match."),
+            "query": self._features([e["query"] for e in examples], examples[0]["instruction"]),
             "candidate": self._features([e["positive"] for e in examples]),
             "modality": torch.tensor([modality_id(e["modality"]) for e in examples]),
             "query_ids": [e["query_id"] for e in examples],
@@ -206,7 +206,7 @@ def test_a_matching_teacher_cache_is_reused_and_a_stale_one_is_not(tiny_checkpoi
     precompute_teacher_cache(model, loader, str(tmp_path / "cache"), fingerprint)
     assert teacher_cache_is_fresh(str(tmp_path / "cache"), {"data": [1, 2], "teacher": "a"})
     assert not teacher_cache_is_fresh(str(tmp_path / "cache"), {"teacher": "b", "data": [1, 2]})
-    os.remove(tmp_path / "cache" / "index.json")
+    os.remove(tmp_path / "cache" / "manifest.json")
     assert not teacher_cache_is_fresh(str(tmp_path / "cache"), fingerprint)
 
 
