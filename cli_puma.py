@@ -73,8 +73,10 @@ def run_command(main, argv=None, prog: str | None = None):
     except (UsageError, *MISTAKES) as err:
         if debugging():
             raise
-        fail(str(err) or type(err).__name__,
-             USAGE_EXIT_STATUS if isinstance(err, UsageError) else ERROR_EXIT_STATUS, prog)
+        if isinstance(err, UsageError):
+            fail(str(err) or type(err).__name__, USAGE_EXIT_STATUS, prog)
+        # raised further down (a file's content, a library): the traceback may matter, so say how to see it
+        fail(f"{one_line(str(err)) or type(err).__name__} (PUMA_DEBUG=1 shows where)", ERROR_EXIT_STATUS, prog)
 
 
 class OneLineErrors:

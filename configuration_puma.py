@@ -42,6 +42,21 @@ MODALITIES = ("image", "text", "image,text")
 #   is "<|endoftext|>"; images are resized by `fetch_image` into [4, 16384] x 28^2 pixels, then by the processor into
 #   [256, 1280] x 28^2; every token, image tokens included, gets the sequential position 0..L-1 (GME runs the text
 #   decoder with `position_ids=None`, so no 3-D M-RoPE); the embedding is the last token's final-norm hidden state.
+#
+# Image loading, truncation and instructions follow each published code too: qwen-vl-utils' `fetch_image` (used by
+# Qwen3-VL-Embedding) composites RGBA images on white and converts other modes, GME's copy converts every mode
+# (dropping alpha); neither applies EXIF rotation; both truncate the whole tokenised sequence (8192 and 1800 tokens);
+# GME keeps an empty query instruction as an empty system turn, Qwen3-VL-Embedding strips it and falls back to its
+# default. The release keeps this repository's choices (EXIF rotation, every transparent mode on white, the text
+# truncated before the pooled token).
+#
+# Videos: Qwen3-VL-Embedding's recipe (`src/models/qwen3_vl_embedding.py` with qwen-vl-utils 0.0.14's `fetch_video`):
+#   files sampled at 1 fps, 4 to 64 frames (an even number, `smart_nframes`), frame lists thinned to 64 frames; each
+#   frame resized into [128, 768] x 32^2 pixels within a budget of 7,864,320 pixels for the whole clip. GME and the
+#   release publish no video recipe: theirs are qwen-vl-utils' defaults for Qwen2-VL (2 fps, frames of [128, 768] x
+#   28^2 pixels) with at most 16 frames and a budget that keeps a video within GME's largest image (1,280 tokens) or
+#   within 1,024 tokens (the release). PDF pages are rendered at 200 dpi (vidore-benchmark's pdf2image default), then
+#   resized as images.
 PRESETS = {
     "puma": {
         "pooling": "token",
@@ -51,14 +66,26 @@ PRESETS = {
         "instruction_template": "{instruction}\n{text}",
         "punctuate_instruction": False,
         "user_suffix_template": "\nSummarize above {modality} in one word: ",
-        "modality_words": {"image": "image", "text": "sentence", "image,text": "image and sentence"},
+        "modality_words": {"image": "image", "text": "sentence", "image,text": "image and sentence", "video": "video",
+                           "text,video": "video and sentence"},
         "assistant_template": "{embedding_token}.<|im_end|>\n",
         "format_text": True,
         "max_text_tokens": 450,
+        "max_prompt_tokens": None,
+        "keep_empty_instruction": False,
         "min_pixels": 4 * 28 * 28,
         "max_pixels": 300 * 28 * 28,
         "processor_min_pixels": None,
         "processor_max_pixels": None,
+        "exif_transpose": True,
+        "alpha_mode": "composite",
+        "video_fps": 2.0,
+        "video_min_frames": 4,
+        "video_max_frames": 16,
+        "video_min_pixels": 128 * 28 * 28,
+        "video_max_pixels": 768 * 28 * 28,
+        "video_total_pixels": 1024 * 28 * 28,
+        "pdf_dpi": 200,
         "position_mode": "mrope",
         "matryoshka_dims": None,
     },
@@ -70,14 +97,26 @@ PRESETS = {
         "instruction_template": "{instruction}\n{text}",
         "punctuate_instruction": True,
         "user_suffix_template": "",
-        "modality_words": {"image": "image", "text": "text", "image,text": "image and text"},
+        "modality_words": {"image": "image", "text": "text", "image,text": "image and text", "video": "video",
+                           "text,video": "video and text"},
         "assistant_template": "",
         "format_text": False,
-        "max_text_tokens": 8192,
+        "max_text_tokens": None,
+        "max_prompt_tokens": 8192,
+        "keep_empty_instruction": False,
         "min_pixels": 4 * 32 * 32,
         "max_pixels": 1800 * 32 * 32,
         "processor_min_pixels": None,
         "processor_max_pixels": None,
+        "exif_transpose": False,
+        "alpha_mode": "composite_rgba",
+        "video_fps": 1.0,
+        "video_min_frames": 4,
+        "video_max_frames": 64,
+        "video_min_pixels": 128 * 32 * 32,
+        "video_max_pixels": 768 * 32 * 32,
+        "video_total_pixels": 7680 * 32 * 32,
+        "pdf_dpi": 200,
         "position_mode": "mrope",
         "matryoshka_dims": "powers of two from 64",
     },
@@ -89,20 +128,35 @@ PRESETS = {
         "instruction_template": "{instruction}\n{text}",
         "punctuate_instruction": False,
         "user_suffix_template": "",
-        "modality_words": {"image": "image", "text": "text", "image,text": "image and text"},
+        "modality_words": {"image": "image", "text": "text", "image,text": "image and text", "video": "video",
+                           "text,video": "video and text"},
         "assistant_template": "<|endoftext|>",
         "format_text": False,
-        "max_text_tokens": 1800,
+        "max_text_tokens": None,
+        "max_prompt_tokens": 1800,
+        "keep_empty_instruction": True,
         "min_pixels": 4 * 28 * 28,
         "max_pixels": 16384 * 28 * 28,
         "processor_min_pixels": 256 * 28 * 28,
         "processor_max_pixels": 1280 * 28 * 28,
+        "exif_transpose": False,
+        "alpha_mode": "drop",
+        "video_fps": 2.0,
+        "video_min_frames": 4,
+        "video_max_frames": 16,
+        "video_min_pixels": 128 * 28 * 28,
+        "video_max_pixels": 768 * 28 * 28,
+        "video_total_pixels": 1280 * 28 * 28,
+        "pdf_dpi": 200,
         "position_mode": "sequential",
         "matryoshka_dims": None,
     },
 }
 RECIPE_FIELDS = tuple(PRESETS["puma"])
 POSITION_MODES = ("mrope", "sequential")
+# How transparency becomes RGB: "composite": every mode with transparency (RGBA, LA, P, ...) on white; "composite_rgba":
+# RGBA on white, any other mode converted (qwen-vl-utils' `to_rgb`); "drop": converted, alpha discarded (GME).
+ALPHA_MODES = ("composite", "composite_rgba", "drop")
 
 
 def preset_defaults(preset: str, base_model_type: str, hidden_size: int) -> dict:
@@ -239,7 +293,8 @@ class PumaConfig(PretrainedConfig):
         user_suffix_template (`str`, *optional*):
             Appended to the user turn; `{modality}` is filled from `modality_words`.
         modality_words (`dict[str, str]`, *optional*):
-            Word used for each input modality (`"image"`, `"text"`, `"image,text"`) in the suffix.
+            Word used for each input modality (`"image"`, `"text"`, `"image,text"`, and optionally `"video"`,
+            `"text,video"`, which default to the preset's) in the suffix.
         assistant_template (`str`, *optional*):
             What follows `"<|im_start|>assistant\n"`; `{embedding_token}` is filled in. An empty string leaves the
             assistant turn open (the generation prompt).
@@ -248,12 +303,37 @@ class PumaConfig(PretrainedConfig):
             double quotes, capitalise the first letter, end with a full stop.
         max_text_tokens (`int`, *optional*):
             Instruction plus text are truncated to this many tokens before the suffix and assistant turn, so the
-            pooled position is never cut off.
+            pooled position is never cut off; `None`: not truncated.
+        max_prompt_tokens (`int`, *optional*):
+            The whole tokenised prompt (image and video tokens included) is truncated on the right to this many
+            tokens, as the published embedders do (a long text then loses the pooled position); a cut into image or
+            video tokens raises. `None`: not truncated.
+        keep_empty_instruction (`bool`, *optional*):
+            With `instruction_placement="system"`, a query instruction that is empty (after `punctuate_instruction`'s
+            strip) is an empty system turn (GME); otherwise it falls back to `system_prompt`.
         min_pixels, max_pixels (`int`, *optional*):
             Images are resized (PIL bicubic, each side a multiple of the vision patch size times the merge size) to
             a pixel count in this range before the processor sees them, as qwen-vl-utils' `fetch_image` does.
         processor_min_pixels, processor_max_pixels (`int`, *optional*):
             If set, the processor resizes the images again into this range (GME); `None`: it does not resize.
+        exif_transpose (`bool`, *optional*):
+            Rotate images (and frames of frame lists) as their EXIF orientation says.
+        alpha_mode (`str`, *optional*):
+            How transparent images become RGB: `"composite"` (every mode with transparency on white),
+            `"composite_rgba"` (RGBA on white, other modes converted: qwen-vl-utils) or `"drop"` (alpha discarded).
+        video_fps (`float`, *optional*):
+            Frames per second sampled from a video file (an input's own `"fps"` overrides it).
+        video_min_frames, video_max_frames (`int`, *optional*):
+            Bounds of the number of frames sampled from a file (rounded to even numbers, as qwen-vl-utils'
+            `smart_nframes`); a frame list longer than `video_max_frames` is thinned evenly to it.
+        video_min_pixels, video_max_pixels (`int`, *optional*):
+            Range of the pixel count of each resized frame.
+        video_total_pixels (`int`, *optional*):
+            Pixel budget of a whole video: each frame gets at most `2 * video_total_pixels / frames` pixels (a pair
+            of frames is one temporal patch), so a video has at most about `video_total_pixels / (patch * merge)^2`
+            tokens.
+        pdf_dpi (`float`, *optional*):
+            Resolution at which PDF pages are rendered before the image resize.
         position_mode (`str`, *optional*):
             `"mrope"`: the family's 3-D multimodal rotary positions; `"sequential"`: position i for token i, image
             tokens included (GME's and the release's inference).
@@ -412,8 +492,13 @@ class PumaConfig(PretrainedConfig):
                              f"{INSTRUCTION_PLACEMENTS}.")
         if not (0 < self.min_pixels <= self.max_pixels):
             raise ValueError(f"Need 0 < min_pixels <= max_pixels, got min_pixels={self.min_pixels}, max_pixels={self.max_pixels}.")
-        if self.max_text_tokens <= 0:
-            raise ValueError(f"max_text_tokens must be positive, got {self.max_text_tokens}.")
+        for name in ("max_text_tokens", "max_prompt_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
+        if self.alpha_mode not in ALPHA_MODES:
+            raise ValueError(f"alpha_mode={self.alpha_mode!r} is not one of {ALPHA_MODES}.")
+        self.validate_media()
         hidden_size = self.text_config.hidden_size
         for dim in self.matryoshka_dims or []:
             if not 0 < dim <= hidden_size:
@@ -424,6 +509,21 @@ class PumaConfig(PretrainedConfig):
         missing = set(MODALITIES) - set(self.modality_words)
         if missing:
             raise ValueError(f"modality_words lacks the modalities {sorted(missing)}.")
+
+    def validate_media(self):
+        """Raises `ValueError` on video sampling or PDF settings that cannot work."""
+        if not (isinstance(self.video_fps, (int, float)) and self.video_fps > 0):
+            raise ValueError(f"video_fps must be a positive number, got {self.video_fps!r}.")
+        if not 1 <= self.video_min_frames <= self.video_max_frames or self.video_max_frames < 2:
+            raise ValueError(f"Need 1 <= video_min_frames <= video_max_frames and video_max_frames >= 2 (a temporal "
+                             f"patch is 2 frames), got {self.video_min_frames} and {self.video_max_frames}.")
+        if not 0 < self.video_min_pixels <= self.video_max_pixels:
+            raise ValueError(f"Need 0 < video_min_pixels <= video_max_pixels, got {self.video_min_pixels} and "
+                             f"{self.video_max_pixels}.")
+        if not self.video_total_pixels > 0:
+            raise ValueError(f"video_total_pixels must be positive, got {self.video_total_pixels}.")
+        if not (isinstance(self.pdf_dpi, (int, float)) and self.pdf_dpi > 0):
+            raise ValueError(f"pdf_dpi must be a positive number, got {self.pdf_dpi!r}.")
 
     def to_dict(self) -> dict:
         """The configuration as a dict; sub-configurations also carry transformers 4's keys (`rope_scaling`,
@@ -493,6 +593,6 @@ def validate_kept_layers(kept_layers, base_depth: int) -> None:
         raise ValueError(f"kept_layers {kept_layers!r} must lie in 0..{base_depth - 1} (the base model has {base_depth} layers).")
 
 
-__all__ = ["FAMILIES", "PRESETS", "PumaConfig", "TransformersCompatibilityError", "attn_implementation",
+__all__ = ["ALPHA_MODES", "FAMILIES", "PRESETS", "PumaConfig", "TransformersCompatibilityError", "attn_implementation",
            "preset_defaults", "set_attn_implementation", "transformers_major", "validate_kept_layers",
            "with_legacy_keys"]

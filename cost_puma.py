@@ -8,6 +8,10 @@ norms, activations, rotary embeddings and the embedding lookup are left out (und
     from cost_puma import depth_costs
 
     depth_costs(model.config, [4, 8, 12], text_tokens=40)  # {4: {"text": 0.33, "image": 0.62}, ...}
+    video_tokens(model.config, frames=16, height=720, width=1280)  # what a 16-frame 720p clip costs in tokens
+
+A video is `t` temporal patches (pairs of frames) of `h x w` patches: its tokens are `t * h * w / merge^2` and its
+vision FLOPs `t` times those of one `h x w` image, as every family's vision tower attends within a temporal patch.
 """
 
 from configuration_puma import _is_sparse_layer
@@ -54,6 +58,35 @@ def vision_flops_per_image(vision_config, grid_h: int, grid_w: int, num_mergers:
     return float(patches * (2 * patch_in * width + vision_config.depth * block) + num_mergers * merger)
 
 
+def vision_flops_per_video(vision_config, grid_t: int, grid_h: int, grid_w: int,
+                           num_mergers: int | None = None) -> float:
+    """FLOPs of the vision tower on one video of `grid_t` temporal patches of `grid_h x grid_w` patches: `grid_t`
+    times an image's (the towers attend within each temporal patch, over its `grid_h * grid_w` patches)."""
+    return grid_t * vision_flops_per_image(vision_config, grid_h, grid_w, num_mergers)
+
+
+def video_grid(config, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """The patch grid `(t, h, w)` of a video file's `frames` sampled frames of `height x width` pixels under
+    `config`'s recipe: the frame count made even (`video_max_frames` at most), each frame resized into
+    `video_min_pixels` .. `min(video_max_pixels, 2 * video_total_pixels / frames)` (qwen-vl-utils' rule). (The frames
+    of a frame list are resized once before, which can move the final size by a patch.)"""
+    from modeling_puma import FRAME_FACTOR, qwen_vl_smart_resize
+
+    vision = config.vision_config
+    factor = vision.patch_size * vision.spatial_merge_size
+    frames = min(frames + frames % FRAME_FACTOR, config.video_max_frames - config.video_max_frames % FRAME_FACTOR)
+    max_pixels = max(min(config.video_max_pixels, config.video_total_pixels / frames * FRAME_FACTOR),
+                     int(config.video_min_pixels * 1.05))
+    h, w = qwen_vl_smart_resize(height, width, factor, config.video_min_pixels, max_pixels)
+    return frames // vision.temporal_patch_size, h // vision.patch_size, w // vision.patch_size
+
+
+def video_tokens(config, frames: int, height: int, width: int) -> int:
+    """Placeholder tokens of a video of `frames` sampled frames of `height x width` pixels under `config`'s recipe."""
+    t, h, w = video_grid(config, frames, height, width)
+    return t * h * w // config.vision_config.spatial_merge_size ** 2
+
+
 def image_grid(config, pixels: int) -> tuple[int, int]:
     """The patch grid `(h, w)` of a square image of about `pixels` pixels, each side a multiple of the merged patch."""
     vision = config.vision_config
@@ -62,21 +95,31 @@ def image_grid(config, pixels: int) -> tuple[int, int]:
     return side // vision.patch_size, side // vision.patch_size
 
 
-def depth_costs(config, depths: list[int], text_tokens: int, image_pixels: int | None = None) -> dict[int, dict]:
-    """`{depth: {"text": r, "image": r}}`: the FLOPs of a PUMA model truncated to each depth, as a fraction of the
-    deepest depth listed, for a text input of `text_tokens` tokens and for an image of `image_pixels` pixels
-    (default: the config's `max_pixels`) plus those text tokens. The vision tower runs whatever the depth, so the
-    image ratio is the larger one."""
+def depth_costs(config, depths: list[int], text_tokens: int, image_pixels: int | None = None,
+                video: tuple[int, int, int] | None = None) -> dict[int, dict]:
+    """`{depth: {"text": r, "image": r[, "video": r]}}`: the FLOPs of a PUMA model truncated to each depth, as a
+    fraction of the deepest depth listed, for a text input of `text_tokens` tokens, for an image of `image_pixels`
+    pixels (default: the config's `max_pixels`) plus those text tokens and, given `video` = `(frames, height,
+    width)`, for such a video (sampled as `video_grid` says) plus those text tokens. The vision tower runs whatever
+    the depth, so the image and video ratios are the larger ones."""
     grid_h, grid_w = image_grid(config, image_pixels or config.max_pixels)
     vision_config = config.vision_config
-    image_tokens = grid_h * grid_w // vision_config.spatial_merge_size ** 2
+    merge = vision_config.spatial_merge_size ** 2
+    image_tokens = grid_h * grid_w // merge
     injected = len(getattr(vision_config, "deepstack_visual_indexes", None) or [])
+    video_thw = video_grid(config, *video) if video is not None else None
 
     def flops(depth: int) -> dict[str, float]:
         # Qwen3-VL injects DeepStack features after decoder layers 0..injected-1: a shallower depth skips the rest
-        vision = vision_flops_per_image(vision_config, grid_h, grid_w, num_mergers=1 + min(injected, depth))
-        return {"text": text_flops_per_sequence(config.text_config, depth, text_tokens),
-                "image": vision + text_flops_per_sequence(config.text_config, depth, text_tokens + image_tokens)}
+        mergers = 1 + min(injected, depth)
+        vision = vision_flops_per_image(vision_config, grid_h, grid_w, num_mergers=mergers)
+        costs = {"text": text_flops_per_sequence(config.text_config, depth, text_tokens),
+                 "image": vision + text_flops_per_sequence(config.text_config, depth, text_tokens + image_tokens)}
+        if video_thw is not None:
+            t, h, w = video_thw
+            costs["video"] = vision_flops_per_video(vision_config, t, h, w, num_mergers=mergers) \
+                + text_flops_per_sequence(config.text_config, depth, text_tokens + t * h * w // merge)
+        return costs
 
     deepest = flops(max(depths))
     return {depth: {kind: value / deepest[kind] for kind, value in flops(depth).items()} for depth in depths}

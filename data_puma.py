@@ -4,9 +4,11 @@ into model inputs.
 
 Every dataset yields the same plain dict per example:
 
-    {"query": {"text": str | None, "image": path | PIL.Image | None}, "instruction": str | None, "query_id": str,
-     "positive": {"text", "image"}, "positive_id": str, "modality": str,
-     "negatives": [{"text", "image"}, ...], "negative_ids": [str, ...], "negative_modalities": [str, ...]}
+    {"query": {"text": str | None, "image": path | PIL.Image | None[, "video": path | frames]}, "instruction":
+     str | None, "query_id": str, "positive": {"text", "image"[, "video"]}, "positive_id": str, "modality": str,
+     "negatives": [{"text", "image"[, "video"]}, ...], "negative_ids": [str, ...], "negative_modalities": [str, ...]}
+
+An image path may name a PDF page (`doc.pdf#page=2`); a side holds a text and at most one image or video.
 
 `modality` is the target modality (the positive's); `query_id` identifies the exact query input, instruction
 included, so per-id caches (teacher embeddings) stay correct. [`PumaCollator`] builds the prompts with the model's
@@ -27,8 +29,8 @@ from torch.utils.data import Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from mbeir_puma import (ColumnMapping, SkipLog, dataset_id, join_path, load_mbeir_pool, load_mbeir_queries,
-                        load_query_instructions, modality_id)
-from modeling_puma import build_prompt, featurize, load_image
+                        load_query_instructions, media_side, modality_id)
+from modeling_puma import build_prompt, featurize, load_image, media_file, sample_video, video_input
 
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,8 @@ _PROGRESS_MIN_ITEMS = 10_000
 # M-BEIR (stage 2)
 # ----------------------------------------------------------------------------------------------------------------
 def _candidate_input(candidate: dict, image_root) -> dict:
-    return {"text": candidate["txt"], "image": join_path(image_root, candidate["img_path"])}
+    return media_side(candidate["txt"], join_path(image_root, candidate["img_path"]),
+                      join_path(image_root, candidate.get("video_path")))
 
 
 class MBEIRTrainDataset(Dataset):
@@ -87,10 +90,11 @@ class MBEIRTrainDataset(Dataset):
         self.examples = self._validate(load_mbeir_queries(query_file))
 
     def _has_image(self, path: str | None) -> bool:
+        """Whether the image, video (file or folder of frames) or PDF a path names exists (checked once per path)."""
         if path is None or not self.check_images:
             return True
         if path not in self._image_exists:
-            self._image_exists[path] = os.path.isfile(path)
+            self._image_exists[path] = os.path.exists(media_file(path))
         return self._image_exists[path]
 
     def _usable_candidates(self, ids: list[str], kind: str, dropped: SkipLog) -> list[str]:
@@ -101,19 +105,25 @@ class MBEIRTrainDataset(Dataset):
                 dropped.add(f"{kind} ids absent from the pool", did)
             elif not self._has_image(join_path(self.image_root, candidate["img_path"])):
                 dropped.add(f"{kind}s whose image file is missing", did)
+            elif not self._has_image(join_path(self.image_root, candidate.get("video_path"))):
+                dropped.add(f"{kind}s whose video file is missing", did)
             else:
                 usable.append(did)
         return usable
 
     def _validate(self, queries: list[dict]) -> list[tuple]:
-        """Keeps the usable queries as `(qid, text, image, query_modality, positives, negatives)` tuples."""
+        """Keeps the usable queries as `(qid, query side, query_modality, positives, negatives)` tuples."""
         skipped, dropped = SkipLog(), SkipLog()
         examples = []
         for query in tqdm(queries, desc="Checking M-BEIR queries", disable=len(queries) < _PROGRESS_MIN_ITEMS):
             qid = query["qid"]
             image = join_path(self.image_root, query["query_img_path"])
+            video = join_path(self.image_root, query.get("query_video_path"))
             if not self._has_image(image):
                 skipped.add("queries whose image file is missing", qid)
+                continue
+            if not self._has_image(video):
+                skipped.add("queries whose video file is missing", qid)
                 continue
             positives = []
             for did in self._usable_candidates(query["pos_cand_list"], "positive", dropped):
@@ -132,8 +142,8 @@ class MBEIRTrainDataset(Dataset):
                 if not negatives:
                     skipped.add("queries without a usable hard negative", qid)
                     continue
-            examples.append((qid, query["query_txt"], image, query["query_modality"], tuple(positives),
-                             tuple(negatives)))
+            examples.append((qid, media_side(query["query_txt"], image, video), query["query_modality"],
+                             tuple(positives), tuple(negatives)))
         if skipped or dropped:
             logger.warning(
                 f"{self.query_file}: kept {len(examples)} of {len(queries)} queries. "
@@ -166,21 +176,21 @@ class MBEIRTrainDataset(Dataset):
         return f"{qid}#i{instruction_index}"
 
     def teacher_inputs(self):
-        """Every input a run can draw, as `(part, id, {"text", "image"}, instruction)` (`part`: "queries" or
-        "candidates"): each query with every instruction of every target modality its positives have, under the
-        ids `__getitem__` gives them, then every positive and hard negative. What a teacher cache must hold."""
-        for qid, text, image, query_modality, positives, _ in self.examples:
+        """Every input a run can draw, as `(part, id, {"text", "image"[, "video"]}, instruction)` (`part`:
+        "queries" or "candidates"): each query with every instruction of every target modality its positives have,
+        under the ids `__getitem__` gives them, then every positive and hard negative. What a teacher cache must
+        hold."""
+        for qid, query, query_modality, positives, _ in self.examples:
             for modality in dict.fromkeys(self.pool[did]["modality"] for did in positives):
                 for index, instruction in enumerate(self.instructions[(dataset_id(qid), query_modality, modality)]):
-                    yield ("queries", self._query_id(qid, positives, modality, index), {"text": text, "image": image},
-                           instruction)
+                    yield "queries", self._query_id(qid, positives, modality, index), dict(query), instruction
         candidates = (did for *_, positives, negatives in self.examples
                       for did in (*positives, *(negatives if self.num_hard_negatives else ())))
         for did in dict.fromkeys(candidates):
             yield "candidates", did, _candidate_input(self.pool[did], self.image_root), None
 
     def __getitem__(self, index: int) -> dict:
-        qid, text, image, query_modality, positives, negatives = self.examples[index]
+        qid, query, query_modality, positives, negatives = self.examples[index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         positive_id = positives[int(rng.integers(len(positives)))]
         positive = self.pool[positive_id]
@@ -188,7 +198,7 @@ class MBEIRTrainDataset(Dataset):
         instruction_index = int(rng.integers(len(prompts)))
         negative_ids = [negatives[i] for i in _draw_indices(rng, len(negatives), self.num_hard_negatives)]
         return {
-            "query": {"text": text, "image": image},
+            "query": dict(query),
             "instruction": prompts[instruction_index],
             "query_id": self._query_id(qid, positives, positive["modality"], instruction_index),
             "positive": _candidate_input(positive, self.image_root),
@@ -366,9 +376,11 @@ class PumaCollator:
         - `query_ids`, `candidate_ids`, `negative_ids`: lists of strings.
 
     Prompts come from `modeling_puma.build_prompt` (the model's template, text truncated to `config.max_text_tokens`
-    before the embedding token) and images from `modeling_puma.load_image` (EXIF rotation, RGB, pixel limit). An
-    example with an unreadable image or an empty side is counted (`num_skipped`), logged and dropped from its batch;
-    a batch left empty raises `ValueError`.
+    before the embedding token), images from `modeling_puma.load_image` (read as the recipe says, PDF pages
+    rendered, pixel limit) and videos from `modeling_puma.sample_video` (decoded, sampled and resized as the recipe
+    says; a path, frames, or a 🤗 `Video` value: a decoder or a `{"path", "bytes"}` dict). An example with an
+    unreadable image or video or an empty side is counted (`num_skipped`), logged and dropped from its batch; a batch
+    left empty raises `ValueError`.
 
     Args:
         processor: the model's Qwen2-VL processor (`model.processor`), whose tokenizer holds the embedding token.
@@ -441,9 +453,9 @@ class PumaCollator:
 
     def _features(self, sides: list[tuple], instructions: list[str | None] | None = None):
         instructions = instructions if instructions is not None else [None] * len(sides)
-        prompts = [build_prompt(self.config, text, image is not None, instruction, self.processor.tokenizer)
-                   for (text, image), instruction in zip(sides, instructions)]
-        return featurize(self.processor, self.config, prompts, [image for _, image in sides])
+        prompts = [build_prompt(self.config, text, visual, instruction, self.processor.tokenizer)
+                   for (text, visual), instruction in zip(sides, instructions)]
+        return featurize(self.processor, self.config, prompts, [visual for _, visual in sides])
 
     def _load_example(self, example: dict) -> dict:
         """The example's sides as `(text, RGB image | None)`; raises on an unreadable image or an empty side."""
@@ -457,11 +469,28 @@ class PumaCollator:
         }
 
     def _load_side(self, side: dict, name: str) -> tuple:
-        text, image = side.get("text"), side.get("image")
+        """`(text, visual)`: the visual an RGB image, or a video decoded and sampled now (a bad file skips the
+        example here rather than failing the batch)."""
+        text, image, video = side.get("text"), side.get("image"), side.get("video")
         text = text if isinstance(text, str) and text.strip() else None
-        if text is None and image is None:
-            raise ValueError(f"its {name} has neither text nor image")
+        if text is None and image is None and video is None:
+            raise ValueError(f"its {name} has neither text nor image nor video")
+        if image is not None and video is not None:
+            raise ValueError(f"its {name} has both an image and a video")
+        if video is not None:
+            return text, self._open_video(video, name)
         return text, (self._open_image(image, name) if image is not None else None)
+
+    def _open_video(self, video, name: str):
+        if isinstance(video, dict):  # an undecoded 🤗 `Video` value
+            video = video.get("path") if video.get("path") and os.path.isfile(video["path"]) else video.get("bytes")
+        if isinstance(video, (str, os.PathLike)) and self.image_root is not None:
+            video = os.path.join(self.image_root, video)
+        try:
+            return sample_video(video_input(video, f"its {name} video", max_pixels=self.max_image_pixels),
+                                self.config)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"its {name} video could not be used ({err})") from err
 
     def _open_image(self, image, name: str):
         from PIL import Image
@@ -479,7 +508,7 @@ class PumaCollator:
         if isinstance(image, (str, os.PathLike)) and self.image_root is not None:
             image = os.path.join(self.image_root, image)
         try:
-            return load_image(image, 0, self.max_image_pixels)
+            return load_image(image, 0, self.max_image_pixels, self.config, name=f"its {name} image")
         except (OSError, ValueError) as err:
             raise ValueError(f"its {name} image could not be used ({err})") from err
 

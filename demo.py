@@ -4,7 +4,8 @@
                    [--elastic] [--mined]
 
 Steps: `demo_data_puma.py` writes a small M-BEIR-format benchmark (text→image, text→text, text→(image,text),
-image→text, image→image and composed (image,text)→image tasks over PIL-drawn scenes); `tiny_puma.py` writes a
+image→text, image→image, composed (image,text)→image and text→video tasks over PIL-drawn scenes and clips of them
+moving); `tiny_puma.py` writes a
 tiny model of the chosen family (Qwen2-VL by default; 6 layers, random weights: it is NOT pretrained, nothing can be
 downloaded here); PUMA keeps its first 3 layers (all of a tiny Qwen3-VL's DeepStack injections); stage 1
 (`configs/demo_stage1.yaml`: NLI-style pairs, InfoNCE + distillation from the shared-weight full-depth teacher, LoRA)
@@ -49,6 +50,10 @@ from train_puma import make_parser
 
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The demo's clips: 4 frames of about 112x112 pixels each (16 video tokens per pair of frames), the settings the stage
+# configs train with, so that the video task costs the tiny model about what its images cost
+DEMO_VIDEO = {"video_max_frames": 4, "video_min_pixels": 12544, "video_max_pixels": 12544,
+              "video_total_pixels": 25088}
 
 
 def run_stage(config: str, *overrides: str):
@@ -106,7 +111,7 @@ def elastic_evidence(args, data: str, base: str, stage1: str, quick: list[str]) 
         f.write(table + "\n")
     image_root = load_benchmark(data).image_root
     tasks = mbeir_sample(data, max_queries=40, max_candidates=200)
-    for name, model in (("untrained", PumaForEmbedding.from_pretrained(base)),
+    for name, model in (("untrained", PumaForEmbedding.from_pretrained(base, **DEMO_VIDEO)),
                         ("elastic", PumaForEmbedding.from_pretrained(elastic_dir))):
         write_analysis(analyze(model, tasks, image_root, show_progress_bar=False),
                        os.path.join(args.out, f"analysis_{name}"))
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None):
         build_tiny_checkpoint(base, args.family)
 
     print("2/5 evaluating the untrained pruned model (first 3 of 6 layers)", flush=True)
-    untrained = PumaForEmbedding.from_pretrained(base, num_layers=3)
+    untrained = PumaForEmbedding.from_pretrained(base, num_layers=3, **DEMO_VIDEO)
     before = evaluate_mbeir(untrained, data, show_progress_bar=False)
 
     print("3/5 stage 1: NLI pairs, InfoNCE + distillation from the shared-weight teacher", flush=True)

@@ -18,8 +18,12 @@ Tasks, with UniIR's task ids; dataset ids continue after M-BEIR's 0-9 so the two
 | 3    | image -> text       | 13         | DemoImageToCaption       | image                  | caption            |
 | 4    | image -> image      | 14         | DemoSameScene            | jittered re-rendering  | image              |
 | 7    | image,text -> image | 15         | DemoComposed             | image + edit text      | edited scene       |
+| 10   | text -> video       | 16         | DemoCaptionToClip        | caption + motion       | clip               |
 
 Edit texts read like "the same but red", "the same but moved to the top left", "the same on a grey background".
+A clip is a scene's shapes moving left, right, up or down over 4 frames, stored as a folder of PNG frames (a video
+`encode` reads without a video decoder); its caption adds the motion ("..., moving left"), which no single frame
+shows. Task 10 is not one of UniIR's (M-BEIR has no video).
 
 Training queries carry hard negatives (scenes one attribute away; for task 7 also the reference image); each test
 task's local pool holds its positives plus one such near miss per query (and, for task 7, the reference images).
@@ -27,6 +31,7 @@ task's local pool holds its positives plus one such near miss per query (and, fo
 Layout under OUT_DIR (M-BEIR's; image paths are relative to OUT_DIR):
 
     mbeir_images/demo_images/*.png
+    mbeir_images/demo_clips/<scene>_<motion>/frame_{1..4}.png
     instructions/query_instructions.tsv
     query/train/mbeir_demo_train.jsonl                  all tasks, shuffled
     query/test/mbeir_demo_task{t}_test.jsonl
@@ -96,9 +101,18 @@ TASKS = (
         "Find the image that applies the requested change to this picture.",
         "Retrieve the drawing edited as the text says.",
         "Identify the picture that looks like this one after the described change.")),
+    DemoTask(10, 16, "DemoCaptionToClip", "text", "video", (
+        "Find the clip that matches the given description of moving shapes.",
+        "Retrieve the video described by this caption.",
+        "Identify the animation that shows the described motion.")),
 )
 
 IMAGE_DIR = "mbeir_images/demo_images"
+CLIP_DIR = "mbeir_images/demo_clips"
+# Motion name -> step per frame in units of the image side
+MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+CLIP_FRAMES = 4
+CLIP_STEP = 0.07
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,16 +179,23 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         draw.polygon(_polygon(cx, cy, radii), fill=fill)
 
 
-def render(scene: Scene, size: int, jitter: random.Random | None = None) -> Image.Image:
-    """The scene drawn on a `size` x `size` RGB canvas; `jitter` shifts, rescales and recolours it slightly."""
+def clip_caption(scene: Scene, motion: str) -> str:
+    """The caption of a clip: the scene's, and where its shapes move."""
+    return f"{caption(scene)}, moving {motion}"
+
+
+def render(scene: Scene, size: int, jitter: random.Random | None = None,
+           offset: tuple[float, float] = (0.0, 0.0)) -> Image.Image:
+    """The scene drawn on a `size` x `size` RGB canvas, its shapes shifted by `offset` (in units of the side);
+    `jitter` shifts, rescales and recolours it slightly."""
     image = Image.new("RGB", (size, size), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     (fx, fy), _ = POSITIONS[scene.position]
     radius = size * (0.13 if scene.count == 1 else 0.085)
-    dx = dy = 0.0
+    dx, dy = offset[0] * size, offset[1] * size
     fill = COLOURS[scene.colour]
     if jitter is not None:
-        dx, dy = (jitter.uniform(-0.04, 0.04) * size for _ in range(2))
+        dx, dy = (d + jitter.uniform(-0.04, 0.04) * size for d in (dx, dy))
         radius *= jitter.uniform(0.85, 1.15)
         fill = tuple(min(255, max(0, c + jitter.randint(-15, 15))) for c in fill)
     for ox, oy in LAYOUTS[scene.count]:
@@ -218,21 +239,41 @@ class _Benchmark:
                                                                               format="PNG")
         return path
 
-    def candidate(self, task: DemoTask, scene: Scene) -> str:
-        """The did of `task`'s candidate for `scene`, created on first use."""
-        txt = None
+    def clip(self, scene: Scene, motion: str) -> str:
+        """Path (relative to the benchmark root) of the folder of frames of `scene` moving `motion`, drawn on first
+        use: the shapes step across the frame, centred on the scene's position."""
+        path = f"{CLIP_DIR}/{_slug(scene)}_{motion}"
+        if path not in self.rendered:
+            self.rendered.add(path)
+            os.makedirs(os.path.join(self.out_dir, path), exist_ok=True)
+            step_x, step_y = MOTIONS[motion]
+            for frame in range(CLIP_FRAMES):
+                shift = (frame - (CLIP_FRAMES - 1) / 2) * CLIP_STEP
+                render(scene, self.image_size, offset=(step_x * shift, step_y * shift)).save(
+                    os.path.join(self.out_dir, path, f"frame_{frame + 1}.png"), format="PNG")
+        return path
+
+    def candidate(self, task: DemoTask, scene: Scene, motion: str | None = None) -> str:
+        """The did of `task`'s candidate for `scene` (moving `motion`, for a clip), created on first use."""
+        txt, img_path, video_path = None, None, None
         if task.cand_modality == "text":
             txt = paraphrase(scene) if task.task_id == 1 else caption(scene)
         elif task.cand_modality == "image,text":
             txt = title(scene)
-        img_path = self.image(scene) if task.cand_modality != "text" else None
-        key = (task.dataset_id, txt, img_path)
+        if task.cand_modality == "video":
+            video_path = self.clip(scene, motion)
+        elif task.cand_modality != "text":
+            img_path = self.image(scene)
+        key = (task.dataset_id, txt, img_path, video_path)
         if key not in self.dids:
             did = f"{task.dataset_id}:{self.next_did[task.dataset_id]}"
             self.next_did[task.dataset_id] += 1
             self.dids[key] = did
-            self.candidates[did] = {"txt": txt, "img_path": img_path, "modality": task.cand_modality, "did": did,
-                                    "src_content": None}
+            record = {"txt": txt, "img_path": img_path, "modality": task.cand_modality, "did": did,
+                      "src_content": None}
+            if video_path is not None:
+                record["video_path"] = video_path
+            self.candidates[did] = record
         return self.dids[key]
 
     def near_miss(self, scene: Scene, split: set, avoid: set) -> Scene:
@@ -271,6 +312,8 @@ class _Benchmark:
         Distractors are candidates a test pool adds: a near miss of the positive, and task 7's reference image.
         """
         target, text, image = scene, None, None
+        if task.cand_modality == "video":
+            return self.clip_query(task, scene, split, num_negatives)
         if task.task_id == 7:
             target, text = self.edit(scene, split)
             image = self.image(scene)
@@ -291,6 +334,26 @@ class _Benchmark:
                   "query_src_content": None, "pos_cand_list": [positive],
                   "neg_cand_list": distractors[:num_negatives], "task_id": task.task_id}
         return record, distractors[: 2 if task.task_id == 7 else 1]
+
+
+    def clip_query(self, task: DemoTask, scene: Scene, split: set, num_negatives: int) -> tuple[dict, list[str]]:
+        """A caption -> clip query: the scene moving one way; its near misses move the same scene another way (what
+        only the frames together tell apart), then move a scene one attribute away the same way."""
+        motions = list(MOTIONS)
+        motion = self.rng.choice(motions)
+        positive = self.candidate(task, scene, motion)
+        others = [other for other in motions if other != motion]
+        self.rng.shuffle(others)
+        misses = [(scene, others[0])]
+        while len(misses) < max(num_negatives, 1):
+            misses.append((self.near_miss(scene, split, avoid={scene, *(m for m, _ in misses)}), motion))
+        distractors = [self.candidate(task, miss, miss_motion) for miss, miss_motion in misses]
+        qid = f"{task.dataset_id}:{self.next_qid[task.dataset_id]}"
+        self.next_qid[task.dataset_id] += 1
+        record = {"qid": qid, "query_txt": clip_caption(scene, motion), "query_img_path": None,
+                  "query_modality": task.query_modality, "query_src_content": None, "pos_cand_list": [positive],
+                  "neg_cand_list": distractors[:num_negatives], "task_id": task.task_id}
+        return record, distractors[:1]
 
 
 def _write_jsonl(path: str, records) -> None:
@@ -405,7 +468,8 @@ def make_demo_benchmark(out_dir, seed: int = 0, num_train: int = 480, num_test: 
     manifest = {
         "seed": seed, "image_size": image_size, "image_root": ".", "num_train": len(train_queries),
         "train_pool_size": len(train_pool_dids), "union_test_pool_size": len(union),
-        "num_images": len(bench.rendered), **paths, "tasks": manifest_tasks,
+        "num_images": sum(path.startswith(IMAGE_DIR) for path in bench.rendered),
+        "num_clips": sum(path.startswith(CLIP_DIR) for path in bench.rendered), **paths, "tasks": manifest_tasks,
     }
     with open(os.path.join(out_dir, "demo_benchmark.json"), "w", encoding="utf-8", newline="\n") as f:
         json.dump(manifest, f, indent=2)
@@ -427,7 +491,8 @@ def main():
                                    args.num_nli, args.image_size)
     print(f"wrote the demo benchmark to {args.out_dir}: {manifest['num_train']} training queries, "
           f"{len(manifest['tasks'])} test tasks of {args.num_test} queries, union test pool of "
-          f"{manifest['union_test_pool_size']} candidates, {manifest['num_images']} images")
+          f"{manifest['union_test_pool_size']} candidates, {manifest['num_images']} images, "
+          f"{manifest['num_clips']} clips")
 
 
 if __name__ == "__main__":

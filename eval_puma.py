@@ -10,7 +10,9 @@ shows which depth to keep before training (`puma_eval.analysis`).
     python eval_puma.py --model my-puma --mbeir-root M-BEIR --baseline untrained_out/results_local.json \
         --baseline-name untrained --model-name trained                              # charts: untrained vs trained
     python eval_puma.py mmeb --model my-puma --mmeb-root MMEB-eval --out mmeb_out
+    python eval_puma.py mmeb --model my-puma --mmeb-root MMEB-V2 --annotations MMEB-V2/annotations   # + video, visdoc
     python eval_puma.py search --model my-puma --corpus photos/ --query "a dog on a beach" --top-k 5
+    python eval_puma.py search --model my-puma --corpus reports/ --query "revenue by region"   # PDFs: file and page
     python eval_puma.py curves --trainer-state out/trainer_state.json --out curves.png
     python eval_puma.py mine --model teacher --mbeir-root M-BEIR --queries query/union_train/mbeir_union_up_train.jsonl \
         --pool cand_pool/global/mbeir_union_train_cand_pool.jsonl --out mined --num-negatives 8  # hard negatives
@@ -102,7 +104,8 @@ def _run_mmeb(args) -> None:
 
     model = load_model(args.model, args.dtype)
     results = evaluate_mmeb(model, args.mmeb_root, tasks=args.tasks, image_root=args.image_root,
-                            cache_dir=_cache_dir(args), batch_size=args.batch_size, shard_size=args.shard_size)
+                            cache_dir=_cache_dir(args), batch_size=args.batch_size, shard_size=args.shard_size,
+                            annotations=args.annotations, num_frames=args.num_frames)
     if results is not None:
         print(write_mmeb_results(results, args.out, baselines=args.baselines, model_name=args.model_name))
         print(f"\nWrote results_mmeb.md, results_mmeb.json and plots/ to {args.out}")
@@ -111,12 +114,13 @@ def _run_mmeb(args) -> None:
 def _run_search(args) -> None:
     model = load_model(args.model, args.dtype)
     hits = search_corpus(model, args.corpus, args.query, args.image, args.top_k, args.instruction, args.batch_size,
-                         args.cache_dir, args.index)
+                         args.cache_dir, args.index, video=args.video)
     width = max(len(hit["id"]) for hit in hits)
     print(f"{'rank':>4}  {'score':>7}  {'id':<{width}}  content")
     for hit in hits:
-        content = " ".join(part for part in (f"[image {hit['image']}]" if hit["image"] else "",
-                                             (hit["text"] or "")[:80].replace("\n", " ")) if part)
+        visual = f"[image {hit['image']}]" if hit.get("image") else f"[video {hit['video']}]" if hit.get("video") \
+            else f"[page {hit['page']} of {hit['pdf']}]" if hit.get("pdf") else ""
+        content = " ".join(part for part in (visual, (hit["text"] or "")[:80].replace("\n", " ")) if part)
         print(f"{hit['rank']:>4}  {hit['score']:>7.4f}  {hit['id']:<{width}}  {content}")
 
 
@@ -225,13 +229,20 @@ def make_parser() -> ArgumentParser:
     _add_report_arguments(evaluation)
     evaluation.set_defaults(run=_run_eval, check=_check_eval)
 
-    mmeb = commands.add_parser("mmeb", help="MMEB image tasks (VLM2Vec's format): Precision@1 over candidate lists")
+    mmeb = commands.add_parser("mmeb", help="MMEB-V2's image, video and visual-document tasks: hit@1, nDCG@5, "
+                                             "meta-task, modality and overall averages")
     mmeb.add_argument("--model", required=True, help="PUMA or Qwen2-VL checkpoint folder or Hub id")
     mmeb.add_argument("--mmeb-root", required=True,
-                      help="folder of MMEB task files (TASK.parquet / TASK.jsonl / TASK/test-*.parquet)")
-    mmeb.add_argument("--image-root", help="folder the image paths are relative to (default: MMEB_ROOT/images, "
-                                           "else MMEB_ROOT)")
-    mmeb.add_argument("--tasks", nargs="+", help="task names (default: every task file found)")
+                      help="folder of MMEB image task files (TASK.parquet / TASK.jsonl / TASK/test-*.parquet), or "
+                           "MMEB-V2 as released (image-tasks/, video-tasks/frames/, visdoc-tasks/)")
+    mmeb.add_argument("--annotations", help="folder of the MMEB-V2 tasks' 🤗 datasets, each under its id "
+                                            "(VLM2Vec/MSR-VTT, vidore/..., TIGER-Lab/MMEB-eval; default: "
+                                            "MMEB_ROOT/annotations)")
+    mmeb.add_argument("--image-root", help="folder the image tasks' image paths are relative to (default: "
+                                           "MMEB_ROOT/images, else MMEB_ROOT/image-tasks, else MMEB_ROOT)")
+    mmeb.add_argument("--num-frames", type=int, help="frames per video picked from the saved ones (VLM2Vec: 8; "
+                                                     "default: all, thinned by the model to its video_max_frames)")
+    mmeb.add_argument("--tasks", nargs="+", help="task names (default: every task found)")
     mmeb.add_argument("--out", default="mmeb_out", help="folder of the table, JSON and plots")
     _add_cache_arguments(mmeb)
     _add_report_arguments(mmeb)
@@ -240,9 +251,11 @@ def make_parser() -> ArgumentParser:
     search = commands.add_parser("search", help="index a folder or JSONL corpus and print the top hits of a query")
     search.add_argument("--model", required=True, help="PUMA or Qwen2-VL checkpoint folder or Hub id")
     search.add_argument("--corpus", required=True,
-                        help="folder of images and .txt files, or a JSONL file of {id?, text?, image?} records")
+                        help="folder of images, videos, PDFs (one item per page) and .txt files, or a JSONL file of "
+                             "{id?, text?, image? | video? | pdf? (page?)} records")
     search.add_argument("--query", help="query text")
     search.add_argument("--image", help="query image (with or without --query)")
+    search.add_argument("--video", help="query video file (with or without --query)")
     search.add_argument("--instruction", help="task instruction put before the query text")
     search.add_argument("--top-k", type=int, default=5)
     search.add_argument("--batch-size", type=int, default=16)
@@ -376,7 +389,17 @@ def _check_mmeb(args) -> None:
     check_model_path(args.model)
     _check_output(args)
     import_pyplot()
-    found = find_mmeb_tasks(require_path(args.mmeb_root, "--mmeb-root", "folder"))
+    if args.annotations:
+        require_path(args.annotations, "--annotations", "folder")
+    if args.num_frames is not None and args.num_frames < 1:
+        raise UsageError(f"--num-frames {args.num_frames}: give a positive number of frames")
+    from puma_eval.mmeb import missing_v2_parts
+
+    found = find_mmeb_tasks(require_path(args.mmeb_root, "--mmeb-root", "folder"), args.annotations)
+    missing = missing_v2_parts(args.mmeb_root, args.annotations)
+    absent = [f"{name} (it lacks {missing[name]})" for name in args.tasks or [] if name in missing]
+    if absent:
+        raise UsageError(f"--tasks: MMEB-V2 {'task' if len(absent) == 1 else 'tasks'} {'; '.join(absent)}")
     unknown = [name for name in args.tasks or [] if name not in found]
     if unknown:
         raise UsageError(f"--tasks: unknown MMEB {'task' if len(unknown) == 1 else 'tasks'} {' '.join(unknown)}; "
@@ -387,12 +410,16 @@ def _check_mmeb(args) -> None:
 
 
 def _check_search(args) -> None:
-    if args.query is None and args.image is None:
-        raise UsageError("search needs --query, --image, or both")
+    if args.query is None and args.image is None and args.video is None:
+        raise UsageError("search needs --query, --image or --video, or --query with one of them")
+    if args.image and args.video:
+        raise UsageError("search takes --image or --video, not both")
     check_model_path(args.model)
     require_path(args.corpus, "--corpus")
     if args.image:
         require_path(args.image, "--image", "file")
+    if args.video:
+        require_path(args.video, "--video", "file")
     if args.top_k < 1:
         raise UsageError(f"--top-k {args.top_k}: give a positive number of results")
 

@@ -65,7 +65,8 @@ DEFAULT_EVAL_DATASET = "TIGER-Lab/M-BEIR"
 PAPER_URL = "https://arxiv.org/abs/2507.08064"
 # What the remote code and the handler import beyond torch; Inference Endpoints installs it from the repository.
 # torchvision: the Qwen-VL processors of transformers 5 need it.
-ENDPOINT_REQUIREMENTS = f"transformers{SUPPORTED_TRANSFORMERS}\ntorchvision\npillow>=10\n"
+# the endpoint's video decoder and PDF renderer too: the handler takes videos and PDF pages
+ENDPOINT_REQUIREMENTS = f"transformers{SUPPORTED_TRANSFORMERS}\ntorchvision\npillow>=10\nav\npypdfium2\n"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def build_model_card(model, *, card_data=None, eval_results=None, base_model=Non
         matryoshka_dims=config.matryoshka_dims,
         embedding_token=config.embedding_token,
         pooling=config.pooling,
-        max_text_tokens=config.max_text_tokens,
+        max_text_tokens=config.max_text_tokens or config.max_prompt_tokens,
         min_pixels=config.min_pixels,
         max_pixels=config.max_pixels,
         example_prompt=build_prompt(config, EXAMPLE_QUERY, True, instruction, model.processor.tokenizer),

@@ -27,7 +27,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # Fixed ids, so modality labels gathered from every rank and every dataset agree.
-MODALITY_IDS = {"text": 0, "image": 1, "image,text": 2, "video": 3}
+MODALITY_IDS = {"text": 0, "image": 1, "image,text": 2, "video": 3, "text,video": 4}
 UNKNOWN_MODALITY_OFFSET = 1000
 # Examples of skipped ids shown per reason in a summary line.
 SHOWN_IDS = 5
@@ -55,13 +55,19 @@ def modality_id(label: str) -> int:
     return UNKNOWN_MODALITY_OFFSET + zlib.crc32(label.encode("utf-8"))
 
 
-def content_modality(text: str | None, image) -> str | None:
-    """`"text"`, `"image"` or `"image,text"` for an input with that content; `None` when it has neither."""
-    if image is not None and text:
-        return "image,text"
-    if image is not None:
-        return "image"
+def content_modality(text: str | None, image, video=None) -> str | None:
+    """`"text"`, `"image"`, `"video"`, `"image,text"` or `"text,video"` for an input with that content (a video
+    wins over an image); `None` when it has neither."""
+    visual = "video" if video is not None else "image" if image is not None else None
+    if visual is not None:
+        return normalize_modality(f"{visual},text") if text else visual
     return "text" if text else None
+
+
+def media_side(text: str | None, image, video=None) -> dict:
+    """An input as the datasets and evaluation hand it over: `{"text", "image"}`, with `"video"` only when there is
+    one (so that the items of text and image data stay as they were)."""
+    return {"text": text, "image": image, **({"video": video} if video is not None else {})}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,26 +173,33 @@ def _id_list(value, path, line_number: int, field: str) -> list[str]:
 
 
 def load_mbeir_queries(path) -> list[dict]:
-    """M-BEIR query records: `qid` (`"dataset_id:n"`), `query_txt`, `query_img_path`, `query_modality`,
-    `pos_cand_list`, `neg_cand_list`, `task_id`.
+    """M-BEIR query records: `qid` (`"dataset_id:n"`), `query_txt`, `query_img_path`, `query_video_path` (this
+    project's addition: a video file), `query_modality`, `pos_cand_list`, `neg_cand_list`, `task_id`.
 
-    Absent text or image is `None`; a missing `query_modality` is derived from the content; ids are strings.
+    Absent text, image or video is `None`; a missing `query_modality` is derived from the content; ids are strings.
+    An image path may name a PDF page (`doc.pdf#page=2`).
     """
     queries = []
     for line_number, record in enumerate(read_jsonl(path), 1):
         if record.get("qid") in (None, ""):
             raise ValueError(f"{path}, record {line_number}: missing 'qid'.")
         text, image = _optional_str(record.get("query_txt")), _optional_str(record.get("query_img_path"))
-        modality = record.get("query_modality") or content_modality(text, image)
+        video = _optional_str(record.get("query_video_path"))
+        modality = record.get("query_modality") or content_modality(text, image, video)
         if modality is None:
             raise ValueError(
-                f"{path}, record {line_number} (qid {record['qid']}): neither query_txt nor query_img_path."
+                f"{path}, record {line_number} (qid {record['qid']}): neither query_txt, query_img_path nor "
+                "query_video_path."
             )
+        if image is not None and video is not None:
+            raise ValueError(f"{path}, record {line_number} (qid {record['qid']}): both query_img_path and "
+                             "query_video_path; a query holds one of them.")
         task_id = record.get("task_id")
         queries.append({
             "qid": str(record["qid"]),
             "query_txt": text,
             "query_img_path": image,
+            "query_video_path": video,
             "query_modality": normalize_modality(modality),
             "pos_cand_list": _id_list(record.get("pos_cand_list"), path, line_number, "pos_cand_list"),
             "neg_cand_list": _id_list(record.get("neg_cand_list"), path, line_number, "neg_cand_list"),
@@ -200,7 +213,8 @@ def load_mbeir_queries(path) -> list[dict]:
 
 
 def load_mbeir_pool(path) -> dict[str, dict]:
-    """M-BEIR candidate records keyed by `did`: `did`, `txt`, `img_path`, `modality`."""
+    """M-BEIR candidate records keyed by `did`: `did`, `txt`, `img_path` (an image, or a PDF page
+    `doc.pdf#page=2`), `video_path` (this project's addition: a video file), `modality`."""
     pool, duplicates = {}, []
     for line_number, record in enumerate(read_jsonl(path), 1):
         did = record.get("did")
@@ -208,12 +222,17 @@ def load_mbeir_pool(path) -> dict[str, dict]:
             raise ValueError(f"{path}, record {line_number}: missing 'did'.")
         did = str(did)
         text, image = _optional_str(record.get("txt")), _optional_str(record.get("img_path"))
-        modality = record.get("modality") or content_modality(text, image)
+        video = _optional_str(record.get("video_path"))
+        modality = record.get("modality") or content_modality(text, image, video)
         if modality is None:
-            raise ValueError(f"{path}, record {line_number} (did {did}): neither txt nor img_path.")
+            raise ValueError(f"{path}, record {line_number} (did {did}): neither txt, img_path nor video_path.")
+        if image is not None and video is not None:
+            raise ValueError(f"{path}, record {line_number} (did {did}): both img_path and video_path; a candidate "
+                             "holds one of them.")
         if did in pool:
             duplicates.append(did)
-        pool[did] = {"did": did, "txt": text, "img_path": image, "modality": normalize_modality(modality)}
+        pool[did] = {"did": did, "txt": text, "img_path": image, "video_path": video,
+                     "modality": normalize_modality(modality)}
     if duplicates:
         raise ValueError(f"{path} has {len(duplicates)} duplicate candidate ids (did), e.g. "
                          f"{sorted(set(duplicates))[:SHOWN_IDS]}.")
@@ -292,7 +311,7 @@ def mbeir_eval_queries(queries: list[dict], pool: dict[str, dict], instructions:
             instruction = prompts[int(rng.integers(len(prompts)))]
         items.append({
             "query_id": qid,
-            "query": {"text": query["query_txt"], "image": query["query_img_path"]},
+            "query": media_side(query["query_txt"], query["query_img_path"], query.get("query_video_path")),
             "instruction": instruction,
             "modality": target,
             "query_modality": query["query_modality"],
@@ -314,6 +333,8 @@ class ColumnMapping:
         query_text, query_image, positive_text, positive_image: column names; at least one query and one positive
             column are required.
         negative_text, negative_image: columns of one hard negative per row, or of a list of them.
+        query_video, positive_video, negative_video: video columns (paths, frame lists, or a 🤗 `Video` column's
+            decoders or `{"path", "bytes"}` dicts), in place of the image columns of a side.
         id_column: column of a row id; the query id is the id, candidate ids append `:pos` / `:neg{j}`. Without
             it the id is the row's position.
         modality_column: column of the positive's modality (default: derived from which positive columns are
@@ -326,14 +347,23 @@ class ColumnMapping:
     def __init__(self, query_text: str | None = None, query_image: str | None = None,
                  positive_text: str | None = None, positive_image: str | None = None,
                  negative_text: str | None = None, negative_image: str | None = None, id_column: str | None = None,
-                 modality_column: str | None = None, image_root=None):
-        if query_text is None and query_image is None:
-            raise ValueError("A column mapping needs a query column: pass query_text and/or query_image.")
-        if positive_text is None and positive_image is None:
-            raise ValueError("A column mapping needs a positive column: pass positive_text and/or positive_image.")
+                 modality_column: str | None = None, image_root=None, query_video: str | None = None,
+                 positive_video: str | None = None, negative_video: str | None = None):
+        if query_text is None and query_image is None and query_video is None:
+            raise ValueError("A column mapping needs a query column: pass query_text and/or query_image or "
+                             "query_video.")
+        if positive_text is None and positive_image is None and positive_video is None:
+            raise ValueError("A column mapping needs a positive column: pass positive_text and/or positive_image or "
+                             "positive_video.")
+        for side, image, video in (("query", query_image, query_video), ("positive", positive_image, positive_video),
+                                   ("negative", negative_image, negative_video)):
+            if image is not None and video is not None:
+                raise ValueError(f"Pass {side}_image or {side}_video, not both: an input holds one of them.")
         self.columns = {"query_text": query_text, "query_image": query_image, "positive_text": positive_text,
                         "positive_image": positive_image, "negative_text": negative_text,
-                        "negative_image": negative_image, "id_column": id_column, "modality_column": modality_column}
+                        "negative_image": negative_image, "id_column": id_column, "modality_column": modality_column,
+                        "query_video": query_video, "positive_video": positive_video,
+                        "negative_video": negative_video}
         self.image_root = image_root
 
     def check_columns(self, available) -> None:
@@ -342,10 +372,13 @@ class ColumnMapping:
         if missing:
             raise ValueError(f"Columns {missing} are not in the dataset, whose columns are {list(available)}.")
 
-    def _side(self, row: dict, text_column: str | None, image_column: str | None) -> dict:
+    def _side(self, row: dict, text_column: str | None, image_column: str | None,
+              video_column: str | None = None) -> dict:
         text = row[text_column] if text_column is not None else None
         image = row[image_column] if image_column is not None else None
-        return {"text": text if isinstance(text, str) and text.strip() else None, "image": self._image(image)}
+        video = row[video_column] if video_column is not None else None
+        return media_side(text if isinstance(text, str) and text.strip() else None, self._image(image),
+                          self._image(video))
 
     def _image(self, image):
         if isinstance(image, str):
@@ -353,32 +386,44 @@ class ColumnMapping:
         return image
 
     def _negatives(self, row: dict, row_id: str) -> list[dict]:
-        text_column, image_column = self.columns["negative_text"], self.columns["negative_image"]
+        text_column, video_column = self.columns["negative_text"], self.columns["negative_video"]
+        visual_column = video_column or self.columns["negative_image"]
         texts = row[text_column] if text_column is not None else None
-        images = row[image_column] if image_column is not None else None
-        if not isinstance(texts, list) and not isinstance(images, list):
-            negative = self._side(row, text_column, image_column)
-            return [negative] if negative["text"] is not None or negative["image"] is not None else []
-        count = len(texts if isinstance(texts, list) else images)
+        visuals = row[visual_column] if visual_column is not None else None
+        several = isinstance(texts, list) or (isinstance(visuals, list)
+                                              and (video_column is None or _is_list_of_videos(visuals)))
+
+        def negative(text, visual) -> dict:
+            text = text if isinstance(text, str) and text.strip() else None
+            visual = self._image(visual)
+            return media_side(text, None, visual) if video_column else media_side(text, visual)
+
+        if not several:
+            side = negative(texts, visuals)
+            return [side] if any(side.get(key) is not None for key in ("text", "image", "video")) else []
+        count = len(texts if isinstance(texts, list) else visuals)
         texts = texts if isinstance(texts, list) else [texts] * count
-        images = images if isinstance(images, list) else [images] * count
-        if len(texts) != len(images):
-            raise ValueError(f"Row {row_id}: {len(texts)} negative texts but {len(images)} negative images.")
-        return [{"text": t if isinstance(t, str) and t.strip() else None, "image": self._image(i)}
-                for t, i in zip(texts, images)]
+        if not (isinstance(visuals, list) and (video_column is None or _is_list_of_videos(visuals))):
+            visuals = [visuals] * count  # one visual (or none) for every negative text
+        if len(texts) != len(visuals):
+            raise ValueError(f"Row {row_id}: {len(texts)} negative texts but {len(visuals)} negative "
+                             f"{'videos' if video_column else 'images'}.")
+        return [negative(text, visual) for text, visual in zip(texts, visuals)]
 
     def example(self, row: dict, position) -> dict:
         """The example of `row`, whose id is its id column's value or else `position`."""
         id_column, modality_column = self.columns["id_column"], self.columns["modality_column"]
         row_id = str(row[id_column]) if id_column is not None else str(position)
-        positive = self._side(row, self.columns["positive_text"], self.columns["positive_image"])
+        positive = self._side(row, self.columns["positive_text"], self.columns["positive_image"],
+                              self.columns["positive_video"])
         negatives = self._negatives(row, row_id)
         if modality_column is not None and row[modality_column]:
             modality = normalize_modality(row[modality_column])
         else:
-            modality = content_modality(positive["text"], positive["image"])
+            modality = content_modality(positive["text"], positive["image"], positive.get("video"))
         return {
-            "query": self._side(row, self.columns["query_text"], self.columns["query_image"]),
+            "query": self._side(row, self.columns["query_text"], self.columns["query_image"],
+                                self.columns["query_video"]),
             "instruction": None,
             "query_id": row_id,
             "positive": positive,
@@ -386,8 +431,14 @@ class ColumnMapping:
             "modality": modality,
             "negatives": negatives,
             "negative_ids": [f"{row_id}:neg{j}" for j in range(len(negatives))],
-            "negative_modalities": [content_modality(n["text"], n["image"]) for n in negatives],
+            "negative_modalities": [content_modality(n["text"], n["image"], n.get("video")) for n in negatives],
         }
+
+
+def _is_list_of_videos(value: list) -> bool:
+    """Whether a negative video column's list holds several videos (paths, dicts, decoders) rather than the frames
+    of one (images or arrays)."""
+    return bool(value) and all(isinstance(item, (str, dict)) or hasattr(item, "get_frames_at") for item in value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -429,5 +480,6 @@ def markdown_table(headers: list, rows: list[list], align: list[str | None] | No
 
 __all__ = ["MODALITY_IDS", "SHOWN_IDS", "ColumnMapping", "SkipLog", "checkpoint_fingerprint", "content_modality",
            "dataset_id", "file_fingerprint", "join_path", "load_mbeir_pool", "load_mbeir_queries",
-           "load_query_instructions", "markdown_table", "mbeir_eval_queries", "modality_id", "normalize_modality",
+           "load_query_instructions", "markdown_table", "mbeir_eval_queries", "media_side", "modality_id",
+           "normalize_modality",
            "own_dataset_positives", "read_jsonl", "repeated_ids", "require_file"]

@@ -15,7 +15,9 @@ file's "transformers compatibility" section.
 
 import contextlib
 import importlib
+import importlib.util
 import inspect
+import io
 import json
 import math
 import os
@@ -460,24 +462,44 @@ class PumaForEmbedding(PumaPreTrainedModel):
         convert_to_numpy: bool = False,
         max_image_pixels: int | None = None,
     ):
-        """Embeds texts, images and image+text pairs.
+        """Embeds texts, images, videos, PDF pages, and any of these with a text.
 
         Args:
-            inputs: a list whose items are a `str`, a `PIL.Image.Image`, an image path (`os.PathLike`), or a dict
-                `{"text": ..., "image": ...}`. A `str` naming an existing file is that image, whatever its name; a
-                `str` that looks like an image path (ends in `.jpg`, `.png`, ...) but names no file raises
-                `FileNotFoundError`; any other `str` is text. `{"text": ...}` is always text. URLs are not fetched.
-                A single item is embedded on its own and returns a 1-D result.
+            inputs: a list of inputs (a single input, not in a list, is embedded on its own and returns a 1-D
+                result). An input is one of
+
+                - a `str`: a path of an existing file is that file, whatever its name, by its kind: a video
+                  (`.mp4`, `.webm`, `.mkv`, `.mov`, `.avi`, `.m4v`, or an animated `.gif`), a PDF page (`.pdf`: a
+                  one-page PDF, or `"doc.pdf#page=3"` for page 3, pages numbered from 1) or else an image; a
+                  one-line `str` that looks like such a path (by its suffix) but names no file raises
+                  `FileNotFoundError`; any other `str` is text. URLs are not fetched;
+                - a `PIL.Image.Image` or an `os.PathLike` (the same rules as a path `str`);
+                - a video as frames: a list of `PIL.Image`s, image paths or `(H, W, 3)` arrays, or a `(T, H, W, 3)`
+                  or `(T, 3, H, W)` `uint8` array or tensor;
+                - a dict of a text and at most one visual: `{"text": ...}` (always text), `{"image": ...}`,
+                  `{"video": file | folder of frames | frames}` with optional `"fps"` (frames sampled per second of
+                  a file) and
+                  `"max_frames"` (as Qwen3-VL-Embedding's inputs), or `{"pdf": path, "page": n}` (pages from 1; a
+                  one-page PDF needs no page), each with an optional `"text"`.
+
+                Videos are sampled and resized as the recipe says (`config.video_*`): a file at `video_fps` frames
+                per second, `video_min_frames` to `video_max_frames` of them, an even number; a frame list thinned
+                evenly to `video_max_frames`; each frame within `video_min_pixels`..`video_max_pixels` and the clip
+                within `video_total_pixels`. Files are decoded with PyAV (`pip install av`) or, without it,
+                torchcodec. PDF pages are rendered with pypdfium2 (`pip install pypdfium2`) at `config.pdf_dpi`,
+                then resized as images. An unreadable, empty or oversized file raises an error naming it.
             instruction: task instruction; giving one makes the inputs queries (as Sentence Transformers applies a
                 `prompt` and Qwen3-VL-Embedding an `instruction` to what they embed). Where it goes is the recipe's.
             is_query: whether the inputs are queries or candidates; default: queries exactly when an instruction is
                 given. Candidates are embedded without an instruction, so `is_query=False` with one raises.
-            batch_size: inputs per forward pass; inputs are sorted by length into batches, order is restored.
+            batch_size: inputs per forward pass; inputs are sorted by length into batches (videos apart from the rest),
+                order is restored.
             truncate_dim: keep the first `truncate_dim` dimensions (Matryoshka), renormalised if `normalize`.
             normalize: L2-normalise the returned embeddings.
             show_progress_bar: default: shown when there are more than 10 batches.
             convert_to_numpy: return a numpy array instead of a tensor.
-            max_image_pixels: reject larger images (decompression bombs); default `PIL.Image.MAX_IMAGE_PIXELS`.
+            max_image_pixels: reject larger images, video frames and rendered PDF pages (decompression bombs);
+                default `PIL.Image.MAX_IMAGE_PIXELS`.
 
         Returns:
             `torch.Tensor` (CPU, float32) or `numpy.ndarray` of shape `(len(inputs), dim)`.
@@ -489,7 +511,8 @@ class PumaForEmbedding(PumaPreTrainedModel):
             )
         single = not isinstance(inputs, (list, tuple))
         if inputs is None:
-            raise ValueError("inputs is None; pass a list of texts, images or {'text':..., 'image':...} dicts.")
+            raise ValueError("inputs is None; pass a list of texts, images, videos or {'text':..., 'image':...} "
+                             "dicts.")
         items = [inputs] if single else list(inputs)
         if not items:
             raise ValueError("inputs is an empty list; there is nothing to encode.")
@@ -499,15 +522,23 @@ class PumaForEmbedding(PumaPreTrainedModel):
         if truncate_dim is not None and not 0 < truncate_dim <= hidden_size:
             raise ValueError(f"truncate_dim={truncate_dim} is outside 1..{hidden_size} (the embedding dimension).")
 
-        if instruction and is_query is False:
-            raise ValueError("instruction applies to queries only; drop it to embed candidates, or drop "
-                             "is_query=False.")
-        examples = [parse_input(item, i, max_image_pixels) for i, item in enumerate(items)]
-        prompts = [build_prompt(self.config, text, image is not None, instruction, self.processor.tokenizer)
-                   for text, image in examples]
-        lengths = [_estimate_length(self.config, prompt, image) for prompt, (_, image) in zip(prompts, examples)]
-        order = sorted(range(len(items)), key=lambda i: -lengths[i])
-        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        if is_query is None:
+            is_query = instruction is not None
+        if not is_query:
+            if instruction:
+                raise ValueError("instruction applies to queries only; drop it to embed candidates, or drop "
+                                 "is_query=False.")
+            instruction = None  # candidates get the recipe's default, whatever empty instruction was passed
+        examples = [parse_input(item, i, max_image_pixels, self.config) for i, item in enumerate(items)]
+        prompts = [build_prompt(self.config, text, visual, instruction, self.processor.tokenizer)
+                   for text, visual in examples]
+        lengths = [_estimate_length(self.config, prompt, visual) for prompt, (_, visual) in zip(prompts, examples)]
+        # videos are batched apart: transformers 5.4 to 5.1x cannot place a Qwen2.5-VL batch mixing images and videos
+        batches = []
+        for has_video in (False, True):
+            group = [i for i in range(len(items)) if (visual_kind(examples[i][1]) == "video") == has_video]
+            order = sorted(group, key=lambda i: -lengths[i])
+            batches += [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
         if show_progress_bar is None:
             show_progress_bar = len(batches) > 10
 
@@ -516,11 +547,8 @@ class PumaForEmbedding(PumaPreTrainedModel):
         results = [None] * len(items)
         for batch in tqdm(batches, desc="Encoding", disable=not show_progress_bar):
             features = featurize(self.processor, self.config, [prompts[i] for i in batch],
-                                 [examples[i][1] for i in batch])
-            features = {key: value.to(self.device) for key, value in features.items() if torch.is_tensor(value)}
-            if "pixel_values" in features:
-                features["pixel_values"] = features["pixel_values"].to(self.dtype)
-            embeddings = self(**features).raw_embeddings.float()
+                                 [examples[i][1] for i in batch], names=[f"inputs[{i}]" for i in batch])
+            embeddings = self(**self.features_on_device(features)).raw_embeddings.float()
             if truncate_dim is not None:
                 embeddings = embeddings[:, :truncate_dim]
             if normalize:
@@ -533,10 +561,18 @@ class PumaForEmbedding(PumaPreTrainedModel):
             stacked = stacked[0]
         return stacked.numpy() if convert_to_numpy else stacked
 
-    def build_prompt(self, text: str | None, has_image: bool, instruction: str | None = None) -> str:
+    def features_on_device(self, features) -> dict:
+        """Processor features as `forward` takes them: tensors on the model's device, pixel values in its dtype."""
+        features = {key: value.to(self.device) for key, value in features.items() if torch.is_tensor(value)}
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in features:
+                features[key] = features[key].to(self.dtype)
+        return features
+
+    def build_prompt(self, text: str | None, visual=None, instruction: str | None = None) -> str:
         """The chat prompt of one input; see the module-level `build_prompt`."""
         tokenizer = self.processor.tokenizer if self.processor is not None else None
-        return build_prompt(self.config, text, has_image, instruction, tokenizer)
+        return build_prompt(self.config, text, visual, instruction, tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -564,37 +600,54 @@ def punctuate(instruction: str) -> str:
     return instruction
 
 
-def build_prompt(config: PumaConfig, text: str | None, has_image: bool, instruction: str | None = None,
+def visual_kind(visual) -> str | None:
+    """`"image"`, `"video"` or `None` for what `build_prompt` and `featurize` take as an input's visual: `None` or
+    `False` (none), `True` or an image (an image), `"image"`/`"video"`, or a `VideoInput` / `SampledVideo`."""
+    if visual is None or visual is False:
+        return None
+    if isinstance(visual, (VideoInput, SampledVideo)) or visual == "video":
+        return "video"
+    return "image"
+
+
+def build_prompt(config: PumaConfig, text: str | None, visual=None, instruction: str | None = None,
                  tokenizer=None) -> str:
-    """The chat prompt of one input: system turn, user turn (image, then instruction and text, then suffix),
-    assistant turn, as `config`'s recipe says.
+    """The chat prompt of one input: system turn, user turn (the image or video, then instruction and text, then
+    suffix), assistant turn, as `config`'s recipe says. `visual` is the input's image or video, or just whether it
+    has an image (`True`) or which visual it has (`"image"`, `"video"`); see `visual_kind`.
 
     With the release recipe this is `ret_oneword.py`'s prompt: `format_string(format_string(instruction) + "\\n" +
     text)`, truncated to `config.max_text_tokens` tokens of `tokenizer` before the suffix, so the embedding token is
-    never cut off. With `instruction_placement="system"` the instruction replaces the system prompt.
+    never cut off. With `instruction_placement="system"` the instruction replaces the system prompt; an empty one
+    (`""`, or blank under `punctuate_instruction`) is an empty system turn with `keep_empty_instruction` (GME) and
+    else leaves the default.
     """
     text = text or ""
     system = config.system_prompt
-    if instruction:
+    if instruction is not None:
         if config.punctuate_instruction:
             instruction = punctuate(instruction)
         if config.instruction_placement == "system":
-            system = instruction
-        else:
+            if instruction or config.keep_empty_instruction:
+                system = instruction
+        elif instruction:
             if config.format_text:
                 instruction = format_string(instruction)
             text = config.instruction_template.format(instruction=instruction.strip(), text=text)
     if config.format_text:
         text = format_string(text)
-    if text and tokenizer is not None:
+    if text and tokenizer is not None and config.max_text_tokens is not None:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > config.max_text_tokens:
             text = tokenizer.decode(ids[: config.max_text_tokens])
-    if not has_image and not text:
-        raise ValueError("An input has neither text nor image.")
-    modality = "image,text" if has_image and text else ("image" if has_image else "text")
-    vision = "<|vision_start|><|image_pad|><|vision_end|>" if has_image else ""
-    user = vision + text + config.user_suffix_template.format(modality=config.modality_words[modality])
+    kind = visual_kind(visual)
+    if kind is None and not text:
+        raise ValueError("An input has neither text nor image nor video.")
+    modality = ",".join(sorted(part for part in (kind, "text" if text else None) if part))
+    words = config.modality_words.get(modality) or PRESETS[config.preset]["modality_words"][modality]
+    vision = {None: "", "image": "<|vision_start|><|image_pad|><|vision_end|>",
+              "video": "<|vision_start|><|video_pad|><|vision_end|>"}[kind]
+    user = vision + text + config.user_suffix_template.format(modality=words)
     assistant = config.assistant_template.format(embedding_token=config.embedding_token)
     system = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
     return f"{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant}"
@@ -615,26 +668,68 @@ def resize_image(image, config: PumaConfig):
 
 
 def processor_kwargs(config: PumaConfig) -> dict:
-    """Processor keywords of the recipe: no resize after `resize_image`, or a second one into the processor pixel
-    range."""
+    """Image processor keywords of the recipe: no resize after `resize_image`, or a second one into the processor
+    pixel range."""
     if config.processor_min_pixels is None:
         return {"do_resize": False}
     return image_processor_pixel_kwargs(config.processor_min_pixels, config.processor_max_pixels)
 
 
-def featurize(processor, config: PumaConfig, prompts: list[str], images: list) -> dict:
-    """Right-padded processor features of `prompts`; `images[i]` is the RGB image of prompt i or `None`."""
-    present = [resize_image(image, config) for image in images if image is not None]
-    return processor(text=prompts, images=present or None, padding=True, padding_side="right", return_tensors="pt",
-                     **processor_kwargs(config))
+# The prompt's video item as the chat templates write it. Qwen3-VL's processor puts a vision start/end pair around
+# each frame's tokens itself; transformers 4.57, 5.4 and >= 5.25 then drop this outer pair, 5.24 keeps it. Handing
+# the bare video token over gives every version the same, published expansion.
+_VIDEO_ITEM = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
-def _estimate_length(config: PumaConfig, prompt: str, image) -> int:
-    """Token count of a prompt for length bucketing: characters stand in for text tokens, patches for image tokens."""
+def featurize(processor, config: PumaConfig, prompts: list[str], visuals: list, names: list[str] | None = None) -> dict:
+    """Right-padded processor features of `prompts`; `visuals[i]` is prompt i's RGB image, video (`VideoInput`,
+    decoded here, or `SampledVideo`) or `None`. `names` name the inputs in errors (default `inputs[i]`).
+
+    With `config.max_prompt_tokens` the whole tokenised prompt is truncated on the right to that many tokens (the
+    published embedders' truncation); a prompt whose image or video tokens alone pass it raises, naming the input."""
+    names = names if names is not None else [f"inputs[{i}]" for i in range(len(prompts))]
+    images, videos = [], []
+    for visual in visuals:
+        kind = visual_kind(visual)
+        if kind == "image":
+            images.append(resize_image(visual, config))
+        elif kind == "video":
+            videos.append(visual if isinstance(visual, SampledVideo) else sample_video(visual, config))
+    kwargs = {"images_kwargs": processor_kwargs(config)}
+    if videos:
+        if config.base_model_type.startswith("qwen3_vl"):
+            prompts = [prompt.replace(_VIDEO_ITEM, "<|video_pad|>") for prompt in prompts]
+        kwargs["videos"] = [video.frames for video in videos]
+        kwargs["videos_kwargs"] = {"do_resize": False, "do_sample_frames": False,
+                                   "video_metadata": [dict(video.metadata) for video in videos],
+                                   **video_processor_kwargs(processor.video_processor,
+                                                            [video.sample_fps for video in videos])}
+    if config.max_prompt_tokens is not None:
+        kwargs.update(truncation=True, max_length=config.max_prompt_tokens)
+    try:
+        return processor(text=prompts, images=images or None, padding=True, padding_side="right",
+                         return_tensors="pt", **kwargs)
+    except ValueError as err:
+        if config.max_prompt_tokens is None or "token count" not in str(err):
+            raise
+        with_visuals = ", ".join(name for name, visual in zip(names, visuals) if visual_kind(visual))
+        raise ValueError(
+            f"Truncating the prompts of {with_visuals} to max_prompt_tokens={config.max_prompt_tokens} would cut "
+            f"into their image or video tokens; lower max_pixels or video_total_pixels, or raise max_prompt_tokens "
+            f"({err})"
+        ) from err
+
+
+def _estimate_length(config: PumaConfig, prompt: str, visual) -> int:
+    """Token count of a prompt for length bucketing: characters stand in for text tokens, patches for image tokens,
+    the recipe's video budget for a video's."""
     length = len(prompt) // 4
-    if image is not None:
-        factor = config.vision_config.patch_size * config.vision_config.spatial_merge_size
-        pixels = min(max(image.width * image.height, config.min_pixels), config.max_pixels)
+    factor = config.vision_config.patch_size * config.vision_config.spatial_merge_size
+    kind = visual_kind(visual)
+    if kind == "video":
+        length += config.video_total_pixels // (factor * factor)
+    elif kind == "image" and hasattr(visual, "width"):
+        pixels = min(max(visual.width * visual.height, config.min_pixels), config.max_pixels)
         length += pixels // (factor * factor)
     return length
 
@@ -642,7 +737,7 @@ def _estimate_length(config: PumaConfig, prompt: str, image) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Sentence Transformers
 # ----------------------------------------------------------------------------------------------------------------
-ST_MODALITIES = ("text", "image", "image+text", "message")
+ST_MODALITIES = ("text", "image", "image+text", "video", "text+video", "message")
 ST_REQUIREMENT = ">=6.0"
 
 try:  # optional: the module class Sentence Transformers loads from a PUMA folder
@@ -654,10 +749,11 @@ except ImportError:
 if _SentenceTransformersTransformer is not None:
 
     class PumaSentenceTransformer(_SentenceTransformersTransformer):
-        """Sentence Transformers' `Transformer` whose inputs are PUMA prompts: texts, images (PIL or paths) and
-        `{"text", "image"}` dicts. Loading, the forward pass (through `modality_config`, reading
-        `raw_embeddings`) and saving are Sentence Transformers' own; only `preprocess` builds the recipe's prompt,
-        which a chat template cannot (instruction placement, modality suffix, truncation before the pooled token).
+        """Sentence Transformers' `Transformer` whose inputs are PUMA prompts: texts, images (PIL or paths),
+        videos (paths, frames) and `{"text", "image" | "video"}` dicts (see `PumaForEmbedding.encode`). Loading, the
+        forward pass (through `modality_config`, reading `raw_embeddings`) and saving are Sentence Transformers' own;
+        only `preprocess` builds the recipe's prompt, which a chat template cannot (instruction placement, modality
+        suffix, truncation before the pooled token).
         A `prompt` (from `encode(prompt=...)` or a named entry of `prompts`, as `encode_query` uses) is the query
         instruction."""
 
@@ -670,11 +766,12 @@ if _SentenceTransformersTransformer is not None:
                         "{'text': ..., 'image': ...} dicts."
                     )
             config = self.model.config
-            examples = [parse_input(item, index) for index, item in enumerate(inputs)]
-            prompts = [build_prompt(config, text, image is not None, prompt or None, self.processor.tokenizer)
-                       for text, image in examples]
-            features = dict(featurize(self.processor, config, prompts, [image for _, image in examples]))
-            present = {"image" for _, image in examples if image is not None} | {"text" for text, _ in examples if text}
+            examples = [parse_input(item, index, config=config) for index, item in enumerate(inputs)]
+            prompts = [build_prompt(config, text, visual, prompt or None, self.processor.tokenizer)
+                       for text, visual in examples]
+            features = dict(featurize(self.processor, config, prompts, [visual for _, visual in examples]))
+            present = {visual_kind(visual) for _, visual in examples if visual is not None} \
+                | {"text" for text, _ in examples if text}
             features["modality"] = tuple(sorted(present)) if len(present) > 1 else present.pop()
             return features
 
@@ -738,75 +835,173 @@ def write_sentence_transformers_files(out_dir: str, prompts: dict[str, str] | No
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------------------------------
+# The keys of an input dict: a text, at most one visual, and a video's own sampling.
+_VISUAL_KEYS = ("image", "video", "pdf")
+_INPUT_KEYS = ("text", *_VISUAL_KEYS, "page", "fps", "max_frames")
+# `path#page=N`, the PDF open parameter naming a page (pages numbered from 1)
+_PDF_PAGE = re.compile(r"^(?P<path>.+\.pdf)#page=(?P<page>\d+)$", re.IGNORECASE | re.DOTALL)
+
+
 def _is_url(item: str) -> bool:
     return item.strip().lower().startswith(URL_PREFIXES)
 
 
+def _is_path_like(item: str) -> bool:
+    return "\n" not in item.strip() and len(item.strip()) < 4096
+
+
 def _looks_like_image_path(item: str) -> bool:
     """A one-line string ending in an image suffix: meant as an image path, whether or not the file exists."""
+    return _is_path_like(item) and item.strip().lower().endswith(IMAGE_SUFFIXES)
+
+
+def _looks_like_media_path(item: str) -> bool:
+    """A one-line string ending in a video or PDF suffix (or naming a PDF page): meant as a path."""
     stripped = item.strip()
-    return "\n" not in stripped and len(stripped) < 4096 and stripped.lower().endswith(IMAGE_SUFFIXES)
+    return _is_path_like(item) and (stripped.lower().endswith(VIDEO_SUFFIXES + (".pdf",))
+                                    or _PDF_PAGE.match(stripped) is not None)
 
 
-def parse_input(item, index: int = 0, max_image_pixels: int | None = None):
-    """`(text, image)` of one `encode` input; `image` is an RGB `PIL.Image` or `None` (see `encode` for the rules)."""
+def parse_input(item, index: int = 0, max_image_pixels: int | None = None, config: PumaConfig | None = None):
+    """`(text, visual)` of one `encode` input (see `encode` for the rules): `visual` is an RGB `PIL.Image` (an image
+    or a rendered PDF page), a `VideoInput` (decoded when featurized) or `None`. `config` sets how images are read
+    (EXIF rotation, transparency) and the PDF resolution; without one, this repository's defaults."""
     from PIL import Image
 
     if item is None:
         raise ValueError(f"inputs[{index}] is None.")
+    name = f"inputs[{index}]"
     if isinstance(item, dict):
-        unknown = set(item) - {"text", "image"}
+        unknown = set(item) - set(_INPUT_KEYS)
         if unknown:
-            raise ValueError(f"inputs[{index}] has unknown keys {sorted(unknown)}; use 'text' and/or 'image'.")
-        text, image = item.get("text"), item.get("image")
+            raise ValueError(f"{name} has unknown keys {sorted(unknown)}; use 'text' and at most one of 'image', "
+                             "'video' (with optional 'fps', 'max_frames') or 'pdf' (with 'page').")
+        text = item.get("text")
         if text is not None and not isinstance(text, str):
-            raise ValueError(f"inputs[{index}]['text'] must be a string, got {type(text).__name__}.")
-        if text is None and image is None:
-            raise ValueError(f"inputs[{index}] has neither 'text' nor 'image'.")
-        return (text, load_image(image, index, max_image_pixels) if image is not None else None)
-    if isinstance(item, (Image.Image, os.PathLike)):
-        return None, load_image(item, index, max_image_pixels)
+            raise ValueError(f"{name}['text'] must be a string, got {type(text).__name__}.")
+        given = [key for key in _VISUAL_KEYS if item.get(key) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{name} has {' and '.join(repr(key) for key in given)}; an input holds one image, video "
+                             "or PDF page (with a text).")
+        for key, owner in (("page", "pdf"), ("fps", "video"), ("max_frames", "video")):
+            if item.get(key) is not None and owner not in given:
+                raise ValueError(f"{name}[{key!r}] applies to a {owner!r} input only.")
+        if text is None and not given:
+            raise ValueError(f"{name} has neither 'text' nor 'image', 'video' or 'pdf'.")
+        visual = None
+        if "image" in given:
+            visual = load_image(item["image"], index, max_image_pixels, config)
+        elif "video" in given:
+            visual = video_input(item["video"], name, item.get("fps"), item.get("max_frames"), max_image_pixels)
+        elif "pdf" in given:
+            visual = load_pdf_page(item["pdf"], item.get("page"), name, max_image_pixels, config)
+        return text, visual
+    if isinstance(item, Image.Image):
+        return None, load_image(item, index, max_image_pixels, config)
+    if isinstance(item, (list, tuple)) or (hasattr(item, "ndim") and getattr(item, "ndim", 0) == 4):
+        return None, video_input(item, name, max_pixels=max_image_pixels)
+    if isinstance(item, os.PathLike):
+        return None, _load_path(os.fspath(item), index, max_image_pixels, config)
     if isinstance(item, str):
         if not item.strip():
-            raise ValueError(f"inputs[{index}] is an empty string.")
-        if os.path.isfile(item) or _is_url(item) or _looks_like_image_path(item):
-            return None, load_image(item, index, max_image_pixels)
+            raise ValueError(f"{name} is an empty string.")
+        if os.path.isfile(item) or _is_url(item) or _looks_like_image_path(item) or _looks_like_media_path(item):
+            return None, _load_path(item, index, max_image_pixels, config)
         return item, None
-    raise ValueError(f"inputs[{index}] has unsupported type {type(item).__name__}; use str, PIL.Image, a path or a dict.")
+    raise ValueError(f"{name} has unsupported type {type(item).__name__}; use str, PIL.Image, a path, a list of "
+                     "frames or a dict.")
 
 
-def load_image(image, index: int = 0, max_image_pixels: int | None = None):
-    """Opens, EXIF-rotates and converts an image to RGB, refusing URLs and missing, corrupt and oversized files."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def _load_path(path: str, index: int, max_image_pixels: int | None, config: PumaConfig | None):
+    """The visual a path names, by its kind: a video, a PDF page or an image (an animated GIF is a video)."""
+    name = f"inputs[{index}]"
+    if not os.path.isfile(path) and not _is_url(path):
+        match = _PDF_PAGE.match(path.strip())
+        if match is not None:
+            return load_pdf_page(match.group("path"), int(match.group("page")), name, max_image_pixels, config)
+    lowered = path.strip().lower()
+    if lowered.endswith(".pdf"):
+        return load_pdf_page(path, None, name, max_image_pixels, config)
+    if lowered.endswith(VIDEO_SUFFIXES) and not lowered.endswith(".gif"):
+        return video_input(path, name, max_pixels=max_image_pixels)
+    if lowered.endswith(".gif") and os.path.isfile(path) and _is_animated(path):
+        return video_input(path, name, max_pixels=max_image_pixels)
+    return load_image(path, index, max_image_pixels, config)
 
+
+def media_file(path: str) -> str:
+    """The file a media path names: `doc.pdf` of the page reference `doc.pdf#page=3`, else the path itself."""
+    match = _PDF_PAGE.match(path.strip()) if not os.path.isfile(path) else None
+    return match.group("path") if match is not None else path
+
+
+def _is_animated(path: str) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "n_frames", 1) > 1
+    except (OSError, SyntaxError):
+        return False  # not readable as an image: `load_image` names the problem
+
+
+def load_image(image, index: int = 0, max_image_pixels: int | None = None, config: PumaConfig | None = None,
+               name: str | None = None):
+    """Opens an image (or renders a `doc.pdf#page=N` page), applies EXIF rotation and converts it to RGB as
+    `config` says (`exif_transpose`, `alpha_mode`; without a config: rotated, transparency on white), refusing
+    URLs and missing, corrupt and oversized files. `name` names it in errors (default `inputs[index]`)."""
+    from PIL import Image, UnidentifiedImageError
+
+    name = name or f"inputs[{index}]"
     limit = max_image_pixels if max_image_pixels is not None else Image.MAX_IMAGE_PIXELS
     if not isinstance(image, Image.Image):
         if not isinstance(image, (str, os.PathLike)):
-            raise ValueError(f"inputs[{index}] image must be a PIL.Image or a path, got {type(image).__name__}.")
+            raise ValueError(f"{name} image must be a PIL.Image or a path, got {type(image).__name__}.")
         path = os.fspath(image)
         if _is_url(path):
-            raise ValueError(f"inputs[{index}]: {path!r} is a URL; URLs are not fetched. Download the image first and "
+            raise ValueError(f"{name}: {path!r} is a URL; URLs are not fetched. Download the image first and "
                              "pass its path or a PIL.Image.")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"inputs[{index}]: image file {path!r} does not exist (to embed this string as "
+            match = _PDF_PAGE.match(path.strip())
+            if match is not None:
+                return load_pdf_page(match.group("path"), int(match.group("page")), name, max_image_pixels, config)
+            raise FileNotFoundError(f"{name}: image file {path!r} does not exist (to embed this string as "
                                     "text, pass {'text': ...}).")
+        if path.lower().endswith(".pdf"):
+            return load_pdf_page(path, None, name, max_image_pixels, config)
         try:
             opened = Image.open(path)
-            _check_pixels(opened, limit, f"inputs[{index}] ({path})")
+            _check_pixels(opened, limit, f"{name} ({path})")
             opened.load()
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise ValueError(f"inputs[{index}]: {path!r} is not a readable image ({err}); to embed this string as "
+            raise ValueError(f"{name}: {path!r} is not a readable image ({err}); to embed this string as "
                              "text, pass {'text': ...}.") from err
         except Image.DecompressionBombError as err:
-            raise ValueError(f"inputs[{index}]: {path!r} exceeds the pixel limit ({err}).") from err
+            raise ValueError(f"{name}: {path!r} exceeds the pixel limit ({err}).") from err
         image = opened
     else:
-        _check_pixels(image, limit, f"inputs[{index}]")
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "P"):
+        _check_pixels(image, limit, name)
+    return to_rgb(image, config)
+
+
+def to_rgb(image, config: PumaConfig | None = None):
+    """`image` as RGB, rotated by its EXIF orientation and its transparency handled as `config` says
+    (`exif_transpose`, `alpha_mode`); without a config: rotated, every transparent mode composited on white."""
+    from PIL import Image, ImageOps
+
+    exif_transpose = config.exif_transpose if config is not None else True
+    alpha_mode = config.alpha_mode if config is not None else "composite"
+    if exif_transpose:
+        image = ImageOps.exif_transpose(image)
+    if alpha_mode == "composite" and image.mode in ("RGBA", "LA", "P"):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
+    elif alpha_mode == "composite_rgba" and image.mode == "RGBA":
+        # qwen-vl-utils' `to_rgb`: the alpha channel as the mask of a paste on white
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.split()[3])
+        return background
     return image.convert("RGB")
 
 
@@ -816,6 +1011,424 @@ def _check_pixels(image, limit: int | None, name: str) -> None:
             f"{name} has {image.width}x{image.height} = {image.width * image.height} pixels, over the limit of {limit} "
             "(a possible decompression bomb); raise max_image_pixels to accept it."
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Videos and PDF pages
+# ----------------------------------------------------------------------------------------------------------------
+# A video is sampled and resized as qwen-vl-utils 0.0.14's `fetch_video` does (the release Qwen3-VL-Embedding's
+# published code installs): frame indices, the frame-count and pixel rules, and its resize (torchvision's bicubic
+# antialiased resize of uint8 frames, written here with torch's own interpolation). Files are decoded with PyAV
+# (FFmpeg bundled in its wheel) or torchcodec; frame counts come from the container's packets, as torchcodec's exact
+# mode reads them (`stream.frames` is 0 for WebM and MKV). Both decoders are optional imports.
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".gif")
+# qwen-vl-utils' temporal factor: frame counts are even, a pair of frames is one temporal patch
+FRAME_FACTOR = 2
+# qwen-vl-utils' frame rate of a frame list (the timestamps of a list of frames assume it)
+FRAME_LIST_FPS = 2.0
+# qwen-vl-utils' image token range (at twice the merged patch: see `_frame_list_frame`)
+_IMAGE_MIN_TOKENS, _IMAGE_MAX_TOKENS = 4, 16384
+_MAX_RATIO = 200
+# Environment variable choosing the decoder of video files: "pyav" or "torchcodec" (default: PyAV when installed)
+VIDEO_DECODER_VARIABLE = "PUMA_VIDEO_DECODER"
+
+
+@dataclass
+class VideoInput:
+    """A video of an input, as given: a file path or a sequence of frames; `sample_video` decodes, samples and
+    resizes it.
+
+    Args:
+        source: a file path or a file's bytes, an open torchcodec `VideoDecoder`, or frames (`PIL.Image`s, image
+            paths, `(H, W, 3)` arrays, or a `(T, H, W, 3)` / `(T, 3, H, W)` array or tensor).
+        name: how errors name it (`"inputs[3] (clip.mp4)"`).
+        fps, max_frames: this input's own sampling rate (files) and frame cap, over the recipe's.
+        max_pixels: the largest frame accepted (decompression bombs); default `PIL.Image.MAX_IMAGE_PIXELS`.
+    """
+
+    source: object
+    name: str
+    fps: float | None = None
+    max_frames: int | None = None
+    max_pixels: int | None = None
+
+
+@dataclass
+class SampledVideo:
+    """A video ready for the family's video processor.
+
+    Args:
+        frames (`torch.FloatTensor` of shape `(frames, 3, height, width)`): resized frames, values in 0..255.
+        metadata (`dict`): `fps` (of the source; `FRAME_LIST_FPS` for frame lists), `frames_indices` (the sampled
+            frames' indices in the source), `total_num_frames`, as transformers' `VideoMetadata` reads them.
+        sample_fps (`float`): frames per second of the sampled frames.
+        name (`str`): how errors name the video.
+    """
+
+    frames: torch.Tensor
+    metadata: dict
+    sample_fps: float
+    name: str
+
+
+def video_input(source, name: str, fps: float | None = None, max_frames: int | None = None,
+                max_pixels: int | None = None) -> VideoInput:
+    """Checks a video as an input gives it (a path or frames; see `VideoInput`) without decoding it."""
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0):
+        raise ValueError(f"{name}['fps'] must be a positive number, got {fps!r}.")
+    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
+                                   or max_frames < FRAME_FACTOR):
+        raise ValueError(f"{name}['max_frames'] must be an integer >= {FRAME_FACTOR}, got {max_frames!r}.")
+    if is_video_decoder(source):
+        return VideoInput(source, f"{name} (a {type(source).__name__})", fps, max_frames, max_pixels)
+    if isinstance(source, (bytes, bytearray)):  # a file's content (an undecoded 🤗 `Video` value)
+        if not source:
+            raise ValueError(f"{name}: the video file is empty (0 bytes).")
+        return VideoInput(bytes(source), f"{name} (video bytes)", fps, max_frames, max_pixels)
+    if isinstance(source, str):
+        if _is_url(source):
+            raise ValueError(f"{name}: {source!r} is a URL; URLs are not fetched. Download the video first and pass "
+                             "its path.")
+        if os.path.isdir(source):  # a folder of frames (how MMEB-V2 and the demo store videos)
+            frames = frame_files(source)
+            if not frames:
+                raise ValueError(f"{name}: the video folder {source!r} holds no frame image.")
+            return VideoInput(frames, f"{name} ({source})", fps, max_frames, max_pixels)
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"{name}: video file {source!r} does not exist.")
+        return VideoInput(source, f"{name} ({source})", fps, max_frames, max_pixels)
+    if hasattr(source, "ndim"):
+        if source.ndim != 4:
+            raise ValueError(f"{name}: a video array must have 4 dimensions (frames, height, width, 3) or (frames, "
+                             f"3, height, width), got shape {tuple(source.shape)}.")
+        if len(source) == 0:
+            raise ValueError(f"{name}: the video has no frames.")
+        return VideoInput(source, name, fps, max_frames, max_pixels)
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise ValueError(f"{name}: the video has no frames (an empty list).")
+        return VideoInput(list(source), name, fps, max_frames, max_pixels)
+    raise ValueError(f"{name}: a video must be a file path or a list of frames, got {type(source).__name__}.")
+
+
+def frame_files(folder: str) -> list[str]:
+    """The image files of a folder of video frames, natural-sorted (`frame_2` before `frame_10`), as MMEB-V2's
+    harnesses read them."""
+    def natural(name: str) -> list:
+        return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+    names = sorted((name for name in os.listdir(folder) if name.lower().endswith(IMAGE_SUFFIXES)), key=natural)
+    return [os.path.join(folder, name) for name in names]
+
+
+def is_video_decoder(source) -> bool:
+    """Whether `source` is an open video decoder with torchcodec's `VideoDecoder` API (`metadata`, `get_frames_at`):
+    what 🤗 datasets' `Video` feature and mteb's video tasks hold. It is sampled as a file is."""
+    return hasattr(source, "get_frames_at") and hasattr(source, "metadata")
+
+
+def sample_video(video: VideoInput, config: PumaConfig) -> SampledVideo:
+    """Decodes, samples and resizes `video` as `config`'s recipe says (qwen-vl-utils 0.0.14's `fetch_video`).
+
+    A file: `video_fps` frames per second (the input's `fps` first), between `video_min_frames` and
+    `video_max_frames` (the input's `max_frames` first), an even number, at `torch.linspace(0, n - 1, k).round()`;
+    a file of one frame repeats it. Frames: thinned to the frame cap at `numpy.linspace(0, n - 1, k, dtype=int)`,
+    each first resized as qwen-vl-utils' `fetch_image` does, the last repeated to an even count. Then every frame
+    is resized to one size: each side a multiple of the merged patch, the pixel count within `video_min_pixels` and
+    `min(video_max_pixels, 2 * video_total_pixels / frames)` (at least 1.05 x `video_min_pixels`)."""
+    max_frames = video.max_frames or config.video_max_frames
+    if isinstance(video.source, (str, bytes)) or is_video_decoder(video.source):
+        frames, metadata, sample_fps = _sample_video_file(video, config, video.fps or config.video_fps, max_frames)
+    else:
+        frames, metadata, sample_fps = _sample_frame_list(video, config, max_frames)
+    factor = config.vision_config.patch_size * config.vision_config.spatial_merge_size
+    count, _, height, width = frames.shape
+    max_pixels = max(min(config.video_max_pixels, config.video_total_pixels / count * FRAME_FACTOR),
+                     int(config.video_min_pixels * 1.05))
+    height, width = qwen_vl_smart_resize(height, width, factor, config.video_min_pixels, max_pixels, video.name)
+    return SampledVideo(resize_frames(frames, height, width), metadata, sample_fps, video.name)
+
+
+def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`(T, 3, H, W)` uint8 frames resized to `height x width`, as float32 in 0..255: torchvision's bicubic
+    antialiased resize of uint8 tensors (interpolate in float32, clamp, round to uint8), as qwen-vl-utils calls it."""
+    if tuple(frames.shape[-2:]) != (height, width):
+        frames = F.interpolate(frames.float(), size=[height, width], mode="bicubic", align_corners=False,
+                               antialias=True)
+        frames = frames.clamp(0, 255).round().to(torch.uint8)
+    return frames.float()
+
+
+def qwen_vl_smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: float,
+                         name: str = "a video") -> tuple[int, int]:
+    """qwen-vl-utils' `smart_resize`: `(height, width)` with each side a multiple of `factor` (at least `factor`)
+    and their product in `[min_pixels, max_pixels]`, the aspect ratio kept as nearly as possible."""
+    if max(height, width) / min(height, width) > _MAX_RATIO:
+        raise ValueError(f"{name}: {width}x{height} frames have an aspect ratio over {_MAX_RATIO}.")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _frame_count(total: int, source_fps: float, fps: float, config: PumaConfig, max_frames: int) -> int:
+    """qwen-vl-utils' `smart_nframes` with `fps`, `min_frames` and `max_frames`: the number of frames sampled from a
+    file of `total` frames at `source_fps`; 0 when the file has fewer than two frames."""
+    min_frames = math.ceil(config.video_min_frames / FRAME_FACTOR) * FRAME_FACTOR
+    max_frames = math.floor(max_frames / FRAME_FACTOR) * FRAME_FACTOR
+    wanted = total / source_fps * fps if source_fps > 0 else min_frames
+    wanted = min(min(max(wanted, min_frames), max_frames), total)
+    return math.floor(wanted / FRAME_FACTOR) * FRAME_FACTOR
+
+
+def _sample_video_file(video: VideoInput, config: PumaConfig, fps: float, max_frames: int):
+    """`(frames uint8 (T, 3, H, W), metadata, sample_fps)` of a video file."""
+
+    def choose(total: int, source_fps: float) -> list[int]:
+        count = _frame_count(total, source_fps, fps, config, max_frames)
+        if count < FRAME_FACTOR:  # a one-frame file: qwen-vl-utils raises; the frame is repeated instead
+            return [0] * FRAME_FACTOR
+        return torch.linspace(0, total - 1, count).round().long().tolist()
+
+    frames, indices, total, source_fps = decode_video(video.source, choose, video.max_pixels, video.name)
+    metadata = {"fps": source_fps, "frames_indices": indices, "total_num_frames": total}
+    return frames, metadata, len(indices) / max(total, 1e-6) * source_fps
+
+
+def _sample_frame_list(video: VideoInput, config: PumaConfig, max_frames: int):
+    """`(frames uint8 (T, 3, H, W), metadata, sample_fps)` of a video given as frames."""
+    import numpy as np
+
+    source = video.source
+    if hasattr(source, "ndim"):  # (T, H, W, 3) or (T, 3, H, W), uint8
+        array = source.detach().cpu().numpy() if torch.is_tensor(source) else np.asarray(source)
+        if array.shape[1] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = array.transpose(0, 2, 3, 1)
+        source = list(array)
+    if len(source) > max_frames:  # Qwen3-VL-Embedding's `sample_frames`
+        source = [source[i] for i in np.linspace(0, len(source) - 1, max_frames, dtype=int).tolist()]
+    images = [_frame_list_frame(frame, config, f"{video.name} frame {i}", video.max_pixels)
+              for i, frame in enumerate(source)]
+    sizes = {image.size for image in images}
+    if len(sizes) > 1:
+        raise ValueError(f"{video.name}: its frames differ in size ({sorted(sizes)}); give frames of one size.")
+    images += [images[-1]] * (-len(images) % FRAME_FACTOR)
+    frames = torch.stack([torch.from_numpy(np.array(image).transpose(2, 0, 1)) for image in images])
+    metadata = {"fps": FRAME_LIST_FPS, "frames_indices": list(range(len(images))), "total_num_frames": len(images)}
+    return frames, metadata, FRAME_LIST_FPS
+
+
+def _frame_list_frame(frame, config: PumaConfig, name: str, max_pixels: int | None):
+    """One frame of a frame list as qwen-vl-utils 0.0.14 reads it: RGB, then resized by `fetch_image` with the
+    image token range at twice the merged patch (0.0.14 passes the merged patch size where `fetch_image` takes the
+    patch size; the second resize, of the whole clip, sets the final size)."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(frame, np.ndarray) or torch.is_tensor(frame):
+        array = frame.detach().cpu().numpy() if torch.is_tensor(frame) else frame
+        if array.ndim != 3:
+            raise ValueError(f"{name}: a frame array must be (height, width, 3), got shape {tuple(array.shape)}.")
+        if array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = array.transpose(1, 2, 0)
+        frame = Image.fromarray(np.ascontiguousarray(array.astype(np.uint8)).squeeze())
+    image = load_image(frame, 0, max_pixels, config, name=name)
+    factor = 2 * config.vision_config.patch_size * config.vision_config.spatial_merge_size
+    height, width = qwen_vl_smart_resize(image.height, image.width, factor, _IMAGE_MIN_TOKENS * factor ** 2,
+                                         _IMAGE_MAX_TOKENS * factor ** 2, name)
+    return image.resize((width, height), resample=Image.BICUBIC)
+
+
+def decode_video(path: str, choose, max_pixels: int | None = None, name: str | None = None):
+    """Decodes the frames `choose(total_frames, fps)` picks from the video file at `path`; returns
+    `(frames uint8 (T, 3, H, W), indices, total_frames, fps)`. `path` may be an open torchcodec `VideoDecoder`. The
+    decoder is PyAV, or torchcodec when PyAV is not installed (the `PUMA_VIDEO_DECODER` environment variable picks
+    one: `pyav` or `torchcodec`). An unreadable file, one without frames, or frames over `max_pixels` pixels raise a
+    `ValueError` naming `name`."""
+    from PIL import Image
+
+    name = name or str(path)
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    if is_video_decoder(path):  # already open (a torchcodec VideoDecoder)
+        return _frames_from_decoder(path, choose, limit, name)
+    decoder = os.environ.get(VIDEO_DECODER_VARIABLE, "").strip().lower() or None
+    if decoder not in (None, "pyav", "torchcodec"):
+        raise ValueError(f"{VIDEO_DECODER_VARIABLE}={decoder!r}: use 'pyav' or 'torchcodec'.")
+    if decoder is None:
+        decoder = "pyav" if importlib.util.find_spec("av") is not None else \
+            "torchcodec" if importlib.util.find_spec("torchcodec") is not None else "pyav"
+    decode = _decode_with_torchcodec if decoder == "torchcodec" else _decode_with_pyav
+    return decode(path, choose, limit, name)
+
+
+def _decode_with_pyav(path: str, choose, limit: int | None, name: str):
+    try:
+        import av
+    except ImportError as err:
+        raise ImportError(f"Decoding {name} needs PyAV: pip install av (or pip install 'puma-embed[video]'); "
+                          "torchcodec works too.") from err
+    def opened():
+        return av.open(io.BytesIO(path) if isinstance(path, bytes) else path)
+
+    try:
+        with opened() as container:
+            stream = _video_stream(container, name, limit)
+            # frames and the span of the stream from the packets, without decoding (as torchcodec's exact mode);
+            # in exact fractions of the time base, so that a frame count at a boundary does not flip
+            total, begin, end = 0, None, None
+            for packet in container.demux(stream):
+                if packet.size == 0:
+                    continue  # the demuxer's closing empty packet
+                total += 1
+                if packet.pts is not None:
+                    start = packet.pts * stream.time_base
+                    stop = start + (packet.duration or 0) * stream.time_base
+                    begin, end = min(begin, start) if begin is not None else start, max(end or stop, stop)
+        if total == 0:
+            raise ValueError(f"{name} holds no video frames.")
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(total / (end - begin)) if begin is not None and end > begin else float(rate or 0)
+        indices = choose(total, fps)
+        wanted = sorted(set(indices))
+        decoded = {}
+        with opened() as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for position, frame in enumerate(container.decode(stream)):
+                if position in wanted:
+                    decoded[position] = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
+                if position >= wanted[-1]:
+                    break
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{name} is not a readable video ({type(err).__name__}: {err}).") from err
+    if not decoded:
+        raise ValueError(f"{name} holds no decodable video frame.")
+    if len(decoded) < len(wanted):  # fewer frames decode than the container lists: the last one stands in
+        last = decoded[max(decoded)]
+        logger.warning(f"{name}: {total} frames listed, {max(decoded) + 1} decoded; the last decoded frame stands in "
+                       "for the missing ones.")
+        decoded.update({position: last for position in wanted if position not in decoded})
+    return torch.stack([decoded[i] for i in indices]), indices, total, fps
+
+
+def _video_stream(container, name: str, limit: int | None):
+    if not container.streams.video:
+        raise ValueError(f"{name} has no video stream.")
+    stream = container.streams.video[0]
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if limit is not None and width * height > limit:
+        raise ValueError(f"{name} has {width}x{height} = {width * height} pixels per frame, over the limit of "
+                         f"{limit} (a possible decompression bomb); raise max_image_pixels to accept it.")
+    return stream
+
+
+def _decode_with_torchcodec(path: str, choose, limit: int | None, name: str):
+    try:
+        from torchcodec.decoders import VideoDecoder
+    except ImportError as err:
+        raise ImportError(f"Decoding {name} with torchcodec needs torchcodec and FFmpeg's libraries: pip install "
+                          "torchcodec (or use PyAV: pip install av).") from err
+    try:
+        decoder = VideoDecoder(path, seek_mode="exact")
+    except (RuntimeError, OSError, ValueError) as err:
+        raise ValueError(f"{name} is not a readable video ({type(err).__name__}: {err}).") from err
+    return _frames_from_decoder(decoder, choose, limit, name)
+
+
+def _frames_from_decoder(decoder, choose, limit: int | None, name: str):
+    """The frames `choose` picks from an open torchcodec `VideoDecoder` (its frame count and rate from its
+    metadata)."""
+    metadata = decoder.metadata
+    width, height = metadata.width, metadata.height
+    if limit is not None and width is not None and height is not None and width * height > limit:
+        raise ValueError(f"{name} has {width}x{height} = {width * height} pixels per frame, over the limit of {limit} "
+                         "(a possible decompression bomb); raise max_image_pixels to accept it.")
+    total = metadata.num_frames
+    if not total:
+        raise ValueError(f"{name} holds no video frames.")
+    indices = choose(total, metadata.average_fps)
+    try:
+        frames = decoder.get_frames_at(indices=indices).data
+    except (RuntimeError, OSError) as err:
+        raise ValueError(f"{name} is not a readable video ({type(err).__name__}: {err}).") from err
+    return frames, indices, total, metadata.average_fps
+
+
+def load_pdf_page(path, page: int | None, name: str, max_pixels: int | None = None, config: PumaConfig | None = None,
+                  dpi: float | None = None):
+    """Page `page` (from 1; `None` for a one-page PDF) of the PDF at `path`, rendered with pypdfium2 at `dpi`
+    (default `config.pdf_dpi`, 200 without a config) on white, as an RGB `PIL.Image`. A missing or unreadable file,
+    a page out of range or a rendering over `max_pixels` pixels raise, naming the file."""
+    from PIL import Image
+
+    path = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if not isinstance(path, str):
+        raise ValueError(f"{name}: a PDF must be a file path, got {type(path).__name__}.")
+    if page is not None and (isinstance(page, bool) or not isinstance(page, int)):
+        raise ValueError(f"{name}['page'] must be an integer (pages are numbered from 1), got {page!r}.")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name}: PDF file {path!r} does not exist.")
+    pdfium = _pypdfium2(name)
+    dpi = dpi or (config.pdf_dpi if config is not None else PRESETS["puma"]["pdf_dpi"])
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    try:
+        document = pdfium.PdfDocument(path)
+    except pdfium.PdfiumError as err:
+        raise ValueError(f"{name}: {path!r} is not a readable PDF ({err}).") from err
+    try:
+        pages = len(document)
+        if page is None and pages != 1:
+            raise ValueError(f"{name}: {path!r} has {pages} pages; name one with {{'pdf': path, 'page': n}} or "
+                             f"'{path}#page=n' (pages numbered from 1).")
+        page = 1 if page is None else page
+        if not 1 <= page <= pages:
+            raise ValueError(f"{name}: {path!r} has {pages} page{'s' if pages != 1 else ''}; there is no page {page} "
+                             "(pages are numbered from 1).")
+        pdf_page = document[page - 1]
+        try:
+            width, height = (math.ceil(side * dpi / 72) for side in pdf_page.get_size())
+            if limit is not None and width * height > limit:
+                raise ValueError(f"{name}: page {page} of {path!r} renders to {width}x{height} pixels at {dpi} dpi, "
+                                 f"over the limit of {limit}; lower pdf_dpi or raise max_image_pixels.")
+            image = pdf_page.render(scale=dpi / 72).to_pil()
+        finally:
+            pdf_page.close()
+    except pdfium.PdfiumError as err:
+        raise ValueError(f"{name}: page {page} of {path!r} could not be rendered ({err}).") from err
+    finally:
+        document.close()
+    return image.convert("RGB")
+
+
+def pdf_page_count(path) -> int:
+    """The number of pages of the PDF at `path` (pypdfium2); an unreadable file raises a `ValueError` naming it."""
+    pdfium = _pypdfium2(os.fspath(path))
+    try:
+        document = pdfium.PdfDocument(os.fspath(path))
+    except pdfium.PdfiumError as err:
+        raise ValueError(f"{os.fspath(path)!r} is not a readable PDF ({err}).") from err
+    try:
+        return len(document)
+    finally:
+        document.close()
+
+
+def _pypdfium2(name: str):
+    try:
+        import pypdfium2
+    except ImportError as err:
+        raise ImportError(f"Rendering {name} needs pypdfium2: pip install pypdfium2 (or pip install "
+                          "'puma-embed[pdf]').") from err
+    return pypdfium2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1352,6 +1965,18 @@ def set_image_processor_pixels(image_processor, min_pixels: int, max_pixels: int
         image_processor.min_pixels, image_processor.max_pixels = min_pixels, max_pixels
 
 
+def video_processor_kwargs(video_processor, sample_fps: list[float]) -> dict:
+    """Video processor keywords of videos already sampled and resized, beside `do_resize=False` and
+    `do_sample_frames=False`: each video's sampled frame rate where a processor reads it from a keyword
+    (transformers 4's Qwen2.5-VL processor derives temporal positions from `fps`; transformers 5's from the videos'
+    metadata, passed anyway), and `cap_pixels_per_frame=False` where the video processor has that option (later
+    5.x, which warn without it; the frames are within their budget already)."""
+    kwargs = {"fps": list(sample_fps)} if transformers_major() < 5 else {}
+    if hasattr(type(video_processor), "cap_pixels_per_frame"):
+        kwargs["cap_pixels_per_frame"] = False
+    return kwargs
+
+
 def holds_fused_experts_transposed() -> bool:
     """Whether transformers holds Qwen3-VL-MoE's fused expert weights (`mlp.experts.gate_up_proj`, `down_proj`)
     transposed relative to the Hub's checkpoints (transformers 5 converts them at load; 4.57 reads them as is)."""
@@ -1392,10 +2017,13 @@ def hub_offline_mode() -> bool:
 PumaConfig.register_for_auto_class()
 PumaForEmbedding.register_for_auto_class("AutoModel")
 
-__all__ = ["PumaEmbeddingOutput", "PumaForEmbedding", "PumaPreTrainedModel", "TransformersCompatibilityError",
-           "attn_implementation", "build_prompt", "detect_preset", "featurize", "format_string",
-           "holds_fused_experts_transposed", "hub_offline_mode", "hub_probe_failure", "image_processor_pixel_kwargs",
-           "keep_pruned_names_on_save", "key_mapping_prefix", "load_image", "load_processor", "load_source_config",
-           "loads_lazy_state_dict", "make_tokenizer_config_portable", "parse_input", "prepare_inputs",
-           "processor_config_kwargs", "processor_kwargs", "resize_image", "reuses_visual_outputs",
-           "set_image_processor_pixels", "smart_resize", "transformers_major", "write_sentence_transformers_files"]
+__all__ = ["PumaEmbeddingOutput", "PumaForEmbedding", "PumaPreTrainedModel", "SampledVideo",
+           "TransformersCompatibilityError", "VideoInput", "attn_implementation", "build_prompt", "decode_video",
+           "detect_preset", "featurize", "format_string", "frame_files", "holds_fused_experts_transposed",
+           "hub_offline_mode", "hub_probe_failure", "image_processor_pixel_kwargs", "is_video_decoder",
+           "keep_pruned_names_on_save", "key_mapping_prefix", "load_image", "load_pdf_page", "load_processor",
+           "load_source_config", "loads_lazy_state_dict", "make_tokenizer_config_portable", "media_file",
+           "parse_input", "pdf_page_count", "prepare_inputs", "processor_config_kwargs", "processor_kwargs",
+           "qwen_vl_smart_resize", "resize_frames", "resize_image", "sample_video", "set_image_processor_pixels",
+           "smart_resize", "to_rgb", "transformers_major", "video_input", "video_processor_kwargs", "visual_kind",
+           "write_sentence_transformers_files"]

@@ -29,7 +29,8 @@ APP_FILE = os.path.join(asset_folder("space", "puma_space"), "app.py")
 PROJECT_FILES = ("configuration_puma.py", "modeling_puma.py", "mbeir_puma.py", "cli_puma.py", "puma_eval")
 # Gradio comes with the Space's SDK; these are what the app adds.
 REQUIREMENTS = ("torch>=2.4", "torchvision>=0.19", f"transformers{SUPPORTED_TRANSFORMERS}", "safetensors>=0.4.3",
-                "accelerate>=1.0", "faiss-cpu>=1.8", "pillow>=10", "numpy>=1.24", "datasets>=3.0")
+                "accelerate>=1.0", "faiss-cpu>=1.8", "pillow>=10", "numpy>=1.24", "datasets>=3.0",
+                "av>=12", "pypdfium2>=4.30")  # the last two: video queries and galleries of videos and PDFs
 
 
 def save_space_folder(out_dir, model_id: str, *, gallery=None, gallery_split: str = "train",

@@ -49,10 +49,15 @@ def teacher_fingerprint(teacher_path: str, config, data_files: list[str]) -> dic
     and the data files' content (`mbeir_puma.checkpoint_fingerprint` / `file_fingerprint`)."""
     prompt_fields = ("embedding_token", "system_prompt", "instruction_template", "user_suffix_template",
                      "modality_words", "assistant_template", "format_text", "max_text_tokens", "pooling")
+    # the reading of images and the sampling of videos and PDF pages (fields of later versions, absent: defaults)
+    media_fields = ("max_prompt_tokens", "keep_empty_instruction", "exif_transpose", "alpha_mode", "video_fps",
+                    "video_min_frames", "video_max_frames", "video_min_pixels", "video_max_pixels",
+                    "video_total_pixels", "pdf_dpi")
     return {
         "teacher_checkpoint": checkpoint_fingerprint(teacher_path),
         "prompt_template": {name: getattr(config, name) for name in prompt_fields},
         "pixel_limits": {"min_pixels": config.min_pixels, "max_pixels": config.max_pixels},
+        "media": {name: getattr(config, name, None) for name in media_fields},
         "data_files": {os.path.basename(path): file_fingerprint(path) for path in data_files},
     }
 

@@ -54,6 +54,10 @@ class ScriptArguments:
     min_pixels: int | None = field(default=None, metadata={"help": "Override the model's min_pixels."})
     max_pixels: int | None = field(default=None, metadata={"help": "Override the model's max_pixels."})
     max_text_tokens: int | None = field(default=None, metadata={"help": "Override the model's text truncation (release: 450)."})
+    video_max_frames: int | None = field(default=None, metadata={"help": "Override the model's frames per video."})
+    video_min_pixels: int | None = field(default=None, metadata={"help": "Override the model's least pixels per video frame."})
+    video_max_pixels: int | None = field(default=None, metadata={"help": "Override the model's most pixels per video frame."})
+    video_total_pixels: int | None = field(default=None, metadata={"help": "Override the model's pixel budget per video."})
     position_mode: str | None = field(default=None, metadata={"help": "Override the recipe's positions: 'mrope' (the family's 3-D rotary positions) or 'sequential' (the release's and GME's 1-D positions)."})
     train_embedding_token: bool = field(default=True, metadata={"help": "Train the embedding token's input row with LoRA."})
     precompute_teacher: bool = field(default=False, metadata={"help": "Fill teacher_cache with the teacher's embeddings (every process encodes its share; a killed build resumes), then train."})
@@ -175,7 +179,9 @@ def main(script_args: ScriptArguments, training_args, model_args):
 
     # Seeded before the model exists: new parameters (LoRA matrices) are drawn before the Trainer seeds.
     (enable_full_determinism if training_args.full_determinism else set_seed)(training_args.seed)
-    overrides = {k: getattr(script_args, k) for k in ("min_pixels", "max_pixels", "max_text_tokens", "position_mode")
+    overrides = {k: getattr(script_args, k) for k in ("min_pixels", "max_pixels", "max_text_tokens", "position_mode",
+                                                      "video_max_frames", "video_min_pixels", "video_max_pixels",
+                                                      "video_total_pixels")
                  if getattr(script_args, k)}
     model = PumaForEmbedding.from_pretrained(
         model_args.model_name_or_path, num_layers=script_args.num_layers, kept_layers=script_args.kept_layers,

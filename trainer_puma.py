@@ -307,27 +307,21 @@ def rand_context_at(module: nn.Module, state: RandContext | None = None):
         handle.remove()
 
 
-def split_features(features: dict, chunk_size: int, image_token_id: int, order: list[int] | None = None,
-                   video_token_id: int | None = None) -> list[dict]:
+def split_features(features: dict, chunk_size: int, image_token_id: int, video_token_id: int | None = None, *,
+                   order: list[int] | None = None) -> list[dict]:
     """Splits a batch of processor features into chunks of `chunk_size` rows, taken in `order` (a permutation of the
-    rows; default: as they are), each with its rows' images (and videos) and its own right padding trimmed.
+    rows; default: as they are), each with its rows' images and videos and its own right padding trimmed.
 
-    Image patches are flattened across images in `pixel_values` (videos in `pixel_values_videos`); a row's images are
-    found from its runs of image (video) tokens.
+    Patches are flattened across images in `pixel_values` (and videos in `pixel_values_videos`); a row's images
+    (videos) are the next ones in order whose placeholder tokens add up to the row's count of image (video) tokens
+    (a Qwen3-VL video's tokens come in one run per frame pair, so runs do not count videos).
     """
     ids = features["input_ids"]
     order = list(range(ids.shape[0])) if order is None else list(order)
-    media = {}  # per kind: (grid, patch offsets, first item of each row, items of each row)
-    for kind, token_id in (("image", image_token_id), ("video", video_token_id)):
-        grid = features.get(f"{kind}_grid_thw")
-        if grid is None or token_id is None:
-            continue
-        is_token = ids == token_id
-        starts = is_token & ~torch.cat([torch.zeros_like(is_token[:, :1]), is_token[:, :-1]], dim=1)
-        counts = starts.sum(dim=1).tolist()
-        firsts = [0] + torch.cumsum(torch.tensor(counts), 0).tolist()
-        media[kind] = (grid, [0] + torch.cumsum(grid.prod(-1), 0).tolist(), firsts, counts)
-    pixels = {"image": "pixel_values", "video": "pixel_values_videos"}
+    visuals = [(kind, _row_visuals(features, token_id, grid_key))
+               for kind, token_id, grid_key in (("image", image_token_id, "image_grid_thw"),
+                                                ("video", video_token_id, "video_grid_thw"))
+               if token_id is not None and features.get(grid_key) is not None]
     lengths = features["attention_mask"].sum(dim=1)
     chunks = []
     for start in range(0, len(order), chunk_size):
@@ -336,11 +330,18 @@ def split_features(features: dict, chunk_size: int, image_token_id: int, order: 
         width = int(lengths[index].max())
         chunk = {key: value.index_select(0, index)[:, :width] for key, value in features.items()
                  if key in ("input_ids", "attention_mask", "mm_token_type_ids")}
-        for kind, (grid, offsets, firsts, counts) in media.items():
-            items = [item for row in rows for item in range(firsts[row], firsts[row] + counts[row])]
-            if items:
-                chunk[f"{kind}_grid_thw"] = grid[items]
-                chunk[pixels[kind]] = torch.cat([features[pixels[kind]][offsets[i]:offsets[i + 1]] for i in items])
+        for kind, (spans, offsets) in visuals:
+            items = [item for row in rows for item in range(*spans[row])]
+            if not items:
+                continue
+            grid_key, values_key = ("image_grid_thw", "pixel_values") if kind == "image" else \
+                ("video_grid_thw", "pixel_values_videos")
+            chunk[grid_key] = features[grid_key][items]
+            chunk[values_key] = torch.cat([features[values_key][offsets[i]:offsets[i + 1]] for i in items])
+            seconds = features.get("second_per_grid_ts") if kind == "video" else None
+            if seconds is not None:
+                chunk["second_per_grid_ts"] = (seconds[items] if torch.is_tensor(seconds)
+                                               else [seconds[i] for i in items])
         chunks.append(chunk)
     return chunks
 
@@ -350,6 +351,22 @@ def length_order(features: dict) -> list[int]:
     similar length carry less padding than the batch, whose rows are all padded to its longest."""
     lengths = features["attention_mask"].sum(dim=1).tolist()
     return sorted(range(len(lengths)), key=lambda row: lengths[row])
+
+
+def _row_visuals(features: dict, token_id: int, grid_key: str) -> tuple[list[tuple[int, int]], list[int]]:
+    """`([(first, end) visual of each row], patch offsets)` of the images or videos of `grid_key`."""
+    grid = features[grid_key]
+    patches = grid.prod(-1).tolist()
+    is_token = features["input_ids"] == token_id
+    per_token = sum(patches) // max(int(is_token.sum()), 1)  # patches per placeholder token: the merge area
+    spans, visual = [], 0
+    for count in is_token.sum(dim=1).tolist():
+        first, covered = visual, 0
+        while covered < count:
+            covered += patches[visual] // per_token
+            visual += 1
+        spans.append((first, visual))
+    return spans, [0, *torch.cumsum(grid.prod(-1), 0).tolist()]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -601,8 +618,8 @@ class PumaTrainer(Trainer):
         for group in FEATURE_GROUPS:
             if group in inputs:
                 order = length_order(inputs[group])
-                parts = split_features(inputs[group], size, config.image_token_id, order,
-                                       getattr(config, "video_token_id", None))
+                parts = split_features(inputs[group], size, config.image_token_id,
+                                       getattr(config, "video_token_id", None), order=order)
                 chunks += [(group, order[i * size:(i + 1) * size], part) for i, part in enumerate(parts)]
         return chunks
 

@@ -8,6 +8,13 @@ code path in seconds).
     `batch_size` items, each one padded batch) on a mixed-length set, with k layers; goal: speed-up >= 1.3.
 (c) Image throughput (PIL images of three sizes) at two `config.max_pixels` caps, with k layers, against the
     FLOP ratio of the vision tower plus the language model (Qwen2-VL only: the FLOP count is its vision tower's).
+With `--video` (instead of (a)-(c); PyAV writes the clips):
+(d) Video throughput with k kept layers vs the full depth (random-noise clips written as MP4, decoded and sampled as
+    the recipe says), against the FLOP-ideal speed-up (the vision tower runs at every depth, so it is far below the
+    text one).
+(e) The cost of frames and pixels with k layers: the same clips sampled to other frame counts and frame sizes
+    (`video_max_frames`, `video_min_pixels`/`video_max_pixels`): video tokens, GFLOP per video and throughput,
+    against the FLOP ratio.
 Both models are held at once so that the timed passes can alternate between the settings compared (other processes
 on a shared machine then slow both alike); each setting is warmed up. Throughputs are the best of `--repeats` passes;
 speed-ups are the median (min-max) of the passes' ratios (each pass against the other setting's pass of the same
@@ -19,6 +26,7 @@ round), in wall time (goals) and in process CPU time (all threads; far less infl
     python bench/bench_encode.py --family qwen2_vl_tiny --quick     # the code path in seconds (tiny random model)
     python bench/bench_encode.py --markdown docs/benchmarks/encode.md   # also write the stamped tables there
     python bench/bench_encode.py --device cuda --dtype bfloat16
+    python bench/bench_encode.py --family qwen3_vl_2b --video --markdown docs/benchmarks/encode_video.md
 """
 
 import argparse
@@ -35,8 +43,8 @@ from PIL import Image
 
 from common import (ALL_CHECKPOINTS, DEFAULT_DATA, Report, add_markdown_argument, check, ensure_checkpoint,
                     load_note, log, ratios, spread, time_interleaved)
-from cost_puma import text_flops_per_sequence, vision_flops_per_image
-from modeling_puma import PumaForEmbedding, smart_resize
+from cost_puma import text_flops_per_sequence, vision_flops_per_image, vision_flops_per_video
+from modeling_puma import PumaForEmbedding, featurize, parse_input, smart_resize
 
 
 WORDS = ("the a photo of dog cat man woman red blue green small large two three running sitting on in at with near "
@@ -141,6 +149,120 @@ def image_table(report, args, images, sizes, caps, t_image, cpu, f_image) -> Non
                  rows)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Videos
+# ---------------------------------------------------------------------------------------------------------------
+def write_clips(folder: str, count: int, frames: int, size: tuple[int, int]) -> list[str]:
+    """`count` MP4 clips (H.264, 4:2:0) of `frames` random-noise frames of `size` (w, h) at 10 fps."""
+    import av
+
+    rng = np.random.default_rng(0)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for index in range(count):
+        path = os.path.join(folder, f"clip{index}-{frames}x{size[0]}x{size[1]}.mp4")
+        with av.open(path, "w") as container:
+            stream = container.add_stream("libx264", rate=10)
+            stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+            for _ in range(frames):
+                frame = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        paths.append(path)
+    return paths
+
+
+def video_setting(frames: int, side: int) -> dict:
+    """Recipe fields that sample `frames` frames of every clip (all its frames up to that many) at about `side`^2
+    pixels each."""
+    return {"video_fps": 1000.0, "video_min_frames": 2, "video_max_frames": frames, "video_min_pixels": side * side,
+            "video_max_pixels": side * side, "video_total_pixels": frames * side * side}
+
+
+def video_flops(model, clips: list[str], batch_size: int) -> tuple[float, int]:
+    """Forward FLOPs (vision tower + language model, prompts padded per batch) and video tokens of encoding `clips`
+    with `model`'s recipe."""
+    config = model.config
+    merge = config.vision_config.spatial_merge_size ** 2
+    flops, lengths, tokens = 0.0, [], 0
+    for clip in clips:
+        _, video = parse_input(clip, 0, config=config)
+        features = featurize(model.processor, config, [model.build_prompt(None, video)], [video])
+        t, h, w = features["video_grid_thw"][0].tolist()
+        flops += vision_flops_per_video(config.vision_config, t, h, w,
+                                        num_mergers=1 + min(model.num_layers, len(
+                                            getattr(config.vision_config, "deepstack_visual_indexes", None) or [])))
+        lengths.append(features["input_ids"].shape[1])
+        tokens += t * h * w // merge
+    lengths.sort(reverse=True)
+    for i in range(0, len(lengths), batch_size):
+        chunk = lengths[i:i + batch_size]
+        flops += len(chunk) * text_flops_per_sequence(config.text_config, config.text_config.num_hidden_layers,
+                                                      chunk[0])
+    return flops, tokens
+
+
+def video_tables(report, args, depth: int) -> None:
+    """Tables (d) and (e)."""
+    frames, side = (4, 56) if args.quick else (args.video_frames, args.video_side)
+    clips = write_clips(os.path.join(args.data, "clips"), 2 if args.quick else args.num_videos, 2 * frames,
+                        (160, 120))
+    setup = (f"{args.dtype} on {args.device}; throughput: best of {args.repeats} interleaved passes, speed-ups: median "
+             "(min-max) of the passes' ratios")
+    models = {k: load(args, k) for k in (args.layers, depth)}
+    for model in models.values():
+        for name, value in video_setting(frames, side).items():
+            setattr(model.config, name, value)
+        model.encode(clips[:1], batch_size=args.batch_size)  # warm-up
+    log(f"(d) videos, k={args.layers} vs {depth}: {len(clips)} clips, {frames} frames of about {side}x{side}")
+    cpu = {}
+    times = time_interleaved({k: lambda m=m: m.encode(clips, batch_size=args.batch_size)
+                              for k, m in models.items()}, args.repeats, cpu)
+    flops = {k: video_flops(m, clips, args.batch_size) for k, m in models.items()}
+    ideal = flops[depth][0] / flops[args.layers][0]
+    measured, measured_cpu = ratios(times[depth], times[args.layers]), ratios(cpu[depth], cpu[args.layers])
+    rows = [[f"k={k}", flops[k][1] // len(clips), len(clips) / min(times[k]), flops[k][0] / len(clips) / 1e9,
+             min(cpu[k]), ""] for k in (depth, args.layers)]
+    rows.append([f"speed-up k={args.layers} vs {depth}", "", spread(measured), f"FLOP-ideal {ideal:.3f}",
+                 spread(measured_cpu), f"measured/ideal {statistics.median(measured) / ideal:.3f}; by CPU time "
+                                       f"{statistics.median(measured_cpu) / ideal:.3f}"])
+    report.table(f"(d) Videos: {len(clips)} random-noise clips of {2 * frames} frames (160x120, H.264), sampled to "
+                 f"{frames} frames of about {side}x{side} pixels, batch {args.batch_size}, {setup}",
+                 ["layers", "video tokens per clip", "videos/s", "GFLOP/video", "CPU s", "note"], rows)
+    del models[depth]
+    gc.collect()
+
+    pruned = models[args.layers]
+    settings = [(2, side), (frames, side), (2 * frames, side), (frames, 2 * side)] if not args.quick else         [(2, side), (frames, side)]
+    many = write_clips(os.path.join(args.data, "clips"), len(clips), max(f for f, _ in settings), (160, 120))
+
+    def encode_at(setting):
+        for name, value in video_setting(*setting).items():
+            setattr(pruned.config, name, value)
+        pruned.encode(many, batch_size=args.batch_size)
+
+    log(f"(e) frames and pixels at k={args.layers}: {settings}")
+    cpu = {}
+    times = time_interleaved({setting: lambda setting=setting: encode_at(setting) for setting in settings},
+                             args.repeats, cpu)
+    costs = {}
+    for setting in settings:
+        for name, value in video_setting(*setting).items():
+            setattr(pruned.config, name, value)
+        costs[setting] = video_flops(pruned, many, args.batch_size)
+    base = settings[0]
+    rows = [[setting[0], f"{setting[1]}x{setting[1]}", costs[setting][1] // len(many), costs[setting][0] / len(many)
+             / 1e9, len(many) / min(times[setting]), spread(ratios(times[setting], times[base])),
+             f"{costs[setting][0] / costs[base][0]:.3f}", spread(ratios(cpu[setting], cpu[base]))]
+            for setting in settings]
+    report.table(f"(e) Frames and pixels: k={args.layers}, {len(many)} clips, each sampled to the frames and frame "
+                 f"size given, {setup}; ratios against the first row",
+                 ["frames", "pixels per frame", "video tokens per clip", "GFLOP/video", "videos/s", "time ratio",
+                  "FLOP ratio", "CPU time ratio"], rows)
+
+
 def main(args) -> None:
     report = Report(args.markdown, f"Encoding benchmark ({args.family})")
     rng = random.Random(0)
@@ -150,6 +272,11 @@ def main(args) -> None:
     with open(os.path.join(args.checkpoint, "config.json")) as f:
         config = json.load(f)
     depth = (config.get("text_config") or config)["num_hidden_layers"]
+    if args.video:
+        video_tables(report, args, depth)
+        report.note(load_note(torch.get_num_threads()))
+        report.write()
+        return
     n_text, n_chunks, sizes = (4, 2, IMAGE_SIZES[::2]) if args.quick else (args.num_texts, 4, IMAGE_SIZES)
     texts = [make_text(rng, rng.randint(1, 16)) for _ in range(n_text)]
     # Mixed set: each chunk of the given order holds one 40-word passage among 1-6 word queries.
@@ -207,6 +334,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bucket-batch-size", type=int, default=4, help="batch size of (b)")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per setting (best reported)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny workloads, one pass")
+    parser.add_argument("--video", action="store_true", help="the video tables (d) and (e) instead of (a)-(c)")
+    parser.add_argument("--num-videos", type=int, default=2, help="clips in workloads (d) and (e)")
+    parser.add_argument("--video-frames", type=int, default=4, help="frames sampled per clip in (d)")
+    parser.add_argument("--video-side", type=int, default=112, help="side of the sampled frames in (d), pixels")
     add_markdown_argument(parser)
     return parser
 

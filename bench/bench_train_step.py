@@ -283,7 +283,7 @@ def grad_cache_flops(student, base, batch: dict, chunk: int) -> dict[str, float]
         flops, visual = _flops(lambda: forward(features, True))
         total["plain"] += flops
         total["vision (plain)"] += visual
-        sorted_chunks = split_features(features, chunk, token_id, length_order(features))
+        sorted_chunks = split_features(features, chunk, token_id, order=length_order(features))
         for index, part in enumerate(sorted_chunks):
             first, first_visual = _flops(lambda: forward(part, False))
             both, _ = _flops(lambda: forward(part, True))

@@ -5,15 +5,22 @@ Request: `{"inputs": INPUT or [INPUT, ...], "parameters": {...}}`, where an INPU
 
 - a text string;
 - an image: a `data:image/...;base64,` URI, or a bare base64 string of an image file (recognised by its signature);
-- `{"text": ..., "image": ...}` (either or both), the image given as base64 or a data URI.
+- a video or a one-page PDF: a `data:video/...;base64,` or `data:application/pdf;base64,` URI, or a bare base64
+  string of the file (recognised by its signature: MP4/MOV, WebM/MKV, AVI; PDF);
+- `{"text": ..., "image": ...}`, `{"text": ..., "video": ..., "fps": ..., "max_frames": ...}` or
+  `{"text": ..., "pdf": ..., "page": n}` (pages numbered from 1), the text optional, the file given as base64 or a
+  data URI.
 
 Parameters, under `"parameters"` or at the top level: `instruction` (a task instruction; it makes the inputs
 queries), `is_query` (default: whether an instruction is given) and `truncate_dim` (keep that many leading dimensions,
 renormalised). The answer is a list of embedding vectors (lists of floats), one per input, or `{"error": "..."}`.
 
-Image URLs (http/https) are fetched only when the endpoint sets `PUMA_ALLOW_IMAGE_URLS=1`. `PUMA_MAX_IMAGE_BYTES`
-(default 20 MiB) and `PUMA_MAX_IMAGE_PIXELS` (default 40 megapixels) bound each image. Texts are never read as file
-paths. This file imports only the standard library, PIL and transformers.
+URLs (http/https) of images, videos and PDFs are fetched only when the endpoint sets `PUMA_ALLOW_IMAGE_URLS=1`.
+`PUMA_MAX_IMAGE_BYTES` (default 20 MiB), `PUMA_MAX_VIDEO_BYTES` (100 MiB), `PUMA_MAX_PDF_BYTES` (50 MiB) bound each
+file and `PUMA_MAX_IMAGE_PIXELS` (default 40 megapixels) each image, video frame and rendered page. Videos and PDFs
+are written to a temporary folder removed after the request; decoding them needs PyAV (`av`) and pypdfium2 in the
+endpoint's requirements. Texts are never read as file paths. This file imports only the standard library, PIL and
+transformers.
 """
 
 import base64
@@ -22,6 +29,7 @@ import io
 import logging
 import os
 import re
+import tempfile
 import urllib.request
 
 from PIL import Image, UnidentifiedImageError
@@ -31,11 +39,17 @@ from transformers import AutoModel
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_VIDEO_BYTES = 100 * 1024 * 1024
+DEFAULT_MAX_PDF_BYTES = 50 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 URL_TIMEOUT_S = 10
 PARAMETERS = ("instruction", "is_query", "truncate_dim")
-_DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,(.*)$", re.DOTALL)
+INPUT_KEYS = ("text", "image", "video", "pdf", "page", "fps", "max_frames")
+# data URI media type -> the kind of file it holds
+_DATA_URI = re.compile(r"^data:(?P<type>image/[\w.+-]+|video/[\w.+-]+|application/pdf);base64,(?P<data>.*)$",
+                       re.DOTALL)
 _IMAGE_URL = re.compile(r"^https?://\S+\.(?:jpe?g|png|gif|bmp|tiff?|webp)(?:[?#]\S*)?$", re.IGNORECASE)
+_MEDIA_URL = re.compile(r"^https?://\S+\.(?:mp4|webm|mkv|mov|avi|m4v|pdf)(?:[?#]\S*)?$", re.IGNORECASE)
 _IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 # A bare base64 string shorter than this is a text: no image file is that small.
 _MIN_BASE64_IMAGE_CHARS = 64
@@ -51,16 +65,21 @@ class EndpointHandler:
     Args:
         path (`str`): the repository folder (Inference Endpoints passes it).
         max_image_bytes, max_image_pixels (`int`, *optional*): per-image limits; default from `PUMA_MAX_IMAGE_BYTES`
-            and `PUMA_MAX_IMAGE_PIXELS`.
+            and `PUMA_MAX_IMAGE_PIXELS` (which bounds video frames and rendered PDF pages too).
+        max_video_bytes, max_pdf_bytes (`int`, *optional*): per-file limits; default from `PUMA_MAX_VIDEO_BYTES` and
+            `PUMA_MAX_PDF_BYTES`.
         allow_image_urls (`bool`, *optional*): fetch http(s) image URLs; default from `PUMA_ALLOW_IMAGE_URLS`.
     """
 
     def __init__(self, path: str = "", *, max_image_bytes: int | None = None, max_image_pixels: int | None = None,
-                 allow_image_urls: bool | None = None):
+                 allow_image_urls: bool | None = None, max_video_bytes: int | None = None,
+                 max_pdf_bytes: int | None = None):
         # "auto": the first GPU in bfloat16 when there is one, else the CPU in float32
         self.model = AutoModel.from_pretrained(path or ".", trust_remote_code=True, device_map="auto").eval()
         environ = os.environ
         self.max_image_bytes = max_image_bytes or int(environ.get("PUMA_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES))
+        self.max_video_bytes = max_video_bytes or int(environ.get("PUMA_MAX_VIDEO_BYTES", DEFAULT_MAX_VIDEO_BYTES))
+        self.max_pdf_bytes = max_pdf_bytes or int(environ.get("PUMA_MAX_PDF_BYTES", DEFAULT_MAX_PDF_BYTES))
         self.max_image_pixels = max_image_pixels or int(environ.get("PUMA_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
         if allow_image_urls is None:
             allow_image_urls = os.environ.get("PUMA_ALLOW_IMAGE_URLS", "").lower() in ("1", "true", "yes")
@@ -69,9 +88,11 @@ class EndpointHandler:
     def __call__(self, data: dict) -> list[list[float]] | dict[str, str]:
         """Embeds the request's inputs; a bad request gets `{"error": message}`, never a traceback."""
         try:
-            items, options = self._parse_request(data)
-            embeddings = self.model.encode(items, max_image_pixels=self.max_image_pixels, **options)
-        except ValueError as err:  # a RequestError, or an input `encode` itself refuses
+            with tempfile.TemporaryDirectory(prefix="puma-request-") as folder:
+                self._files = folder  # where the request's videos and PDFs are written, removed after it
+                items, options = self._parse_request(data)
+                embeddings = self.model.encode(items, max_image_pixels=self.max_image_pixels, **options)
+        except (ValueError, ImportError) as err:  # a RequestError, an input `encode` refuses, a decoder missing
             return {"error": str(err)}
         except Exception as err:  # the client gets a message, the endpoint log gets the traceback
             logger.exception("PUMA handler failed")
@@ -82,7 +103,8 @@ class EndpointHandler:
     # Request parsing
     # ----------------------------------------------------------------------------------------------------------------
     def _parse_request(self, data) -> tuple[list[dict], dict]:
-        """The `encode` inputs (always `{"text", "image"}` dicts, so no string is read as a path) and options."""
+        """The `encode` inputs (always dicts, so no text is read as a path; videos and PDFs as files the handler
+        wrote) and options."""
         if not isinstance(data, dict):
             raise RequestError(f"The request must be a JSON object with an 'inputs' key, got {type(data).__name__}.")
         unknown = set(data) - {"inputs", "parameters", *PARAMETERS}
@@ -132,71 +154,105 @@ class EndpointHandler:
         if isinstance(item, str):
             if not item.strip():
                 raise RequestError(f"{where} is an empty string.")
-            raw = self._image_bytes_of_string(item, where)
-            return {"image": self._open_image(raw, where)} if raw is not None else {"text": item}
+            media = self._media_of_string(item, where)
+            return {"text": item} if media is None else media
         if isinstance(item, dict):
-            unknown = set(item) - {"text", "image"}
+            unknown = set(item) - set(INPUT_KEYS)
             if unknown:
-                raise RequestError(f"{where} has unknown keys {sorted(unknown)}; use 'text' and/or 'image'.")
-            text, image = item.get("text"), item.get("image")
-            if text is None and image is None:
-                raise RequestError(f"{where} has neither 'text' nor 'image'.")
+                raise RequestError(f"{where} has unknown keys {sorted(unknown)}; use 'text' and at most one of "
+                                   "'image', 'video' (with 'fps', 'max_frames') or 'pdf' (with 'page').")
+            text = item.get("text")
+            given = [key for key in ("image", "video", "pdf") if item.get(key) is not None]
+            if text is None and not given:
+                raise RequestError(f"{where} has neither 'text' nor 'image', 'video' or 'pdf'.")
             if text is not None and (not isinstance(text, str) or not text.strip()):
                 raise RequestError(f"{where}['text'] must be a non-empty string, got {text!r}.")
+            if len(given) > 1:
+                raise RequestError(f"{where} has {' and '.join(given)}; an input holds one of them.")
             parsed = {"text": text} if text is not None else {}
-            if image is not None:
-                if not isinstance(image, str):
-                    raise RequestError(f"{where}['image'] must be a base64 string or a data URI, got "
-                                       f"{type(image).__name__}.")
-                parsed["image"] = self._open_image(self._image_bytes(image, f"{where}['image']"), f"{where}['image']")
+            for key in given:
+                value = item[key]
+                if not isinstance(value, str):
+                    raise RequestError(f"{where}[{key!r}] must be a base64 string or a data URI, got "
+                                       f"{type(value).__name__}.")
+                kind, raw = self._file_bytes(value, f"{where}[{key!r}]", key)
+                parsed.update(self._media(raw, key, f"{where}[{key!r}]"))
+            # sampling and page numbers as encode reads them (it checks their values)
+            parsed.update({key: item[key] for key in ("page", "fps", "max_frames") if item.get(key) is not None})
             return parsed
-        raise RequestError(f"{where} must be a string or an object with 'text'/'image', got {type(item).__name__}.")
+        raise RequestError(f"{where} must be a string or an object with 'text' and 'image', 'video' or 'pdf', got "
+                           f"{type(item).__name__}.")
 
-    def _image_bytes_of_string(self, item: str, where: str) -> bytes | None:
-        """The image bytes of a bare string input, or `None` when it is a text."""
-        if item.startswith("data:") or _IMAGE_URL.match(item):
-            return self._image_bytes(item, where)
+    def _media_of_string(self, item: str, where: str) -> dict | None:
+        """The `encode` input of a bare string naming an image, video or PDF (a data URI, a URL of one, or base64
+        of one by its signature), or `None` when it is a text."""
+        if item.startswith("data:") or _IMAGE_URL.match(item) or _MEDIA_URL.match(item):
+            kind, raw = self._file_bytes(item, where, None)
+            return self._media(raw, kind, where)
         if len(item) >= _MIN_BASE64_IMAGE_CHARS and not any(c.isspace() for c in item):
             try:
                 raw = base64.b64decode(item, validate=True)
             except (binascii.Error, ValueError):
                 return None
-            if raw.startswith(_IMAGE_SIGNATURES) or (raw[:4] == b"RIFF" and raw[8:12] == b"WEBP"):
-                self._check_bytes(len(raw), where)
-                return raw
+            kind = _kind_of(raw)
+            if kind is not None:
+                self._check_bytes(len(raw), where, kind)
+                return self._media(raw, kind, where)
         return None
 
-    def _image_bytes(self, value: str, where: str) -> bytes:
-        """Decodes a data URI or base64 string, or fetches an http(s) URL when allowed."""
+    def _media(self, raw: bytes, kind: str, where: str) -> dict:
+        """`{"image": PIL image}`, or `{"video" | "pdf": path}` of the bytes written to the request's folder."""
+        if kind == "image":
+            return {"image": self._open_image(raw, where)}
+        suffix = ".pdf" if kind == "pdf" else _video_suffix(raw)
+        path = os.path.join(self._files, re.sub(r"[^\w]+", "-", where).strip("-") + suffix)
+        with open(path, "wb") as f:
+            f.write(raw)
+        return {kind: path}
+
+    def _file_bytes(self, value: str, where: str, kind: str | None) -> tuple[str, bytes]:
+        """`(kind, bytes)` of a data URI, base64 string or (when allowed) http(s) URL; `kind` (image, video or pdf)
+        is the key the value came under, else read from the data URI, the URL's suffix or the bytes' signature."""
         if value.startswith(("http://", "https://")):
-            return self._fetch(value, where)
+            kind = kind or ("pdf" if value.lower().split("?")[0].endswith(".pdf") else
+                            "video" if _MEDIA_URL.match(value) else "image")
+            return kind, self._fetch(value, where, kind)
         if value.startswith("data:"):
             match = _DATA_URI.match(value)
             if match is None:
-                raise RequestError(f"{where} is a data URI but not 'data:image/<type>;base64,<data>'.")
-            value = match.group(1)
+                raise RequestError(f"{where} is a data URI but not 'data:image/<type>;base64,<data>' (or video/<type>, "
+                                   "application/pdf).")
+            uri_kind = {"image": "image", "video": "video", "application": "pdf"}[match.group("type").split("/")[0]]
+            if kind is not None and uri_kind != kind:
+                raise RequestError(f"{where} is a data URI of {match.group('type')}, not of a {kind}.")
+            kind, value = uri_kind, match.group("data")
+        kind = kind or "image"
         value = "".join(value.split())  # base64 wrapped in lines (MIME style)
-        self._check_bytes(len(value) * 3 // 4, where)
+        self._check_bytes(len(value) * 3 // 4, where, kind)
         try:
-            return base64.b64decode(value, validate=True)
+            return kind, base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError) as err:
             raise RequestError(f"{where} is not valid base64 ({err}).") from None
 
-    def _fetch(self, url: str, where: str) -> bytes:
+    def _fetch(self, url: str, where: str, kind: str = "image") -> bytes:
         if not self.allow_image_urls:
-            raise RequestError(f"{where} is an image URL; this endpoint does not fetch URLs (set "
-                               "PUMA_ALLOW_IMAGE_URLS=1 to allow it). Send the image as base64 or a data URI.")
+            raise RequestError(f"{where} is an {kind if kind != 'pdf' else 'PDF'} URL; this endpoint does not fetch "
+                               "URLs (set PUMA_ALLOW_IMAGE_URLS=1 to allow it). Send the file as base64 or a data URI.")
         try:
             with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
-                raw = response.read(self.max_image_bytes + 1)
+                raw = response.read(self._max_bytes(kind) + 1)
         except OSError as err:
             raise RequestError(f"{where}: could not fetch {url!r} ({err}).") from None
-        self._check_bytes(len(raw), where)
+        self._check_bytes(len(raw), where, kind)
         return raw
 
-    def _check_bytes(self, size: int, where: str) -> None:
-        if size > self.max_image_bytes:
-            raise RequestError(f"{where} is over the image size limit of {self.max_image_bytes} bytes.")
+    def _max_bytes(self, kind: str) -> int:
+        return {"image": self.max_image_bytes, "video": self.max_video_bytes, "pdf": self.max_pdf_bytes}[kind]
+
+    def _check_bytes(self, size: int, where: str, kind: str = "image") -> None:
+        if size > self._max_bytes(kind):
+            raise RequestError(f"{where} is over the {kind if kind != 'pdf' else 'PDF'} size limit of "
+                               f"{self._max_bytes(kind)} bytes.")
 
     def _open_image(self, raw: bytes, where: str) -> Image.Image:
         """Opens an image, checking its pixel count before decoding it (decompression bombs)."""
@@ -211,3 +267,23 @@ class EndpointHandler:
         except Image.DecompressionBombError as err:
             raise RequestError(f"{where} is over PIL's decompression-bomb limit ({err}).") from None
         return image
+
+
+def _kind_of(raw: bytes) -> str | None:
+    """"image", "video" or "pdf" by a file's signature, or `None`."""
+    if raw.startswith(_IMAGE_SIGNATURES) or (raw[:4] == b"RIFF" and raw[8:12] == b"WEBP"):
+        return "image"
+    if raw.startswith(b"%PDF-"):
+        return "pdf"
+    if raw[4:8] == b"ftyp" or raw.startswith(b"\x1a\x45\xdf\xa3") or (raw[:4] == b"RIFF" and raw[8:12] == b"AVI "):
+        return "video"
+    return None
+
+
+def _video_suffix(raw: bytes) -> str:
+    """A file suffix for video bytes, by their signature (the decoder reads the content either way)."""
+    if raw.startswith(b"\x1a\x45\xdf\xa3"):
+        return ".webm" if b"webm" in raw[:64] else ".mkv"
+    if raw[:4] == b"RIFF":
+        return ".avi"
+    return ".mp4"

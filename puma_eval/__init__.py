@@ -7,9 +7,10 @@
 - `metrics`: Recall@k / MRR / nDCG, result rows, markdown and JSON tables
 - `plots`: per-task bar charts, training curves
 - `mbeir`: the M-BEIR protocol, and `score_task` for precomputed embeddings
-- `mmeb`: MMEB (VLM2Vec's format), hit@1 over each query's candidate list
+- `mmeb`: MMEB-V2's image, video and visual-document tasks: hit@1, nDCG@5, meta-task, modality and overall tables
+- `mmeb_v2`: MMEB-V2's video and visual-document tasks read from the released layout (and `MMEBTask`)
 - `mteb_model`: the model behind mteb 2.x's encoder interface
-- `corpus`: semantic search over a folder or JSONL corpus
+- `corpus`: semantic search over a folder (images, videos, PDF pages, texts) or JSONL corpus
 
 `python eval_puma.py` is the command line.
 """

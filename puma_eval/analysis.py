@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cost_puma import depth_costs
-from mbeir_puma import join_path, markdown_table
+from mbeir_puma import content_modality, join_path, markdown_table
 
 from .mbeir import score_task
 from .tasks import RetrievalTask, TaskData, load_benchmark, load_instructions, load_task, select_tasks
@@ -118,28 +118,34 @@ class DatasetPairs(Sequence):
 
 
 def folder_pairs(folder) -> list[dict]:
-    """Caption -> image examples from a folder of images each with a same-named `.txt` caption beside it."""
+    """Caption -> image (or video) examples from a folder of images and videos each with a same-named `.txt`
+    caption beside it."""
     from PIL import Image
 
+    from modeling_puma import VIDEO_SUFFIXES
+
     folder = os.fspath(folder)
-    images = sorted(name for name in os.listdir(folder) if os.path.splitext(name)[1].lower()
-                    in {suffix for suffix, _ in Image.registered_extensions().items()})
+    images = {suffix for suffix, _ in Image.registered_extensions().items()}
+    media = sorted(name for name in os.listdir(folder) if os.path.splitext(name)[1].lower() in images
+                   or name.lower().endswith(VIDEO_SUFFIXES))
     examples = []
-    for name in images:
+    for name in media:
         caption = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
         if os.path.isfile(caption):
             with open(caption, encoding="utf-8") as f:
                 text = f.read().strip()
             if text:
-                examples.append({"query": {"text": text, "image": None}, "positive": {"text": None, "image": name},
-                                 "modality": "image"})
+                is_video = name.lower().endswith(VIDEO_SUFFIXES) and not name.lower().endswith(".gif")
+                positive = {"text": None, "image": None, "video": name} if is_video else {"text": None, "image": name}
+                examples.append({"query": {"text": text, "image": None}, "positive": positive,
+                                 "modality": "video" if is_video else "image"})
     if not examples:
-        raise ValueError(f"{folder} holds no image with a non-empty same-named .txt caption beside it.")
+        raise ValueError(f"{folder} holds no image or video with a non-empty same-named .txt caption beside it.")
     return examples
 
 
 def _modality(side: dict) -> str:
-    return "image,text" if side.get("image") and side.get("text") else "image" if side.get("image") else "text"
+    return content_modality(side.get("text"), side.get("image"), side.get("video")) or "text"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,6 +161,7 @@ class _Statistics:
     tokens: int = 0
     distance_sum: dict = None  # span -> (layers - span + 1,)
     inputs: int = 0
+    video_grids: list = dataclasses.field(default_factory=list)  # (t, h, w) of every video seen
 
     def __post_init__(self):
         self.influence_sum = torch.zeros(self.num_layers, dtype=torch.float64)
@@ -167,6 +174,8 @@ def _collect(model, items: list[dict], instructions: list[str | None], is_query:
     """Embeds `items` at every depth of `depths` in one forward pass per batch, adding the layer statistics of the
     batch to `statistics`; returns `{depth: (len(items), dim) L2-normalised float32}`."""
     from modeling_puma import build_prompt, featurize, parse_input
+
+    from .encoding import encode_input
 
     config, tokenizer = model.config, model.processor.tokenizer
     layers, norm = model.model.language_model.layers, model.model.language_model.norm
@@ -191,14 +200,14 @@ def _collect(model, items: list[dict], instructions: list[str | None], is_query:
     try:
         for start in tqdm(range(0, len(items), batch_size), desc=desc, leave=False):
             batch = range(start, min(start + batch_size, len(items)))
-            examples = [parse_input({"text": items[i].get("text"), "image": join_path(image_root, items[i].get("image"))}
-                                    if items[i].get("image") else {"text": items[i].get("text")}, i) for i in batch]
-            prompts = [build_prompt(config, text, image is not None, instructions[i] if is_query else None, tokenizer)
-                       for i, (text, image) in zip(batch, examples)]
-            features = featurize(model.processor, config, prompts, [image for _, image in examples])
-            features = {key: value.to(model.device) for key, value in features.items() if torch.is_tensor(value)}
-            if "pixel_values" in features:
-                features["pixel_values"] = features["pixel_values"].to(model.dtype)
+            examples = [parse_input(encode_input(items[i], image_root), i, config=config) for i in batch]
+            prompts = [build_prompt(config, text, visual, instructions[i] if is_query else None, tokenizer)
+                       for i, (text, visual) in zip(batch, examples)]
+            features = featurize(model.processor, config, prompts, [visual for _, visual in examples],
+                                 names=[f"{desc} item {i}" for i in batch])
+            if "video_grid_thw" in features:  # the videos' grids, for the cost of a typical video
+                statistics.video_grids += features["video_grid_thw"].tolist()
+            features = model.features_on_device(features)
             captured.clear()
             result = model(**features, output_depths=depths)
             for depth in depths:
@@ -253,7 +262,7 @@ def analyze(model, tasks: list[TaskData], image_root=None, *, depths: list[int] 
     statistics = _Statistics(num_layers, spans)
     model.eval()
 
-    rows, lengths, pixels, images = [], [], [], 0
+    rows, lengths, pixels, images, videos = [], [], [], 0, 0
     for data in tasks:
         queries = _collect(model, data.query_items, data.query_instructions, True, image_root, batch_size, statistics,
                            depths, f"{data.task.name} queries")
@@ -267,20 +276,31 @@ def analyze(model, tasks: list[TaskData], image_root=None, *, depths: list[int] 
         rows.append(row)
         for item in data.query_items + data.pool_items:
             lengths.append(len(model.processor.tokenizer(item.get("text") or "")["input_ids"]))
-            if item.get("image"):
+            if item.get("video") is not None:
+                videos += 1
+            elif item.get("image") is not None:
                 images += 1
-                pixels.append(_image_pixels(join_path(image_root, item["image"]), model.config))
+                pixels.append(_image_pixels(item["image"] if not isinstance(item["image"], str)
+                                            else join_path(image_root, item["image"]), model.config))
         logger.info(f"{data.task.name}: " + ", ".join(f"d{d} {row['scores'][d]:.1f}" for d in depths))
 
     text_tokens = int(statistics_median(lengths)) + 20  # plus the prompt's template tokens
-    costs = depth_costs(model.config, depths, text_tokens, int(statistics_median(pixels)) if pixels else None)
-    image_share = images / max(1, len(lengths))
+    video = None
+    if statistics.video_grids:  # the median video, as the frames and pixels its grid was resized to
+        patch = model.config.vision_config.patch_size
+        t, h, w = (int(statistics_median([grid[axis] for grid in statistics.video_grids])) for axis in range(3))
+        video = (2 * t, h * patch, w * patch)
+    costs = depth_costs(model.config, depths, text_tokens, int(statistics_median(pixels)) if pixels else None,
+                        video=video)
+    image_share, video_share = images / max(1, len(lengths)), videos / max(1, len(lengths))
     per_depth = []
     for depth in depths:
         scores = {row["task"]: row["scores"][depth] for row in rows}
+        cost = (1 - image_share - video_share) * costs[depth]["text"] + image_share * costs[depth]["image"]
         per_depth.append({"depth": depth, "scores": scores, "mean": sum(scores.values()) / len(scores),
                           "cost_text": costs[depth]["text"], "cost_image": costs[depth]["image"],
-                          "cost": (1 - image_share) * costs[depth]["text"] + image_share * costs[depth]["image"]})
+                          **({"cost_video": costs[depth]["video"]} if video is not None else {}),
+                          "cost": cost + (video_share * costs[depth]["video"] if video is not None else 0.0)})
     influence = (statistics.influence_sum / max(1, statistics.tokens)).tolist()
     layers = [{"layer": i, "original_layer": model.config.kept_layers[i], "block_influence": influence[i],
                "angular_distance": {n: float(statistics.distance_sum[n][i] / max(1, statistics.inputs))
@@ -288,7 +308,8 @@ def analyze(model, tasks: list[TaskData], image_root=None, *, depths: list[int] 
     result = {"model": model.name_or_path, "num_layers": num_layers, "kept_layers": list(model.config.kept_layers),
               "tasks": [{key: row[key] for key in ("task", "label", "metric", "num_queries", "pool_size")}
                         for row in rows],
-              "depths": per_depth, "layers": layers, "image_share": image_share, "text_tokens": text_tokens,
+              "depths": per_depth, "layers": layers, "image_share": image_share, "video_share": video_share,
+              "video_frames_pixels": video, "text_tokens": text_tokens,
               "budget": {"max_layers": max_layers, "max_cost": max_cost, "tolerance": tolerance}}
     result["removable_blocks"] = {n: min(range(num_layers - n + 1), key=lambda i: layers[i]["angular_distance"][n])
                                   for n in spans}
@@ -344,10 +365,17 @@ def _first(depth: int) -> str:
 def analysis_markdown(result: dict) -> str:
     """Tables of quality and cost per depth, statistics per layer, and the recommendation."""
     tasks = [task["task"] for task in result["tasks"]]
+    with_video = "cost_video" in result["depths"][0]
     depth_rows = [[row["depth"], *[f"{row['scores'][task]:.1f}" for task in tasks], f"{row['mean']:.1f}",
-                   f"{row['cost_text']:.3f}", f"{row['cost_image']:.3f}"] for row in result["depths"]]
+                   f"{row['cost_text']:.3f}", f"{row['cost_image']:.3f}",
+                   *([f"{row['cost_video']:.3f}"] if with_video else [])] for row in result["depths"]]
     lines = [f"### Quality and cost per depth ({result['model']}, zero training)\n",
-             markdown_table(["depth", *tasks, "mean", "FLOP ratio (text)", "FLOP ratio (image)"], depth_rows)]
+             markdown_table(["depth", *tasks, "mean", "FLOP ratio (text)", "FLOP ratio (image)",
+                             *(["FLOP ratio (video)"] if with_video else [])], depth_rows)]
+    if with_video:
+        frames, height, width = result["video_frames_pixels"]
+        lines.append(f"\nThe video ratio is of the sample's median video: {frames} frames of {width}x{height} pixels "
+                     "after sampling.")
     spans = sorted({n for layer in result["layers"] for n in layer["angular_distance"]})
     layer_rows = [[layer["layer"], layer["original_layer"], f"{layer['block_influence']:.4f}",
                    *[f"{layer['angular_distance'][n]:.4f}" if n in layer["angular_distance"] else None for n in spans]]
@@ -363,7 +391,7 @@ def analysis_markdown(result: dict) -> str:
               f"- keep the first {_first(recommendation['depth'])}: "
               f"`kept_layers={recommendation['kept_layers']}` "
               f"(mean {recommendation['mean']:.1f}, FLOP ratio {recommendation['cost']:.3f} at the sample's mix of "
-              f"text and image inputs); the best depth within the budget is {recommendation['best_depth']} "
+              f"text, image and video inputs); the best depth within the budget is {recommendation['best_depth']} "
               f"(mean {recommendation['best_mean']:.1f}), and this is the smallest within {_count(budget['tolerance'], 'point')} of it",
               f"- the {_first(recommendation['depth'])} of highest block influence (ShortGPT): "
               f"`kept_layers={recommendation['block_influence_layers']}`",
@@ -395,6 +423,9 @@ def plot_analysis(result: dict, path) -> None:
               label="FLOP ratio, text")
     cost.plot(depths, [row["cost_image"] for row in result["depths"]], color="tab:purple", linestyle="--",
               label="FLOP ratio, image")
+    if "cost_video" in result["depths"][0]:
+        cost.plot(depths, [row["cost_video"] for row in result["depths"]], color="tab:green", linestyle="--",
+                  label="FLOP ratio, video")
     cost.set_ylim(0, 1.05)
     cost.set_ylabel("FLOP ratio of the full depth")
     handles = quality.get_legend_handles_labels()[0] + cost.get_legend_handles_labels()[0]

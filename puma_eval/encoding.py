@@ -74,12 +74,35 @@ def image_fingerprint(image) -> str | None:
                     "datasets image dict.")
 
 
+def media_fingerprint(item: dict) -> list:
+    """What identifies an item's video or PDF page in `items_fingerprint`: `[]` for an item without either (so
+    that the fingerprints of texts and images stay as they were), else the video's path (frames: each frame's
+    `image_fingerprint`) or the PDF's path and page."""
+    video, pdf = item.get("video"), item.get("pdf")
+    if video is not None:
+        if isinstance(video, (str, os.PathLike)):
+            return ["video", os.fspath(video)]
+        return ["video", [_frame_fingerprint(frame) for frame in video]]
+    if pdf is not None:
+        return ["pdf", os.fspath(pdf), item.get("page")]
+    return []
+
+
+def _frame_fingerprint(frame) -> str:
+    """A frame's `image_fingerprint`; for an array or tensor, the SHA-256 of its shape and bytes."""
+    if isinstance(frame, (str, os.PathLike, dict)) or hasattr(frame, "mode"):
+        return image_fingerprint(frame)
+    array = frame.detach().cpu().numpy() if torch.is_tensor(frame) else frame
+    return f"array:{tuple(array.shape)}:" + hashlib.sha256(array.tobytes()).hexdigest()
+
+
 def items_fingerprint(ids: list[str], items: list[dict], instructions: list[str | None]) -> str:
-    """Hash of exactly what is encoded: ids, texts, images (`image_fingerprint`) and each item's instruction."""
+    """Hash of exactly what is encoded: ids, texts, images (`image_fingerprint`), videos and PDF pages
+    (`media_fingerprint`) and each item's instruction."""
     digest = hashlib.sha256()
     for item_id, item, instruction in zip(ids, items, instructions):
         digest.update(json.dumps([item_id, item.get("text"), image_fingerprint(item.get("image")),
-                                  instruction]).encode())
+                                  instruction, *media_fingerprint(item)]).encode())
         digest.update(b"\n")
     return digest.hexdigest()
 
@@ -120,19 +143,32 @@ def _write_shard(path: str, embeddings: torch.Tensor, ids: list[str], fingerprin
     os.replace(temporary, path)  # a shard is complete or absent, never half-written
 
 
+def encode_input(item: dict, image_root: str | None = None) -> dict:
+    """The `encode` input of a `{"text", "image" | "video" | "pdf" (and "page")}` item, its paths resolved against
+    `image_root`."""
+    def resolved(value):
+        return join_path(image_root, value) if isinstance(value, str) else value
+
+    out = {"text": item.get("text"), "image": resolved(item.get("image"))}
+    if item.get("video") is not None:
+        out["video"] = resolved(item["video"])
+    if item.get("pdf") is not None:
+        out.update(pdf=resolved(item["pdf"]), page=item.get("page"))
+    return out
+
+
 def encode_items(model, items: list[dict], instructions: list[str | None] | None = None, is_query: bool = False,
                  batch_size: int = 16, image_root: str | None = None, normalize: bool = True) -> torch.Tensor:
-    """Embeds `items` (`{"text", "image"}` dicts) in their order, `(len(items), hidden_size)` float32, L2-normalised
-    unless `normalize=False` (the raw pooled states a distillation teacher provides); `encode` takes one instruction
-    per call, so items are grouped by it."""
+    """Embeds `items` (`{"text", "image" | "video" | "pdf" (and "page")}` dicts) in their order,
+    `(len(items), hidden_size)` float32, L2-normalised unless `normalize=False` (the raw pooled states a distillation
+    teacher provides); `encode` takes one instruction per call, so items are grouped by it."""
     instructions = instructions if instructions is not None else [None] * len(items)
     groups = {}
     for index, instruction in enumerate(instructions):
         groups.setdefault(instruction, []).append(index)
     out = torch.empty(len(items), model.config.text_config.hidden_size)
     for instruction, indices in groups.items():
-        inputs = [{"text": items[i].get("text"), "image": join_path(image_root, items[i].get("image"))}
-                  for i in indices]
+        inputs = [encode_input(items[i], image_root) for i in indices]
         out[indices] = model.encode(inputs, instruction=instruction, is_query=is_query, batch_size=batch_size,
                                     normalize=normalize, show_progress_bar=False)
     return out
@@ -196,7 +232,7 @@ def encode_sharded(model, items: list[dict], ids: list[str], cache_dir=None, *, 
                    is_query: bool = False, instructions: list[str | None] | None = None, image_root=None,
                    batch_size: int = 16, shard_size: int = 1024, show_progress_bar: bool = True,
                    on_shard=None, normalize: bool = True, dtype: torch.dtype | None = None) -> EmbeddingShards | None:
-    """Embeds `items` (`{"text", "image"}` dicts, image paths relative to `image_root`) shard by shard.
+    """Embeds `items` (`{"text", "image" | "video" | "pdf"}` dicts, paths relative to `image_root`) shard by shard.
 
     With `cache_dir`, each shard of `shard_size` items is written to
     `cache_dir/name/<fingerprint>/shard-NNNNN.safetensors` with its ids and fingerprint (model, items, instructions,

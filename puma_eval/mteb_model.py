@@ -10,9 +10,15 @@
 Queries (and symmetric tasks: classification, clustering, STS) are encoded with the task's instruction, picked as
 mteb's `AbsEncoder.get_instruction` picks it: `prompts[task name]`, `prompts[task type]`, `prompts["query"]`, then
 the task's own prompt; documents (`PromptType.document`) without instruction, as PUMA encodes candidates. A batch
-may hold `text`, `image` or both per item (mteb's any-to-any tasks); per-query instructions (`instruction`, for
-instruction-retrieval tasks) are used when present.
+may hold `text` and an `image` or a `video` per item (mteb's any-to-any, document-understanding and video tasks);
+per-query instructions (`instruction`, for instruction-retrieval tasks) are used when present. A video is what the
+task's dataset holds: an open video decoder (torchcodec's, which 🤗 datasets' `Video` feature gives; sampled as the
+recipe samples files), frames already sampled by a collator (a `(T, C, H, W)` tensor, sampled no further than the
+recipe's frame cap), or an undecoded `{"path", "bytes"}` dict.
 """
+
+import os
+import tempfile
 
 import numpy as np
 import torch
@@ -48,7 +54,7 @@ def puma_model_meta(model, name: str | None = None, revision: str | None = None)
         memory_usage_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, max_tokens=None,
         embed_dim=model.config.text_config.hidden_size, license=None, open_weights=True, public_training_code=None,
         public_training_data=None, framework=["PyTorch", "Transformers"], similarity_fn_name="cosine",
-        use_instructions=True, training_datasets=None, modalities=["image", "text"], citation=PUMA_CITATION,
+        use_instructions=True, training_datasets=None, modalities=["image", "text", "video"], citation=PUMA_CITATION,
     )
 
 
@@ -85,12 +91,30 @@ class PumaMTEBEncoder(AbsEncoder):
         task_instruction = (self.get_task_instruction(task_metadata, prompt_type) or None) if is_query else None
         batch_size = kwargs.get("batch_size") or self.batch_size
         embeddings = []
-        for batch in inputs:
-            size = len(batch["text"] if "text" in batch else batch["image"])
-            texts = batch.get("text") or [None] * size
-            images = batch.get("image") or [None] * size
-            items = [{"text": text or None, "image": image} for text, image in zip(texts, images)]
-            instructions = [instruction or task_instruction for instruction in batch["instruction"]] \
-                if is_query and "instruction" in batch else [task_instruction] * size
-            embeddings.append(encode_items(self.model, items, instructions, is_query, batch_size))
+        with tempfile.TemporaryDirectory(prefix="puma-mteb-") as folder:  # videos given as bytes
+            for batch in inputs:
+                size = len(next(batch[key] for key in ("text", "image", "video") if key in batch))
+                texts = batch.get("text") or [None] * size
+                images = batch.get("image") or [None] * size
+                videos = [_video(video, folder) for video in batch.get("video") or [None] * size]
+                items = [{"text": text or None, "image": image, "video": video}
+                         for text, image, video in zip(texts, images, videos)]
+                instructions = [instruction or task_instruction for instruction in batch["instruction"]] \
+                    if is_query and "instruction" in batch else [task_instruction] * size
+                embeddings.append(encode_items(self.model, items, instructions, is_query, batch_size))
         return torch.cat(embeddings).numpy()
+
+
+def _video(video, folder: str):
+    """A video of an mteb batch as `encode` takes it: a decoder or frames as they are, an undecoded `{"path",
+    "bytes"}` dict as its path (its bytes written to `folder` when it has no readable path)."""
+    if not isinstance(video, dict):
+        return video
+    if video.get("path") and os.path.isfile(video["path"]):
+        return video["path"]
+    if video.get("bytes"):
+        path = os.path.join(folder, f"video-{len(os.listdir(folder))}{os.path.splitext(video.get('path') or '')[1]}")
+        with open(path, "wb") as f:
+            f.write(video["bytes"])
+        return path
+    raise ValueError(f"An mteb video {sorted(video)} has neither a readable path nor bytes.")

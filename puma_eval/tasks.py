@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from mbeir_puma import (dataset_id, load_mbeir_pool, load_mbeir_queries, load_query_instructions, mbeir_eval_queries,
-                        own_dataset_positives, repeated_ids, require_file)
+                        media_side, own_dataset_positives, repeated_ids, require_file)
 
 from .metrics import K_VALUES
 
@@ -35,7 +35,7 @@ class RetrievalTask:
         label (`str`): column label of the paper's table (`VisualNews t→i`).
         query_file (`str`): test queries, relative to the benchmark root.
         pool_file (`str`): the task's local candidate pool, relative to the benchmark root.
-        query_modality, cand_modality (`str`): `"text"`, `"image"` or `"image,text"`.
+        query_modality, cand_modality (`str`): `"text"`, `"image"`, `"image,text"`, `"video"` or `"text,video"`.
         metric_k (`int`, *optional*, defaults to 5): the k of the task's headline Recall@k.
     """
 
@@ -278,7 +278,8 @@ def load_task(benchmark: Benchmark, task: RetrievalTask, pool: str = "local", in
                  if benchmark.is_mbeir and pool == "local" else {})
     return TaskData(
         task=task, pool=pool, pool_name=file_stem(pool_path), pool_ids=pool_ids,
-        pool_items=[{"text": records[did]["txt"], "image": records[did]["img_path"]} for did in pool_ids],
+        pool_items=[media_side(records[did]["txt"], records[did]["img_path"], records[did].get("video_path"))
+                    for did in pool_ids],
         query_name=file_stem(task.query_file), query_ids=[q["query_id"] for q in queries],
         query_items=[q["query"] for q in queries], query_instructions=[q["instruction"] for q in queries],
         relevant=[relevant[q["query_id"]] for q in queries], published=published)

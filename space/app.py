@@ -1,5 +1,6 @@
 # Copyright 2026 The PUMA contributors. Licensed under the Apache License, Version 2.0.
-"""PUMA multimodal search: a Gradio page that searches a gallery of images and texts by text, image or both.
+"""PUMA multimodal search: a Gradio page that searches a gallery of images, videos, document pages and texts by a
+text, an image or a video, or a text and one of them.
 
     PUMA_MODEL=my-org/puma-2b PUMA_GALLERY=photos/ python space/app.py     # locally
     python -c "import space_puma; space_puma.push_space('me/puma-search', 'my-org/puma-2b', gallery='photos/')"
@@ -8,7 +9,8 @@ Settings come from `space_config.json` beside this file (written by `space_puma.
 the environment: `PUMA_MODEL` (checkpoint folder or Hub id), `PUMA_GALLERY`, `PUMA_GALLERY_SPLIT`, `PUMA_INSTRUCTION`,
 `PUMA_TOP_K`. A gallery is one of:
 
-- a folder of images and `.txt` files (`puma_eval.corpus.load_corpus`: each image and each text is an item);
+- a folder of images, videos, PDFs and `.txt` files (`puma_eval.corpus.load_corpus`: each image, video, PDF page
+  and text is an item; a PDF page is found as `file.pdf#page=N`);
 - a JSONL file of `{id?, text?, image?}` records (image paths relative to the file);
 - a `datasets` dataset with an `image` and/or a `text` (or `caption`) column and an optional `id` column: a folder
   saved with `save_to_disk`, an image folder with a `metadata.jsonl`/`.csv`/`.parquet` file, or a Hub dataset id.
@@ -47,6 +49,8 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 FAMILY_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL",
                 "qwen3_vl_moe": "Qwen3-VL-MoE"}
 THUMBNAIL = (256, 256)
+
+THUMBNAIL_DPI = 72
 def theme():
     """The page's theme: system fonts only, so that the page loads nothing from outside the Space."""
     import gradio as gr
@@ -149,6 +153,16 @@ def model_description(model) -> str:
     return f"`{model.name_or_path}`: PUMA embeddings from {layers} of a {family} model"
 
 
+def gallery_kinds(items: list[dict]) -> str:
+    """What a gallery holds, in words: "images and texts", "images, videos, document pages and texts", ..."""
+    kinds = [word for key, word in (("image", "images"), ("video", "videos"), ("pdf", "document pages"),
+                                    ("text", "texts"))
+             if any(item.get(key) is not None and (key != "text" or all(item.get(k) is None
+                                                                        for k in ("image", "video", "pdf")))
+                    for item in items)]
+    return kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + " and " + kinds[-1]
+
+
 def text_thumbnail(text: str) -> Image.Image:
     """A text item drawn as a card, so texts and images share the result gallery."""
     card = Image.new("RGB", THUMBNAIL, (245, 245, 240))
@@ -158,10 +172,24 @@ def text_thumbnail(text: str) -> Image.Image:
 
 
 def thumbnail(item: dict, root: str | None) -> Image.Image:
-    if item["image"] is None:
+    """What the result gallery shows of an item: the image, a video's middle frame, a PDF page (rendered at 72 dpi)
+    or the text drawn as a card."""
+    def path(value):
+        return os.path.join(root, value) if root and isinstance(value, str) else value
+
+    if item.get("video") is not None:
+        from modeling_puma import decode_video
+
+        frames, *_ = decode_video(path(item["video"]), lambda total, fps: [total // 2])
+        image = Image.fromarray(frames[0].permute(1, 2, 0).numpy())
+    elif item.get("pdf") is not None:
+        from modeling_puma import load_pdf_page
+
+        image = load_pdf_page(path(item["pdf"]), item.get("page"), item["pdf"], dpi=THUMBNAIL_DPI)
+    elif item.get("image") is not None:
+        image = item["image"] if isinstance(item["image"], Image.Image) else Image.open(path(item["image"]))
+    else:
         return text_thumbnail(item["text"])
-    image = item["image"] if isinstance(item["image"], Image.Image) else \
-        Image.open(os.path.join(root, item["image"]) if root else item["image"])
     image = image.convert("RGB")
     image.thumbnail(THUMBNAIL)
     return image
@@ -173,17 +201,20 @@ def build_demo(index, title: str = DEFAULTS["title"], instruction: str = "", top
     `rank. id (score)` and as a table."""
     import gradio as gr
 
-    def search(text, image, task_instruction, k):
-        if not (text or "").strip() and image is None:
-            raise gr.Error("Type a query, give an image, or both.")
-        hits = index.search((text or "").strip() or None, image, int(k), (task_instruction or "").strip() or None)
+    def search(text, image, task_instruction, k, video=None):
+        if not (text or "").strip() and image is None and video is None:
+            raise gr.Error("Type a query, give an image or a video, or both.")
+        if image is not None and video is not None:
+            raise gr.Error("Give an image or a video, not both.")
+        hits = index.search((text or "").strip() or None, image, int(k), (task_instruction or "").strip() or None,
+                            video=video)
         gallery = [(thumbnail(hit, index.root), f"{hit['rank']}. {hit['id']} ({hit['score']:.3f})") for hit in hits]
         table = [[hit["rank"], round(hit["score"], 4), hit["id"], (hit["text"] or "")[:200]] for hit in hits]
         return gallery, table
 
     with gr.Blocks(title=title) as demo:
-        gr.Markdown(f"# {title}\nSearch {len(index.ids):,} images and texts with a text, an image, or both. "
-                    f"Model: {model_description(index.model)}.")
+        gr.Markdown(f"# {title}\nSearch {len(index.ids):,} {gallery_kinds(index.items)} with a text, an image or a "
+                    f"video, or a text and one of them. Model: {model_description(index.model)}.")
         with gr.Row():
             with gr.Column():
                 query = gr.Textbox(label="Text query", placeholder="a dog catching a frisbee", elem_id="query-text")
@@ -193,10 +224,11 @@ def build_demo(index, title: str = DEFAULTS["title"], instruction: str = "", top
                               label="Results", elem_id="top-k")
                 button = gr.Button("Search", variant="primary", elem_id="search")
             image = gr.Image(label="Image query", type="pil", elem_id="query-image")
+            video = gr.Video(label="Video query", sources=["upload"], elem_id="query-video")
         gallery = gr.Gallery(label="Results", columns=4, object_fit="contain", height="auto", elem_id="results")
         table = gr.Dataframe(headers=["rank", "score", "id", "text"], label="Scores", elem_id="scores")
         for trigger in (button.click, query.submit):
-            trigger(search, [query, image, task, k], [gallery, table])
+            trigger(search, [query, image, task, k, video], [gallery, table])
     return demo
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from modeling_puma import PumaForEmbedding
 from numerics import tolerance
-from puma_eval.analysis import analyze, folder_pairs, mbeir_sample, pair_task, recommend
+from puma_eval.analysis import analysis_markdown, analyze, folder_pairs, mbeir_sample, pair_task, recommend
 from puma_eval.encoding import encode_items
 from puma_eval.mbeir import score_task
 
@@ -211,3 +211,35 @@ def test_pair_tasks_rank_each_query_against_every_positive():
     assert data.query_instructions == ["Find the match."] * 3
     with pytest.raises(ValueError, match="no examples"):
         pair_task([], "empty")
+
+
+def test_video_pairs_are_scored_per_depth_and_costed_by_their_median_video(family_checkpoints, tmp_path):
+    pytest.importorskip("av", reason="the videos are written and decoded with PyAV")
+    from cost_puma import depth_costs
+    from media_fixtures import moving_shape_frames, write_video
+
+    shapes = [("square", "red", (1, 0)), ("circle", "blue", (0, 1)), ("triangle", "green", (-1, 0))]
+    for i, (shape, colour, direction) in enumerate(shapes):
+        write_video(tmp_path / f"clip{i}.mp4", moving_shape_frames(20, (64, 48), shape, colour, direction))
+        (tmp_path / f"clip{i}.txt").write_text(f"a {colour} {shape} moving")
+    examples = folder_pairs(tmp_path)
+    assert [example["modality"] for example in examples] == ["video"] * 3
+    checkpoint = family_checkpoints["qwen3_vl"]
+    settings = dict(video_max_frames=4, video_min_pixels=4 * 32 * 32, video_max_pixels=8 * 32 * 32,
+                    video_total_pixels=16 * 32 * 32)
+    full = PumaForEmbedding.from_pretrained(checkpoint, **settings)
+    data = pair_task(examples, "clips", "Find the clip.")
+    result = analyze(full, [data], str(tmp_path), depths=[1, 3], show_progress_bar=False)
+    for row in result["depths"]:
+        pruned = PumaForEmbedding.from_pretrained(checkpoint, num_layers=row["depth"], **settings)
+        queries = encode_items(pruned, data.query_items, data.query_instructions, True, 4, str(tmp_path))
+        pool = encode_items(pruned, data.pool_items, None, False, 4, str(tmp_path))
+        assert row["scores"]["clips"] == pytest.approx(score_task(data, queries, pool)[0]["score"])
+    # 20 frames at 10 fps sampled at 2 fps: 4 frames (2 temporal patches) of the recipe's resized size
+    frames, height, width = result["video_frames_pixels"]
+    assert frames == 4 and result["video_share"] == 0.5
+    expected = depth_costs(full.config, [1, 3, 6], result["text_tokens"], video=(frames, height, width))
+    assert [row["cost_video"] for row in result["depths"]] == [expected[d]["video"] for d in (1, 3, 6)]
+    assert all(row["cost_video"] >= row["cost_text"] for row in result["depths"])
+    assert "| depth | clips | mean | FLOP ratio (text) | FLOP ratio (image) | FLOP ratio (video) |" in \
+        analysis_markdown(result)

@@ -89,6 +89,20 @@ def test_encode_benchmark_writes_text_bucketing_and_image_tables(bench_data, tmp
     assert [row[0] for row in rows] == ["64*28*28", "256*28*28", "ratio 64 vs 256"] and SPREAD.match(rows[2][2])
 
 
+def test_encode_benchmark_writes_the_video_tables(bench_data, tmp_path):
+    pytest.importorskip("av", reason="the benchmark writes its clips with PyAV")
+    tables = run_bench("bench_encode.py", "--family", "qwen2_vl_tiny", "--quick", "--video", "--data", bench_data,
+                       out=tmp_path / "encode_video.md")
+    headers, rows = one(tables, "(d) Videos")
+    assert headers == ["layers", "video tokens per clip", "videos/s", "GFLOP/video", "CPU s", "note"]
+    assert [row[0] for row in rows] == ["k=6", "k=3", "speed-up k=3 vs 6"]
+    assert SPREAD.match(rows[2][2]) and rows[2][3].startswith("FLOP-ideal ") and rows[0][1] == rows[1][1]
+    headers, rows = one(tables, "(e) Frames and pixels")
+    assert headers[:4] == ["frames", "pixels per frame", "video tokens per clip", "GFLOP/video"]
+    assert [row[0] for row in rows] == ["2", "4"] and rows[0][6] == "1.000" and float(rows[1][6]) > 1
+    assert int(rows[1][2]) == 2 * int(rows[0][2])  # twice the frames, twice the video tokens
+
+
 def test_training_step_benchmark_writes_configurations_and_checks(bench_data, tmp_path):
     tables = run_bench("bench_train_step.py", "--shape", "tiny", "--quick", "--configs", "mac", "--data",
                        bench_data, out=tmp_path / "train_step.md")

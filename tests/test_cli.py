@@ -61,7 +61,8 @@ def test_a_mistake_exits_with_one_line_and_a_bug_keeps_its_traceback(capsys, mon
     with pytest.raises(SystemExit) as exit_info:
         run_command(mistaken, prog="puma-eval")
     assert exit_info.value.code == 1
-    assert capsys.readouterr().err == "puma-eval: error: --corpus photos/: /home/me/photos is not a folder\n"
+    assert capsys.readouterr().err == ("puma-eval: error: --corpus photos/: /home/me/photos is not a folder "
+                                       "(PUMA_DEBUG=1 shows where)\n")
 
     with pytest.raises(SystemExit) as exit_info:
         run_command(lambda argv: (_ for _ in ()).throw(UsageError("--tasks: unknown task x")), prog="puma-eval")
@@ -165,7 +166,7 @@ def test_eval_without_arguments_prints_a_short_usage():
     (["--mbeir-root", "{demo}", "--bogus"], ["unrecognized arguments: --bogus"]),
     (["mmeb", "--mmeb-root", "{missing}"], ["--mmeb-root {missing}", "is not a folder"]),
     (["search", "--corpus", "{missing}", "--query", "a dog"], ["--corpus {missing}", "does not exist"]),
-    (["search", "--corpus", "{demo}"], ["search needs --query, --image, or both"]),
+    (["search", "--corpus", "{demo}"], ["search needs --query, --image or --video, or --query with one of them"]),
     (["analyze"], ["analyze needs exactly one of --mbeir-root, --hf-dataset, --pairs-folder"]),
     (["analyze", "--pairs-folder", "{missing}"], ["--pairs-folder {missing}", "is not a folder"]),
 ], ids=["mbeir-root", "tasks", "baseline", "baseline-names", "unknown-option", "mmeb-root", "corpus", "no-query",

@@ -90,9 +90,9 @@ def puma(tiny_checkpoint):
 
 
 def test_modality_ids_are_fixed_for_known_labels_and_crc32_based_for_others():
-    assert MODALITY_IDS == {"text": 0, "image": 1, "image,text": 2, "video": 3}
-    labels = ("text", "image", "image,text", "text,image", " Image , TEXT")
-    assert [modality_id(label) for label in labels] == [0, 1, 2, 2, 2]
+    assert MODALITY_IDS == {"text": 0, "image": 1, "image,text": 2, "video": 3, "text,video": 4}
+    labels = ("text", "image", "image,text", "text,image", " Image , TEXT", "video", "video,text")
+    assert [modality_id(label) for label in labels] == [0, 1, 2, 2, 2, 3, 4]
     # Not Python's salted hash: the same on every process, so labels gathered across ranks agree
     assert modality_id("audio") == 1000 + zlib.crc32(b"audio")
     assert modality_id("audio,text") == modality_id("text,audio") >= 1000
@@ -511,18 +511,20 @@ def test_demo_benchmark_is_byte_identical_for_a_seed_and_differs_across_seeds(tm
 
 def test_demo_benchmark_covers_every_task_and_loads_cleanly_into_training(tmp_path, puma, caplog):
     manifest = make_demo_benchmark(tmp_path, num_train=60, num_test=5, num_nli=16, image_size=64)
-    assert [t["task_id"] for t in manifest["tasks"]] == [0, 1, 2, 3, 4, 7]
-    assert [t["dataset_id"] for t in manifest["tasks"]] == ["10", "11", "12", "13", "14", "15"]
+    assert [t["task_id"] for t in manifest["tasks"]] == [0, 1, 2, 3, 4, 7, 10]
+    assert [t["dataset_id"] for t in manifest["tasks"]] == ["10", "11", "12", "13", "14", "15", "16"]
     with caplog.at_level(logging.WARNING, logger="data_puma"):
         train = MBEIRTrainDataset(tmp_path / manifest["train_file"], tmp_path / manifest["train_pool_file"],
                                   tmp_path / manifest["instructions_file"], tmp_path, num_hard_negatives=2)
     assert caplog.text == "" and len(train) == 60  # nothing to skip
     queries = load_mbeir_queries(tmp_path / manifest["train_file"])
-    assert sorted({q["task_id"] for q in queries}) == [0, 1, 2, 3, 4, 7]
+    assert sorted({q["task_id"] for q in queries}) == [0, 1, 2, 3, 4, 7, 10]
     assert {(q["query_modality"]) for q in queries} == {"text", "image", "image,text"}
 
     union = load_mbeir_pool(tmp_path / manifest["union_test_pool_file"])
-    assert {c["modality"] for c in union.values()} == {"text", "image", "image,text"}
+    assert {c["modality"] for c in union.values()} == {"text", "image", "image,text", "video"}
+    clip = next(c for c in union.values() if c["modality"] == "video")  # a folder of 4 frames
+    assert sorted(os.listdir(tmp_path / clip["video_path"])) == [f"frame_{i}.png" for i in range(1, 5)]
     train_pool = load_mbeir_pool(tmp_path / manifest["train_pool_file"])
     for task, spec in zip(TASKS, manifest["tasks"]):
         test = load_mbeir_queries(tmp_path / spec["test_file"])
@@ -540,3 +542,6 @@ def test_demo_benchmark_covers_every_task_and_loads_cleanly_into_training(tmp_pa
     assert batch["negative"]["input_ids"].shape[0] == 16
     with torch.no_grad():
         assert puma(**batch["query"]).embeddings.shape[0] == 8
+    clips = [train[i] for i in range(len(train)) if train[i]["modality"] == "video"][:2]
+    batch = PumaCollator(puma.processor, puma.config)(clips)
+    assert batch["candidate"]["video_grid_thw"].shape[0] == 2 and batch["negative"]["video_grid_thw"].shape[0] == 4

@@ -25,7 +25,7 @@ def test_quick_demo_runs_every_step_and_writes_its_outputs(tmp_path, family):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     table = (out / "results.md").read_text()
     for task in ("DemoCaptionToImage", "DemoParaphrase", "DemoCaptionToTitledImage", "DemoImageToCaption",
-                 "DemoSameScene", "DemoComposed", "average (6 tasks)"):
+                 "DemoSameScene", "DemoComposed", "DemoCaptionToClip", "average (7 tasks)"):
         assert task in table
     assert (out / "curves_stage1.png").stat().st_size > 0 and (out / "curves_stage2.png").stat().st_size > 0
     assert json.loads((out / "stage2" / "config.json").read_text())["base_model_type"] == family
@@ -39,9 +39,10 @@ def test_quick_demo_runs_every_step_and_writes_its_outputs(tmp_path, family):
         assert (out / "stage2-mined" / "config.json").is_file() and (out / "stage2-near-misses" / "config.json").is_file()
     if elastic:
         table = (out / "elastic.md").read_text()
-        assert "depth 1 elastic | depth 1 separate" in table and "average (6 tasks)" in table
+        assert "depth 1 elastic | depth 1 separate" in table and "average (7 tasks)" in table
         assert json.loads((out / "elastic" / "config.json").read_text())["trained_depths"] == [1, 2, 3]
         for name in ("untrained", "elastic"):
             result = json.loads((out / f"analysis_{name}" / "analysis.json").read_text())
             assert result["num_layers"] == (6 if name == "untrained" else 3)
             assert (out / f"analysis_{name}" / "analysis.png").is_file()
+            assert all("cost_video" in row for row in result["depths"])  # the demo's clips are costed too

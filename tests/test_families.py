@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY_DEPTH
@@ -145,7 +145,7 @@ def qwen3_vl_embedding_reference(checkpoint, inputs, instruction=None):
     model = transformers.Qwen3VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).model.eval()
     if instruction:
         instruction = instruction.strip()
-        if not unicodedata.category(instruction[-1]).startswith("P"):
+        if instruction and not unicodedata.category(instruction[-1]).startswith("P"):
             instruction += "."
     texts, images = [], []
     for item in inputs:
@@ -167,15 +167,24 @@ def qwen3_vl_embedding_reference(checkpoint, inputs, instruction=None):
     return F.normalize(_last_token(hidden, batch["attention_mask"]), p=2, dim=-1), batch
 
 
+def gme_fetch_image(image):
+    """GME's `fetch_image` (its copy of an early qwen-vl-utils): a path opened or a PIL image taken as it is,
+    `convert("RGB")` (alpha discarded, no EXIF rotation), `smart_resize` at factor 28 into [4, 16384] x 28^2 pixels,
+    PIL's default (bicubic) resize."""
+    from qwen_vl_utils.vision_process import smart_resize
+
+    image = (image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB")
+    height, width = smart_resize(image.height, image.width, 28, 4 * 28 * 28, 16384 * 28 * 28)
+    return image.resize((width, height))
+
+
 def gme_reference(checkpoint, inputs, instruction=None, is_query=True):
     """GME's inference (Alibaba-NLP/gme-Qwen2-VL `gme_inference.py`): the hand-built prompt
     `<|im_start|>system\\n{instruction}<|im_end|>\\n<|im_start|>user\\n{image}{text}<|im_end|>\\n<|im_start|>assistant\\n
-    <|endoftext|>` (instruction "You are a helpful assistant." for candidates or when none is given), `fetch_image`
-    (factor 28, [4, 16384] x 28^2) then the processor's own resize into [256, 1280] x 28^2, the text decoder run on
-    the input embeddings (image features scattered in) with `position_ids=None`, i.e. positions 0..L-1 for every
-    token, the last attended token, L2-normalised."""
-    from qwen_vl_utils import fetch_image
-
+    <|endoftext|>` (instruction "You are a helpful assistant." for candidates or when none is given; an empty one
+    stays empty), `gme_fetch_image` then the processor's own resize into [256, 1280] x 28^2, the whole sequence
+    truncated to 1800 tokens, the text decoder run on the input embeddings (image features scattered in) with
+    `position_ids=None`, i.e. positions 0..L-1 for every token, the last attended token, L2-normalised."""
     min_pixels, max_pixels = 256 * 28 * 28, 1280 * 28 * 28
     processor = transformers.Qwen2VLProcessor.from_pretrained(checkpoint, min_pixels=min_pixels, max_pixels=max_pixels)
     processor.tokenizer.padding_side = "right"
@@ -187,8 +196,7 @@ def gme_reference(checkpoint, inputs, instruction=None, is_query=True):
         prompt = ""
         if item.get("image") is not None:
             prompt += "<|vision_start|><|image_pad|><|vision_end|>"
-            images.append(fetch_image({"image": item["image"], "min_pixels": 4 * 28 * 28,
-                                       "max_pixels": 16384 * 28 * 28}))
+            images.append(gme_fetch_image(item["image"]))
         prompt += item.get("text") or ""
         texts.append(f"<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
                      "<|im_start|>assistant\n<|endoftext|>")
@@ -241,6 +249,103 @@ def test_gme_at_full_depth_is_the_embedder_itself(embedder_checkpoints, photos):
     instruction = "Find an image that matches the given text."
     expected, _ = gme_reference(checkpoint, inputs, instruction, is_query=True)
     assert_close(model.encode(inputs, instruction=instruction, is_query=True), expected, ulps=FORWARD_ULPS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trained embedders: the published code's reading of images, instructions and long texts, and the options that
+# restore this repository's earlier choices (docs/deviations.md)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def rgba_photo(photos):
+    """An RGBA image whose transparent half hides a colour that compositing on white and dropping alpha tell apart."""
+    image = photos[0].convert("RGBA")
+    alpha = Image.new("L", image.size, 255)
+    ImageDraw.Draw(alpha).rectangle([0, 0, image.width // 2, image.height], fill=40)
+    image.putalpha(alpha)
+    return image
+
+
+def test_gme_drops_the_alpha_of_an_rgba_image_as_gme_does(embedder_checkpoints, rgba_photo):
+    pytest.importorskip("qwen_vl_utils", reason="the reference's resize is qwen-vl-utils' smart_resize")
+    checkpoint = embedder_checkpoints["gme"]
+    inputs = [{"image": rgba_photo}, {"text": "a red circle", "image": rgba_photo}]
+    expected, _ = gme_reference(checkpoint, inputs, is_query=False)
+    assert_close(PumaForEmbedding.from_pretrained(checkpoint).encode(inputs), expected, ulps=FORWARD_ULPS)
+    # alpha_mode="composite": the transparent part on white, as this repository read every image before
+    composited = PumaForEmbedding.from_pretrained(checkpoint, alpha_mode="composite").encode(inputs)
+    on_white = Image.alpha_composite(Image.new("RGBA", rgba_photo.size, "white"), rgba_photo).convert("RGB")
+    expected_on_white, _ = gme_reference(checkpoint, [{"image": on_white}, {"text": "a red circle", "image": on_white}],
+                                         is_query=False)
+    assert_close(composited, expected_on_white, ulps=FORWARD_ULPS)
+    assert (composited - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("preset", ["qwen3_vl_embedding", "gme"])
+def test_embedders_read_an_exif_rotated_jpeg_unrotated_as_their_published_code(embedder_checkpoints, photos, tmp_path,
+                                                                               preset):
+    pytest.importorskip("qwen_vl_utils", reason="the references' image loading is qwen-vl-utils'")
+    checkpoint = embedder_checkpoints[preset]
+    stored = photos[0].transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    path = str(tmp_path / "rotated.jpg")
+    stored.save(path, exif=exif.tobytes(), quality=100)
+    reference = qwen3_vl_embedding_reference if preset == "qwen3_vl_embedding" else \
+        lambda checkpoint, inputs: gme_reference(checkpoint, inputs, is_query=False)
+    expected, _ = reference(checkpoint, [{"image": path}])
+    assert_close(PumaForEmbedding.from_pretrained(checkpoint).encode([path]), expected, ulps=FORWARD_ULPS)
+    # exif_transpose=True: displayed upright, as this repository read every image before
+    rotated = PumaForEmbedding.from_pretrained(checkpoint, exif_transpose=True).encode([path])
+    upright, _ = reference(checkpoint, [{"image": ImageOps.exif_transpose(Image.open(path))}])
+    assert_close(rotated, upright, ulps=FORWARD_ULPS)
+    assert (rotated - expected).abs().max() > 1e-3
+
+
+def test_gme_keeps_an_empty_query_instruction_as_an_empty_system_turn(embedder_checkpoints, photos):
+    pytest.importorskip("qwen_vl_utils", reason="the reference's resize is qwen-vl-utils' smart_resize")
+    checkpoint = embedder_checkpoints["gme"]
+    inputs = [{"text": "What kind of car is this?"}, {"image": photos[0]}]
+    model = PumaForEmbedding.from_pretrained(checkpoint)
+    assert "<|im_start|>system\n<|im_end|>" in model.build_prompt("a car", None, "")
+    expected, _ = gme_reference(checkpoint, inputs, instruction="", is_query=True)
+    assert_close(model.encode(inputs, instruction="", is_query=True), expected, ulps=FORWARD_ULPS)
+    assert_close(model.encode(inputs, instruction=""), expected, ulps=FORWARD_ULPS)  # "" is given: a query
+    # candidates always get the default, whatever empty instruction comes along (GME's is_query=False)
+    default, _ = gme_reference(checkpoint, inputs, is_query=False)
+    assert_close(model.encode(inputs, instruction="", is_query=False), default, ulps=FORWARD_ULPS)
+    # keep_empty_instruction=False: the default system turn, as mteb's GME wrapper (and this repository before) do
+    substituted = PumaForEmbedding.from_pretrained(checkpoint, keep_empty_instruction=False)
+    assert_close(substituted.encode(inputs, instruction="", is_query=True), default, ulps=FORWARD_ULPS)
+    assert (default - expected).abs().max() > 1e-3
+
+
+def test_qwen3_vl_embedding_falls_back_to_its_default_for_a_blank_instruction(embedder_checkpoints, photos):
+    pytest.importorskip("qwen_vl_utils", reason="the reference's image loading is qwen-vl-utils' fetch_image")
+    checkpoint = embedder_checkpoints["qwen3_vl_embedding"]
+    model = PumaForEmbedding.from_pretrained(checkpoint)
+    inputs = [{"text": "a red circle"}, {"image": photos[1]}]
+    default, _ = qwen3_vl_embedding_reference(checkpoint, inputs)
+    for blank in ("  ", "", "\n"):
+        expected, _ = qwen3_vl_embedding_reference(checkpoint, inputs, blank)
+        assert_close(expected, default, ulps=0)  # the published code strips it and falls back
+        assert_close(model.encode(inputs, instruction=blank, is_query=True), expected, ulps=FORWARD_ULPS)
+    assert "<|im_start|>system\nRepresent the user's input.<|im_end|>" in model.build_prompt("a", None, "  ")
+
+
+def test_gme_truncates_the_whole_prompt_at_1800_tokens_as_gme_does(embedder_checkpoints):
+    pytest.importorskip("qwen_vl_utils", reason="the reference's resize is qwen-vl-utils' smart_resize")
+    checkpoint = embedder_checkpoints["gme"]
+    model = PumaForEmbedding.from_pretrained(checkpoint)
+    words = " ".join(["the quick brown fox jumps over the lazy dog"] * 250)
+    assert len(model.processor.tokenizer(words)["input_ids"]) > 1800
+    inputs = [{"text": words}, {"text": "a short text"}]
+    expected, batch = gme_reference(checkpoint, inputs, is_query=False)
+    assert batch["attention_mask"][0].sum() == 1800  # the pooled <|endoftext|> is cut off, as in GME
+    assert_close(model.encode(inputs), expected, ulps=FORWARD_ULPS)
+    # max_text_tokens with max_prompt_tokens=None: the text is cut before the template, keeping the pooled token
+    kept = PumaForEmbedding.from_pretrained(checkpoint, max_text_tokens=1700, max_prompt_tokens=None)
+    assert (kept.encode(inputs)[0] - expected[0]).abs().max() > 1e-3
+    assert_close(kept.encode(inputs)[1], expected[1], ulps=FORWARD_ULPS)
 
 
 @pytest.mark.parametrize("preset", ["qwen3_vl_embedding", "gme"])

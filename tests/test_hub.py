@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import re
+import tempfile
 import shutil
 import socket
 import subprocess
@@ -323,6 +324,7 @@ def test_unknown_license_must_be_given_and_the_refusal_leaves_no_folder(puma, tm
 def test_hub_requirements_name_what_the_remote_code_needs(hub_folder):
     requirements = (hub_folder / "requirements.txt").read_text().split()
     assert {"torchvision", "pillow>=10"} <= set(requirements) and any(r.startswith("transformers") for r in requirements)
+    assert {"av", "pypdfium2"} <= set(requirements)  # the handler decodes videos and renders PDF pages
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -467,6 +469,66 @@ def test_handler_fetches_image_urls_only_when_allowed(endpoint, puma, photo, pho
     assert "could not fetch" in endpoint({"inputs": {"image": f"{base_url}/missing.jpg"}})["error"]
 
 
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """A small MP4 and a 2-page PDF, as files and as base64."""
+    pytest.importorskip("av", reason="videos are written and decoded with PyAV")
+    pytest.importorskip("pypdfium2", reason="PDF pages are rendered with pypdfium2")
+    from media_fixtures import draw_page, moving_shape_frames, write_pdf, write_video
+
+    root = tmp_path_factory.mktemp("media")
+    files = {"video": write_video(root / "clip.mp4", moving_shape_frames(8)),
+             "pdf": write_pdf(root / "doc.pdf", [draw_page(1), draw_page(2)]),
+             "page": write_pdf(root / "page.pdf", [draw_page(3)])}
+    return files, {name: base64.b64encode(Path(path).read_bytes()).decode() for name, path in files.items()}
+
+
+def test_handler_embeds_videos_and_pdf_pages_like_encode(endpoint, puma, media, tmp_path, monkeypatch):
+    files, encoded = media
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the request's files go, and must not stay
+    got = endpoint({"inputs": [
+        "data:video/mp4;base64," + encoded["video"], encoded["video"],
+        {"video": encoded["video"], "text": "a red square moving right", "fps": 1.0},
+        {"pdf": "data:application/pdf;base64," + encoded["pdf"], "page": 2}, encoded["page"]]})
+    assert isinstance(got, list), got
+    expected = puma.encode([files["video"], files["video"],
+                            {"video": files["video"], "text": "a red square moving right", "fps": 1.0},
+                            {"pdf": files["pdf"], "page": 2}, files["page"]])
+    assert_close(torch.tensor(got), expected, ulps=FORWARD_ULPS)
+    assert os.listdir(tmp_path) == []  # the request's folder is gone
+
+
+@pytest.mark.parametrize("payload,match", [
+    ({"inputs": {"video": ENCODED_TEXT}}, r"inputs\[0\] \(.*inputs-video\.mp4\) is not a readable video"),
+    ({"inputs": {"video": "data:image/png;base64,AAAA"}}, r"is a data URI of image/png, not of a video"),
+    ({"inputs": {"pdf": "{pdf}"}}, r"has 2 pages; name one with"),
+    ({"inputs": {"pdf": "{pdf}", "page": 3}}, r"has 2 pages; there is no page 3"),
+    ({"inputs": {"video": "{video}", "pdf": "{pdf}"}}, r"has video and pdf; an input holds one of them"),
+    ({"inputs": {"text": "x", "fps": 2}}, r"\['fps'\] applies to a 'video' input only"),
+    ({"inputs": "https://example.com/clip.mp4"}, r"video URL; this endpoint does not fetch URLs"),
+    ({"inputs": {"pdf": "https://example.com/doc.pdf"}}, r"PDF URL; this endpoint does not fetch"),
+])
+def test_handler_answers_bad_videos_and_pdfs_with_a_clear_error(endpoint, media, payload, match):
+    encoded = media[1]
+    item = payload["inputs"]
+    if isinstance(item, dict):
+        payload = {"inputs": {key: value.format(**encoded) if isinstance(value, str) else value
+                              for key, value in item.items()}}
+    answer = endpoint(payload)
+    assert set(answer) == {"error"} and re.search(match, answer["error"]), answer
+
+
+def test_handler_refuses_oversized_videos_and_pdfs(endpoint, media, monkeypatch):
+    encoded = media[1]
+    monkeypatch.setattr(endpoint, "max_image_pixels", 1000)  # frames and rendered pages too
+    assert "over the limit of 1000" in endpoint({"inputs": {"pdf": encoded["page"]}})["error"]
+    assert "over the limit of 1000" in endpoint({"inputs": {"video": encoded["video"]}})["error"]
+    monkeypatch.setattr(endpoint, "max_video_bytes", 100)
+    assert "over the video size limit of 100 bytes" in endpoint({"inputs": {"video": encoded["video"]}})["error"]
+    monkeypatch.setattr(endpoint, "max_pdf_bytes", 100)
+    assert "over the PDF size limit of 100 bytes" in endpoint({"inputs": encoded["page"]})["error"]
+
+
 def test_handler_imports_only_stdlib_pil_torch_and_transformers():
     allowed = {"PIL", "torch", "transformers"} | set(sys.stdlib_module_names)
     tree = ast.parse(Path(ROOT, "hub_card", "handler.py").read_text())
@@ -504,6 +566,17 @@ def test_sentence_transformers_prompts_are_query_instructions(sentence_transform
     assert_close(document, puma.encode(texts), ulps=FORWARD_ULPS)
     other = sentence_transformer.encode(texts, prompt="Retrieve a caption.", convert_to_tensor=True)
     assert_close(other, puma.encode(texts, instruction="Retrieve a caption.", is_query=True), ulps=FORWARD_ULPS)
+
+
+def test_sentence_transformers_embeds_videos_and_pdf_pages_as_encode_does(sentence_transformer, puma, media):
+    files = media[0]
+    from media_fixtures import decode_all
+
+    frames = [Image.fromarray(frame) for frame in decode_all(files["video"])]
+    for batch in ([files["video"], {"video": files["video"], "text": "a red square"}], [{"video": frames}],
+                  [f"{files['pdf']}#page=2", files["page"]]):
+        got = sentence_transformer.encode(batch, convert_to_tensor=True)
+        assert_close(got, puma.encode(batch), ulps=FORWARD_ULPS)
 
 
 def test_sentence_transformers_refuses_chat_messages(sentence_transformer):

@@ -1,11 +1,15 @@
 # Copyright 2026 The PUMA contributors. Licensed under the Apache License, Version 2.0.
 """`mteb.evaluate` runs PUMA through `PumaMTEBEncoder` on a text-to-image retrieval task defined here from local
-files, offline; its scores equal the project's own evaluation of the same data in M-BEIR format."""
+files, offline; its scores equal the project's own evaluation of the same data in M-BEIR format. A document task of
+PDF pages scores as brute-force encoding does, and mteb's video batches (decoders, sampled frames, undecoded bytes)
+embed as `encode` embeds the same videos."""
 
 import json
 import os
 
+import numpy as np
 import pytest
+import torch
 
 from eval_puma import main
 
@@ -132,3 +136,101 @@ def test_documents_are_encoded_without_instruction_and_queries_with_the_task_pro
     assert_close(as_query, expected_query, ulps=100, name="queries")
     assert_close(as_document, expected_document, ulps=100, name="documents")
     assert abs(as_query - as_document).max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Document-image and video tasks
+# ---------------------------------------------------------------------------------------------------------------
+PAGE_QUERIES = {"q1": "the second page of the report", "q2": "a page with a blue circle", "q3": "the last page"}
+PAGE_QRELS = {"q1": {"p2": 1}, "q2": {"p3": 1}, "q3": {"p5": 1, "p4": 1}}
+
+
+class LocalPagesDocumentRetrieval(AbsTaskRetrieval):
+    """A document-understanding task (as mteb's ViDoRe tasks are: text queries, a corpus of page images, nDCG@5)
+    whose pages are a PDF's, rendered offline."""
+
+    metadata = TaskMetadata(
+        name="LocalPagesDocumentRetrieval", description="Queries to the pages of a drawn PDF.", reference=None,
+        dataset={"path": "local/pages", "revision": "local"}, type="DocumentUnderstanding", category="t2i",
+        modalities=["text", "image"], eval_splits=["test"], eval_langs=["eng-Latn"], main_score="ndcg_at_5",
+        date=("2026-01-01", "2026-01-01"), domains=[], task_subtypes=[], license="cc-by-4.0",
+        annotations_creators="derived", dialect=[], sample_creation="created", bibtex_citation="")
+    pages = None
+
+    def load_data(self, num_proc=None, **kwargs) -> None:
+        from datasets import Dataset, Features, Image, Value
+
+        corpus = Dataset.from_dict({"id": [f"p{i}" for i in range(1, len(self.pages) + 1)], "image": self.pages},
+                                   features=Features({"id": Value("string"), "image": Image()}))
+        queries = Dataset.from_dict({"id": list(PAGE_QUERIES), "text": list(PAGE_QUERIES.values())})
+        self.dataset = {"default": {"test": RetrievalSplitData(queries=queries, corpus=corpus,
+                                                               relevant_docs=PAGE_QRELS, top_ranked=None)}}
+        self.data_loaded = True
+
+
+def test_mteb_document_task_of_pdf_pages_scores_as_brute_force_encoding(model, tmp_path, monkeypatch):
+    import math
+
+    pdfium = pytest.importorskip("pypdfium2", reason="the pages are rendered from a PDF with pypdfium2")
+    from media_fixtures import draw_page, write_pdf
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    document = pdfium.PdfDocument(write_pdf(tmp_path / "report.pdf", [draw_page(n) for n in range(1, 6)]))
+    pages = [document[i].render(scale=1).to_pil().convert("RGB") for i in range(len(document))]
+    document.close()
+    task = LocalPagesDocumentRetrieval()
+    task.pages = pages
+    encoder = PumaMTEBEncoder("local/puma", model=model, prompts={"DocumentUnderstanding": INSTRUCTION})
+    scores = mteb.evaluate(encoder, [task], cache=None, show_progress_bar=False).task_results[0].scores["test"][0]
+
+    corpus = model.encode(pages)
+    ndcg = 0.0
+    for qid, text in PAGE_QUERIES.items():
+        similarity = corpus @ model.encode([text], instruction=INSTRUCTION, is_query=True)[0]
+        ranked = [f"p{i + 1}" for i in torch.argsort(-similarity).tolist()]
+        dcg = sum(1 / math.log2(rank + 2) for rank, pid in enumerate(ranked[:5]) if pid in PAGE_QRELS[qid])
+        ndcg += dcg / sum(1 / math.log2(rank + 2) for rank in range(min(5, len(PAGE_QRELS[qid]))))
+    assert scores["ndcg_at_5"] == pytest.approx(ndcg / len(PAGE_QUERIES), abs=1e-5)  # mteb rounds to 5 decimals
+    assert "video" in encoder.mteb_model_meta.modalities
+
+
+class FramesDecoder:
+    """An open video decoder with torchcodec's API (`metadata`, `get_frames_at`) over frames decoded by PyAV: what a
+    🤗 `Video` column holds, without needing torchcodec's FFmpeg libraries."""
+
+    def __init__(self, path):
+        from types import SimpleNamespace
+
+        from media_fixtures import decode_all
+
+        self.frames = torch.from_numpy(np.stack(decode_all(path))).permute(0, 3, 1, 2)
+        self.metadata = SimpleNamespace(num_frames=len(self.frames), average_fps=10.0, width=self.frames.shape[3],
+                                        height=self.frames.shape[2])
+
+    def get_frames_at(self, indices):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(data=self.frames[indices])
+
+
+def test_mteb_video_batches_are_encoded_as_encode_embeds_the_same_videos(model, tmp_path):
+    pytest.importorskip("av", reason="the videos are written and decoded with PyAV")
+    from mteb.types import PromptType
+
+    from media_fixtures import decode_all, moving_shape_frames, write_video
+
+    path = write_video(tmp_path / "clip.mp4", moving_shape_frames(12))
+    frames = torch.from_numpy(np.stack(decode_all(path))).permute(0, 3, 1, 2)  # (T, C, H, W), as collators give
+    encoder = PumaMTEBEncoder("local/puma", model=model, prompts={"Any2AnyRetrieval": "Find the clip."})
+    metadata = LocalPaletteT2IRetrieval.metadata
+    batches = [{"video": [FramesDecoder(path), frames, {"path": None, "bytes": open(path, "rb").read()}],
+                "text": ["a red square", "a red square", ""]}]
+    got = encoder.encode(batches, task_metadata=metadata, hf_split="test", hf_subset="default",
+                         prompt_type=PromptType.document)
+    expected = model.encode([{"video": path, "text": "a red square"}, {"video": list(frames), "text": "a red square"},
+                             {"video": path}])
+    assert_close(got, expected, ulps=100)
+    queries = encoder.encode([{"video": [frames]}], task_metadata=metadata, hf_split="test", hf_subset="default",
+                             prompt_type=PromptType.query)
+    assert_close(queries, model.encode([{"video": list(frames)}], instruction="Find the clip.", is_query=True),
+                 ulps=100)

@@ -126,8 +126,37 @@ def test_space_search_function_returns_captioned_thumbnails_and_rejects_an_empty
     assert [caption for _, caption in thumbnails] == [f"{h['rank']}. {h['id']} ({h['score']:.3f})" for h in hits]
     assert [row[2] for row in table] == [hit["id"] for hit in hits]
     assert all(isinstance(thumb, Image.Image) and max(thumb.size) <= 256 for thumb, _ in thumbnails)
-    with pytest.raises(gr.Error, match="Type a query, give an image, or both"):
+    with pytest.raises(gr.Error, match="Type a query, give an image or a video, or both"):
         search("  ", None, "", 3)
+
+
+def test_space_searches_document_pages_and_videos_by_text_image_or_video(model, tmp_path):
+    pytest.importorskip("pypdfium2", reason="PDF pages are rendered with pypdfium2")
+    pytest.importorskip("av", reason="videos are decoded with PyAV")
+    from PIL import Image
+
+    from media_fixtures import draw_page, moving_shape_frames, write_pdf, write_video
+
+    write_pdf(tmp_path / "report.pdf", [draw_page(n) for n in (1, 2, 3)])
+    write_video(tmp_path / "clip.mp4", moving_shape_frames(8))
+    (tmp_path / "notes.txt").write_text("quarterly revenue by region")
+    app = load_app()
+    index = CorpusIndex.from_path(model, tmp_path)
+    demo = app.build_demo(index, top_k=3)
+    assert "Search 5 videos, document pages and texts" in next(
+        block.value for block in demo.blocks.values() if isinstance(block, gr.Markdown))
+    search = next(fn for fn in demo.fns.values() if fn.name == "search").fn
+    # the query is page 2 itself, so it is the top hit: the gallery shows that page and names file and page
+    from modeling_puma import load_pdf_page
+
+    page = load_pdf_page(str(tmp_path / "report.pdf"), 2, "page 2")
+    thumbnails, table = search("", page, "", 3)
+    assert table[0][2] == "report.pdf#page=2" and thumbnails[0][1].startswith("1. report.pdf#page=2 (1.000)")
+    assert all(isinstance(thumb, Image.Image) and max(thumb.size) <= 256 for thumb, _ in thumbnails)
+    thumbnails, table = search("", None, "", 2, str(tmp_path / "clip.mp4"))
+    assert table[0][2] == "clip.mp4" and thumbnails[0][0].size == (64, 48)  # the video's middle frame
+    with pytest.raises(gr.Error, match="Give an image or a video, not both"):
+        search("", page, "", 2, str(tmp_path / "clip.mp4"))
 
 
 def test_space_folder_has_app_modules_gallery_requirements_and_metadata(gallery, tmp_path):
