@@ -244,7 +244,9 @@ def main(script_args: ScriptArguments, training_args, model_args):
 # ----------------------------------------------------------------------------------------------------------------
 USAGE = "%(prog)s --config CONFIG.yaml [--OPTION VALUE ...]"
 DESCRIPTION = ("Train a PUMA embedding model: --config names a YAML file of options (configs/ holds one per stage), "
-               "and any option given on the command line overrides it. Boolean options take true or false.")
+               "and any option given on the command line overrides it. Boolean options take true or false. "
+               "--plan prints the run's memory per process instead of training (--plan-memory 80GiB: the largest "
+               "batch that fits; --plan-processes N).")
 # Titles of the help sections of PUMA's own options, by the dataclass declaring them.
 PUMA_SECTIONS = {"ScriptArguments": "PUMA: pruning, data and teacher cache (ScriptArguments)",
                  "PumaTrainingArguments": "PUMA: objective, teacher and elastic depth (PumaTrainingArguments)"}
@@ -396,6 +398,43 @@ def check_before_loading(argv: list[str]) -> None:
                              "float32")
 
 
+def print_plan(argv: list[str]) -> None:
+    """`--plan`: the memory per process of the run `argv` describes (`memory_plan_puma`), from the checkpoint's
+    config.json alone; `--plan-memory 80GiB` adds the largest per-device batch that fits, `--plan-processes N` the
+    process count (default: WORLD_SIZE, else 1)."""
+    from memory_plan_puma import PLAN_OPTIONS, format_plan, model_shape, parse_memory, plan_settings, read_config
+
+    reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    reader.add_argument("--plan", action="store_true")
+    reader.add_argument("--plan-memory", "--plan_memory", dest="memory")
+    reader.add_argument("--plan-processes", "--plan_processes", dest="processes", type=int,
+                        default=int(os.environ.get("WORLD_SIZE", 1)))
+    options, rest = reader.parse_known_args(argv)
+    settings, _ = read_settings(rest, PLAN_OPTIONS)
+    if not settings.get("model_name_or_path"):
+        raise UsageError("--model_name_or_path is not set: --plan reads its config.json")
+    if options.processes < 1:
+        raise UsageError(f"--plan-processes {options.processes}: needs at least 1 process")
+    try:
+        memory = parse_memory(options.memory) if options.memory else None
+        config = read_config(_config_file(str(settings["model_name_or_path"]), "--model_name_or_path"))
+        teacher = settings.get("teacher_model") if settings.get("teacher") in ("shared", "separate") else None
+        teacher_config = read_config(_config_file(str(teacher), "--teacher_model")) if teacher else None
+        print(format_plan(model_shape(config), plan_settings(settings, teacher_config), options.processes, memory))
+    except (ValueError, KeyError) as err:
+        raise UsageError(f"--plan: {err}") from err
+
+
+def _config_file(path: str, option: str) -> str:
+    """config.json of a checkpoint folder, or of a Hub id (that one file downloaded)."""
+    check_model_path(path, option)
+    if os.path.isdir(os.path.expanduser(path)):
+        return os.path.join(os.path.expanduser(path), "config.json")
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(path, "config.json")
+
+
 def _train(argv: list[str] | None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -406,6 +445,8 @@ def _train(argv: list[str] | None):
     if "--help-all" in argv or "-h" in argv or "--help" in argv:
         make_parser(full_help="--help-all" in argv).print_help()
         return None
+    if "--plan" in argv:  # the memory plan reads config.json only: no check of data paths, nothing loaded
+        return print_plan(argv)
     check_before_loading(argv)
     script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
     trainer = main(script_args, training_args, model_args)
