@@ -263,7 +263,8 @@ class CachedTeacher:
         self.parts, self._mapped, start = [], {}, 0
         for part in manifest["parts"]:
             folder = os.path.join(cache_dir, part["folder"])
-            bounds = [(i, min(i + part["shard_size"], part["rows"])) for i in range(0, part["rows"], part["shard_size"])]
+            size, rows = part["shard_size"], part["rows"]
+            bounds = [(i, min(i + size, rows)) for i in range(0, rows, size)]
             self.parts.append((start, part["shard_size"], EmbeddingShards(None, self.dim, bounds, None, folder)))
             start += part["rows"]
 

@@ -40,7 +40,7 @@ from losses_puma import (
     build_loss,
     tau_hard_schedule,
 )
-from modeling_puma import PumaForEmbedding, prepare_inputs, reuses_visual_outputs
+from modeling_puma import PumaForEmbedding, copy_save_conversions, prepare_inputs, reuses_visual_outputs
 from teacher_cache_puma import CachedTeacher, precompute_teacher_cache, teacher_cache_is_fresh, teacher_fingerprint
 
 
@@ -189,10 +189,12 @@ class SeparateTeacher:
 
     def __init__(self, model: PumaForEmbedding):
         self.model = model.eval().requires_grad_(False)
+        self.forward_kwargs = {}  # keywords of every forward (the trainer sets them, e.g. for sharded runs)
 
     @torch.no_grad()
     def embed(self, features: dict, ids: list[str]) -> torch.Tensor:
-        return self.model(**features).raw_embeddings
+        with gathered(self.model.parameters()):
+            return self.model(**features, **self.forward_kwargs).raw_embeddings
 
 
 class SharedWeightTeacher:
@@ -204,6 +206,7 @@ class SharedWeightTeacher:
 
     def __init__(self, peft_model, teacher_model: PumaForEmbedding):
         self.peft_model, self.model = peft_model, teacher_model
+        self.forward_kwargs = {}  # keywords of every forward (the trainer sets them, e.g. for sharded runs)
 
     @classmethod
     def from_student(cls, peft_model, base_path: str) -> "SharedWeightTeacher":
@@ -250,8 +253,43 @@ class SharedWeightTeacher:
 
     @torch.no_grad()
     def embed(self, features: dict, ids: list[str]) -> torch.Tensor:
-        with self.peft_model.disable_adapter():
-            return self.model(**features).raw_embeddings
+        # Under FSDP2 the student's own weights (token embeddings, final norm, what is not a layer of its own) are
+        # gathered by its forward only: the teacher, which runs those modules itself, gathers them around its call.
+        student = {id(parameter) for parameter in self.peft_model.parameters()}
+        own = [parameter for parameter in self.model.parameters() if id(parameter) not in student]  # dropped layers
+        with self.peft_model.disable_adapter(), unsharded(self.peft_model), gathered(own):
+            return self.model(**features, **self.forward_kwargs).raw_embeddings
+
+
+@contextlib.contextmanager
+def gathered(parameters):
+    """Within: the whole `parameters` on every process where DeepSpeed ZeRO-3 partitioned them at load (transformers
+    partitions every model it loads while a ZeRO-3 config is active, and a frozen teacher has no engine to gather
+    them around its forward). A collective every process enters; nothing for parameters ZeRO-3 does not hold."""
+    partitioned = [parameter for parameter in parameters if hasattr(parameter, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+@contextlib.contextmanager
+def unsharded(module: nn.Module):
+    """Within: the weights FSDP2 holds at `module` itself (not those of its sharded submodules, which their own
+    calls gather) are gathered; nothing for a module FSDP2 does not shard."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -483,8 +521,20 @@ class PumaTrainer(Trainer):
         self.objective = objective if objective is not None else self.args.build_objective(
             num_layers=self._embedding_model().config.text_config.num_hidden_layers)
         self.teacher = teacher if teacher is not None else self._default_teacher()
+        if hasattr(self.teacher, "forward_kwargs"):
+            self.teacher.forward_kwargs = self._forward_kwargs()
         self._tracked, self._eval_tracked = defaultdict(list), defaultdict(list)  # logged components
         self._check_startup()
+
+    def _is_sharded(self) -> bool:
+        """Whether several processes hold shards of the model (FSDP, DeepSpeed ZeRO)."""
+        return (self.is_fsdp_enabled or self.is_deepspeed_enabled) and self.accelerator.num_processes > 1
+
+    def _forward_kwargs(self) -> dict:
+        """Keywords of every student and teacher forward: with the model sharded, each process runs the vision tower
+        in every forward (on a placeholder image when its inputs hold none), since the sharded tower gathers its
+        weights in a collective every process must join (`PumaForEmbedding.forward(run_vision_tower=True)`)."""
+        return {"run_vision_tower": True} if self._is_sharded() else {}
 
     def _embedding_model(self) -> PumaForEmbedding:
         """The `PumaForEmbedding` inside the trained model's wrappers (DDP, peft)."""
@@ -571,8 +621,8 @@ class PumaTrainer(Trainer):
         """The raw embeddings of `features`; for an `ElasticObjective`, `{depth: raw embeddings}` at each of its
         depths, from the same forward pass. With `output_visual_outputs`, `(embeddings, the vision tower's outputs)`;
         `visual_outputs` (of an earlier forward of the same features) skips the tower."""
-        kwargs = {}
-        if visual_outputs:
+        kwargs = dict(self._forward_kwargs())
+        if visual_outputs is not None:  # empty: the inputs hold no image, and the tower must not run again
             kwargs["visual_outputs"] = visual_outputs
         if output_visual_outputs:
             kwargs["output_visual_outputs"] = True
@@ -742,19 +792,30 @@ class PumaTrainer(Trainer):
                 config.matryoshka_dims = list(self.objective.matryoshka_dims)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Checkpoints during training keep the adapters (for resuming); the final save merges LoRA into the base
-        when `merge_lora_on_save`, writing a PUMA checkpoint that `AutoModel(trust_remote_code=True)` loads. The
-        merge happens on a copy (`merged_copy`), so the trainer's model keeps its adapters and training can go on.
-        The saved config records the depths and Matryoshka sizes trained."""
+        """Checkpoints during training keep the adapters (for resuming; sharded runs write sharded checkpoints); the
+        final save merges LoRA into the base when `merge_lora_on_save`, writing a PUMA checkpoint that
+        `AutoModel(trust_remote_code=True)` loads. The merge happens on a copy (`merged_copy`), so the trainer's model
+        keeps its adapters and training can go on. A sharded run (FSDP, DeepSpeed ZeRO-3) gathers the full weights
+        on the main process for the final save, which every process must call. The saved config records the depths
+        and Matryoshka sizes trained."""
         self._record_trained_sizes()
         model = self.accelerator.unwrap_model(self.model)
-        if _internal_call or not self.args.merge_lora_on_save or not hasattr(model, "merge_and_unload"):
+        merge = self.args.merge_lora_on_save and hasattr(model, "merge_and_unload")
+        if _internal_call or not (merge or self._is_sharded()):
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.args.should_save:
+        if self._is_sharded():
+            # a collective: every process hands over its shards, the main process receives the full weights
+            state_dict = self.accelerator.get_state_dict(self.model_wrapped if self.is_deepspeed_enabled
+                                                         else self.model)
+            if self.args.should_save:
+                final = unsharded_copy(model, state_dict)
+                (final.merge_and_unload() if merge else final).save_pretrained(output_dir)
+        elif self.args.should_save:
             merged_copy(model).save_pretrained(output_dir)
+        if self.args.should_save:
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
+        self._final_save = output_dir
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None,
                     revision=None, **kwargs):
@@ -766,7 +827,13 @@ class PumaTrainer(Trainer):
 
         self._record_trained_sizes()
         model = self.accelerator.unwrap_model(self.model)
-        if hasattr(model, "merge_and_unload"):
+        if self._is_sharded():  # the main process holds a shard only: push the final save, which gathered them
+            final = getattr(self, "_final_save", None)
+            if final is None:
+                raise ValueError("A sharded run pushes its final save: call trainer.save_model() on every process "
+                                 "first (train.py does).")
+            model = PumaForEmbedding.from_pretrained(final)
+        elif hasattr(model, "merge_and_unload"):
             model = merged_copy(model)
         repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
         return push_to_hub(model, repo_id, token=token or self.args.hub_token, private=self.args.hub_private_repo,
@@ -779,6 +846,27 @@ def merged_copy(model: nn.Module) -> nn.Module:
     rewrites the model it is called on (its layers lose their adapters), which would end training. Holds a second
     copy of the weights for as long as the result lives."""
     return copy.deepcopy(model).merge_and_unload()
+
+
+def unsharded_copy(model: nn.Module, state_dict: dict) -> nn.Module:
+    """A copy of `model` (a `PumaForEmbedding`, or a PEFT model of one, whose weights are sharded over processes)
+    holding `state_dict`, its full weights gathered on this process: built on the meta device from the model's
+    configuration (and adapter configuration), then given the tensors, so no second copy is initialised. It saves
+    like the model (same names and checkpoint format) and merges its adapters like it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.device("meta"):
+        copy_model = type(base)(base.config)
+    copy_base = copy_model
+    if base is not model:
+        from peft import get_peft_model
+
+        adapter = model.active_adapter
+        with torch.device("meta"):
+            copy_model = get_peft_model(copy_base, model.peft_config[adapter], adapter_name=adapter)
+    copy_model.load_state_dict(state_dict, strict=True, assign=True)
+    copy_base.processor, copy_base.name_or_path = base.processor, base.name_or_path
+    copy_save_conversions(base, copy_base)
+    return copy_model.eval()
 
 
 def _by_depth(embeddings: torch.Tensor | dict) -> dict:
@@ -810,4 +898,5 @@ def _means(tracked: dict) -> dict[str, float]:
 
 __all__ = ["CachedTeacher", "PumaTrainer", "PumaTrainingArguments", "ReadableLogCallback", "ReadableProgressCallback",
            "SeparateTeacher", "SetEpochCallback", "SharedWeightTeacher", "format_log", "merged_copy", "parameter_groups",
+           "gathered", "unsharded", "unsharded_copy",
            "precompute_teacher_cache", "length_order", "split_features", "teacher_cache_is_fresh", "teacher_fingerprint"]
