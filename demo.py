@@ -19,7 +19,7 @@ per-task bar charts of the untrained and the trained model), and training-curve 
 `--mined` adds the hard-negative evidence: stage 2 trained again from stage 1 with two negatives per query mined by the
 first stage-2 model (`eval_puma.py mine`, into `OUT/mined/`; the tiny base knows nothing, so the best ranker at hand
 is the model trained without negatives), against stage 2 with the benchmark's own near-miss negatives and without any
-(`OUT/mined.md`).
+(`OUT/mined.md`). Its effect is not measured in docs/demo.md yet: no run of it is recorded.
 
 The run is deterministic on one machine: every draw is seeded, torch runs deterministic algorithms on a fixed number
 of CPU threads (`--threads`, default 2), and MKL keeps that thread count (no dynamic adjustment) with conditional
