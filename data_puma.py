@@ -168,6 +168,27 @@ class MBEIRTrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    def _query_id(self, qid: str, positives: tuple, modality: str, instruction_index: int) -> str:
+        """The id of a query with its drawn instruction: `qid#i<index>`, with the target modality before the index
+        when the query's positives have several (their instruction lists differ)."""
+        if len({self.pool[did]["modality"] for did in positives}) > 1:
+            return f"{qid}#{modality}#i{instruction_index}"
+        return f"{qid}#i{instruction_index}"
+
+    def teacher_inputs(self):
+        """Every input a run can draw, as `(part, id, {"text", "image"[, "video"]}, instruction)` (`part`:
+        "queries" or "candidates"): each query with every instruction of every target modality its positives have,
+        under the ids `__getitem__` gives them, then every positive and hard negative. What a teacher cache must
+        hold."""
+        for qid, query, query_modality, positives, _ in self.examples:
+            for modality in dict.fromkeys(self.pool[did]["modality"] for did in positives):
+                for index, instruction in enumerate(self.instructions[(dataset_id(qid), query_modality, modality)]):
+                    yield "queries", self._query_id(qid, positives, modality, index), dict(query), instruction
+        candidates = (did for *_, positives, negatives in self.examples
+                      for did in (*positives, *(negatives if self.num_hard_negatives else ())))
+        for did in dict.fromkeys(candidates):
+            yield "candidates", did, _candidate_input(self.pool[did], self.image_root), None
+
     def __getitem__(self, index: int) -> dict:
         qid, query, query_modality, positives, negatives = self.examples[index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
@@ -179,7 +200,7 @@ class MBEIRTrainDataset(Dataset):
         return {
             "query": dict(query),
             "instruction": prompts[instruction_index],
-            "query_id": f"{qid}#i{instruction_index}",
+            "query_id": self._query_id(qid, positives, positive["modality"], instruction_index),
             "positive": _candidate_input(positive, self.image_root),
             "positive_id": positive_id,
             "modality": positive["modality"],
@@ -233,6 +254,15 @@ class NLIDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def teacher_inputs(self):
+        """Every input of the dataset, as `(part, id, {"text", "image"}, instruction)` (a teacher cache's content)."""
+        for index in range(len(self)):
+            example = self[index]
+            yield "queries", example["query_id"], example["query"], None
+            for item_id, item in ((example["positive_id"], example["positive"]),
+                                  *zip(example["negative_ids"], example["negatives"])):
+                yield "candidates", item_id, item, None
 
     def __getitem__(self, index: int) -> dict:
         row_number, sent0, sent1, *hard_neg = self.rows[index]

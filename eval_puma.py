@@ -14,6 +14,8 @@ shows which depth to keep before training (`puma_eval.analysis`).
     python eval_puma.py search --model my-puma --corpus photos/ --query "a dog on a beach" --top-k 5
     python eval_puma.py search --model my-puma --corpus reports/ --query "revenue by region"   # PDFs: file and page
     python eval_puma.py curves --trainer-state out/trainer_state.json --out curves.png
+    python eval_puma.py mine --model teacher --mbeir-root M-BEIR --queries query/union_train/mbeir_union_up_train.jsonl \
+        --pool cand_pool/global/mbeir_union_train_cand_pool.jsonl --out mined --num-negatives 8  # hard negatives
     python eval_puma.py analyze --model Qwen/Qwen2-VL-7B-Instruct --mbeir-root M-BEIR --max-cost 0.5 --out analysis
     python eval_puma.py analyze --model base --hf-dataset my/pairs --columns '{"query_text": "caption", "positive_image": "image"}'
     python eval_puma.py analyze --model base --pairs-folder photos/   # images with same-named .txt captions
@@ -151,6 +153,29 @@ def _run_search(args) -> None:
         print(f"{hit['rank']:>4}  {hit['score']:>7.4f}  {hit['id']:<{width}}  {content}")
 
 
+def _run_mine(args) -> None:
+    from puma_eval.mining import MiningSettings, mine_negatives
+
+    model = load_model(args.model, args.dtype)
+    settings = MiningSettings(num_negatives=args.num_negatives, rank_range=tuple(args.rank_range), margin=args.margin,
+                              relative_margin=None if args.relative_margin < 0 else args.relative_margin,
+                              seed=args.seed)
+    root = args.mbeir_root
+    summary = mine_negatives(model, os.path.join(root, args.queries), os.path.join(root, args.pool),
+                             os.path.join(root, args.instructions), args.out, settings=settings,
+                             image_root=args.image_root or load_benchmark(root).image_root,
+                             cache_dir=_cache_dir(args), index=args.index, batch_size=args.batch_size,
+                             shard_size=args.shard_size)
+    if summary is None:  # not the main process: it encoded its shards
+        return
+    print(f"Mined {summary['mined']} of {summary['num_queries']} queries' negatives (the margin dropped "
+          f"{summary['dropped_by_margin']} candidates of the rank range). Wrote:\n  {summary['query_file']} "
+          f"(train.py --dataset mbeir --train_queries ... --num_hard_negatives {args.num_negatives})\n  "
+          f"{summary['columns_file']} (train.py --dataset hf --hf_dataset {os.path.dirname(summary['columns_file'])} "
+          f"--image_root {summary['image_root']} --columns '{json.dumps(summary['columns'])}')\n  "
+          f"{os.path.join(args.out, 'mining.json')}")
+
+
 def _run_curves(args) -> None:
     keys = plot_training_curves(args.trainer_state, args.out)
     print(f"Plotted {', '.join(keys)} to {args.out}")
@@ -210,7 +235,8 @@ def _add_report_arguments(parser) -> None:
 
 def make_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{eval,mmeb,search,analyze,curves}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{eval,mmeb,search,analyze,curves,mine}")
 
     evaluation = commands.add_parser("eval", help="M-BEIR (or task-table) retrieval evaluation; the default command")
     evaluation.add_argument("--model", required=True, help="PUMA or Qwen2-VL checkpoint folder or Hub id")
@@ -301,6 +327,30 @@ def make_parser() -> ArgumentParser:
     curves.add_argument("--trainer-state", required=True, help="trainer_state.json of a Trainer output folder")
     curves.add_argument("--out", required=True, help="PNG file to write")
     curves.set_defaults(run=_run_curves, check=_check_curves)
+
+    mine = commands.add_parser("mine", help="hard negatives for M-BEIR-format training queries (positive-aware, "
+                                            "NV-Retriever style): a query file with neg_cand_list, and columns")
+    mine.add_argument("--model", required=True, help="the model that ranks: the teacher, the student, any checkpoint")
+    mine.add_argument("--mbeir-root", required=True, help="the M-BEIR root the files and image paths are relative to")
+    mine.add_argument("--queries", required=True, help="query file under the root, e.g. "
+                                                       "query/union_train/mbeir_union_up_train.jsonl")
+    mine.add_argument("--pool", required=True, help="candidate pool file under the root, e.g. "
+                                                    "cand_pool/global/mbeir_union_train_cand_pool.jsonl")
+    mine.add_argument("--instructions", default="instructions/query_instructions.tsv",
+                      help="query_instructions.tsv under the root")
+    mine.add_argument("--image-root", help="folder image paths are relative to (default: the benchmark's)")
+    mine.add_argument("--num-negatives", type=int, default=8, help="negatives per query")
+    mine.add_argument("--rank-range", type=int, nargs=2, default=[1, 50], metavar=("FIRST", "LAST"),
+                      help="ranks among the non-positive candidates to draw from, 1-based, inclusive")
+    mine.add_argument("--margin", type=float, help="drop candidates scoring above the positive's score minus this")
+    mine.add_argument("--relative-margin", type=float, default=0.05,
+                      help="drop candidates scoring above positive - this x |positive| (NV-Retriever's TopK-PercPos "
+                           "95%%: 0.05; negative: off)")
+    mine.add_argument("--index", choices=INDEX_KINDS, default="flat", help="index kind of the search (see eval)")
+    mine.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    mine.add_argument("--out", default="mined", help="folder of the mined files")
+    _add_cache_arguments(mine)
+    mine.set_defaults(run=_run_mine, check=_check_mine)
     return parser
 
 
@@ -436,6 +486,24 @@ def _check_analyze(args) -> None:
         require_path(args.image_root, "--image-root", "folder")
 
 
+def _check_mine(args) -> None:
+    check_model_path(args.model)
+    _check_output(args)
+    require_path(args.mbeir_root, "--mbeir-root", "folder")
+    for option in ("queries", "pool", "instructions"):
+        path = getattr(args, option)
+        require_path(os.path.join(args.mbeir_root, path), f"--{option} {path} (under --mbeir-root)", "file")
+    if args.image_root:
+        require_path(args.image_root, "--image-root", "folder")
+    if args.num_negatives < 1:
+        raise UsageError(f"--num-negatives {args.num_negatives}: give at least 1")
+    first, last = args.rank_range
+    if not 1 <= first <= last:
+        raise UsageError(f"--rank-range {first} {last}: give FIRST LAST with 1 <= FIRST <= LAST")
+    if args.margin is not None and args.margin < 0:
+        raise UsageError(f"--margin {args.margin}: give a non-negative margin")
+
+
 def _check_curves(args) -> None:
     require_path(args.trainer_state, "--trainer-state", "file")
     if os.path.isdir(args.out):
@@ -445,7 +513,7 @@ def _check_curves(args) -> None:
 def _usage() -> str:
     prog = invocation()
     return (f"usage: {prog} [eval] --model MODEL --mbeir-root DIR [--tasks TASK ...] [--out DIR]\n"
-            f"       {prog} mmeb|search|analyze|curves ...\n"
+            f"       {prog} mmeb|search|analyze|curves|mine ...\n"
             f"  {prog} --help describes the commands, {prog} COMMAND --help its options")
 
 

@@ -87,6 +87,11 @@ class PumaEmbeddingOutput(ModelOutput):
         depth_embeddings (`dict[int, torch.FloatTensor]`, *optional*):
             For each depth d of `output_depths`, the pooled final-norm hidden state of the model truncated after its
             first d layers, each of shape `(batch_size, hidden_size)`, before normalisation.
+        visual_outputs (`dict[str, ModelOutput]`, *optional*):
+            The vision tower's outputs of this forward, keyed `"image"` / `"video"` (the family's own output objects:
+            merged patch features, and DeepStack features for Qwen3-VL); returned with `output_visual_outputs=True`
+            where transformers can take them back (`reuses_visual_outputs`), to skip the tower when the same inputs
+            are embedded again (GradCache's second pass).
     """
 
     embeddings: torch.FloatTensor | None = None
@@ -94,6 +99,7 @@ class PumaEmbeddingOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     depth_embeddings: dict[int, torch.FloatTensor] | None = None
+    visual_outputs: dict | None = None
 
 
 class PumaPreTrainedModel(PreTrainedModel):
@@ -153,6 +159,9 @@ class PumaForEmbedding(PumaPreTrainedModel):
         mm_token_type_ids: torch.IntTensor | None = None,
         output_hidden_states: bool | None = None,
         output_depths: list[int] | None = None,
+        visual_outputs: dict | None = None,
+        output_visual_outputs: bool = False,
+        run_vision_tower: bool = False,
         return_dict: bool | None = None,
         **kwargs,
     ) -> PumaEmbeddingOutput | tuple:
@@ -168,6 +177,14 @@ class PumaForEmbedding(PumaPreTrainedModel):
                 `input_ids` when absent; transformers versions that do not take it ignore it.
             output_depths (`list[int]`, *optional*): also return the pooled embedding after the first d layers for
                 each d (`depth_embeddings`), from this one forward pass.
+            visual_outputs (`dict`, *optional*): `visual_outputs` of an earlier forward of these same inputs, used
+                instead of running the vision tower again (its pixel inputs are then ignored). Only valid while the
+                tower's weights are unchanged.
+            output_visual_outputs (`bool`, *optional*): also return the vision tower's outputs (`visual_outputs`).
+            run_vision_tower (`bool`, *optional*): run the vision tower in every call, before the language model, on
+                a placeholder image when the inputs hold none (its output enters the embedding times zero).
+                Processes that shard the model (FSDP, DeepSpeed ZeRO-3) gather each module's weights when it runs,
+                so all of them must run the same modules in the same order, whatever their batch holds.
         """
         if input_ids is None:
             raise ValueError("PumaForEmbedding.forward needs input_ids (the pooled position is located through them).")
@@ -181,6 +198,17 @@ class PumaForEmbedding(PumaPreTrainedModel):
         if "mm_token_type_ids" in self._backbone_inputs:
             backbone_inputs["mm_token_type_ids"] = (mm_token_type_ids if mm_token_type_ids is not None
                                                     else self._mm_token_type_ids(input_ids))
+        anchor = None
+        if run_vision_tower and visual_outputs is None:
+            visual_outputs, anchor = self._run_vision_tower(pixel_values, image_grid_thw)
+        if visual_outputs:
+            if not reuses_visual_outputs(self):
+                raise incompatibility("the backbone's forward takes the vision tower's outputs (mm_encoder_outputs)",
+                                      "it has no such argument")
+            kwargs["mm_encoder_outputs"] = dict(visual_outputs)
+            for modality, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+                if modality in visual_outputs:
+                    backbone_inputs[pixels] = None
         if self.config.position_mode == "sequential" and "position_ids" not in kwargs:
             # Position i for token i in all three rotary sections, image tokens included (GME's inference).
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -198,6 +226,8 @@ class PumaForEmbedding(PumaPreTrainedModel):
             )
         hidden = outputs.last_hidden_state
         raw = self.pool(hidden, input_ids, attention_mask)
+        if anchor is not None:  # the placeholder image's output, times zero: its gradients exist on every process
+            raw = raw + anchor
         embeddings = F.normalize(raw, p=2, dim=-1) if self.config.normalize else raw
 
         depth_embeddings = None
@@ -213,8 +243,26 @@ class PumaForEmbedding(PumaPreTrainedModel):
             last_hidden_state=hidden if output_hidden_states else None,
             hidden_states=outputs.hidden_states if output_hidden_states else None,
             depth_embeddings=depth_embeddings,
+            visual_outputs=visual_outputs_of(outputs) if output_visual_outputs and reuses_visual_outputs(self)
+            else None,
         )
         return result if return_dict else result.to_tuple()
+
+    def _run_vision_tower(self, pixel_values, image_grid_thw) -> tuple[dict, torch.Tensor | None]:
+        """`(visual_outputs, anchor)` for `run_vision_tower`: the tower's outputs of the inputs' images, or of a
+        placeholder image (one merged token of zeros) with `anchor`, its outputs summed times zero."""
+        if pixel_values is not None:
+            return {"image": vision_tower_outputs(self.model, pixel_values, image_grid_thw)}, None
+        vision = self.config.vision_config
+        merge = vision.spatial_merge_size
+        grid = torch.tensor([[1, merge, merge]], device=self.device)
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        placeholder = torch.zeros(merge * merge, width, dtype=self.model.visual.dtype, device=self.device)
+        outputs = vision_tower_outputs(self.model, placeholder, grid)
+        tensors = [value for value in outputs.values() if torch.is_tensor(value)]
+        tensors += [item for value in outputs.values() if isinstance(value, (list, tuple)) for item in value
+                    if torch.is_tensor(item)]
+        return {}, sum(tensor.sum() for tensor in tensors) * 0.0
 
     @property
     def num_layers(self) -> int:
@@ -1678,10 +1726,14 @@ class _CheckpointWeights:
     def lazy_state_dict(self, is_kept, stack: contextlib.ExitStack) -> dict:
         """`{name: lazy slice}` of the kept tensors, from memory-mapped files held open by `stack` (transformers 5's
         own loader reads `safe_open(...).get_slice(name)` the same way, so tensors stay file-backed until cast)."""
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        # under DeepSpeed ZeRO-3 transformers partitions each tensor as it loads it, and takes tensors only
+        read = "get_tensor" if is_deepspeed_zero3_enabled() else "get_slice"
         state_dict = {}
         for path in self.files.values():
             handle = stack.enter_context(_open_safetensors(path))
-            state_dict.update({key: handle.get_slice(key) for key in handle.keys() if is_kept(key)})
+            state_dict.update({key: getattr(handle, read)(key) for key in handle.keys() if is_kept(key)})
         return state_dict
 
     def write_view(self, folder: str, config: PumaConfig) -> None:
@@ -1906,6 +1958,39 @@ def keep_pruned_names_on_save(model, key_mapping: dict[str, str]) -> None:
     model._weight_conversions = kept
 
 
+def reuses_visual_outputs(model) -> bool:
+    """Whether the backbone of `model` (a `PumaForEmbedding`) takes the vision tower's outputs of an earlier forward
+    (`mm_encoder_outputs`) and returns them (`image_outputs`, `video_outputs`); transformers' recent 5.x releases do,
+    older ones re-run the tower."""
+    return "mm_encoder_outputs" in model._backbone_inputs
+
+
+def vision_tower_outputs(backbone, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor):
+    """The vision tower's outputs of `pixel_values`, in the form the backbone's forward takes back
+    (`mm_encoder_outputs["image"]`): its `get_image_features(..., return_dict=True)`."""
+    if not hasattr(backbone, "get_image_features"):
+        raise incompatibility("the backbone computes image features with get_image_features", "it has no such method")
+    outputs = backbone.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    if not isinstance(outputs, ModelOutput):
+        raise incompatibility("get_image_features(..., return_dict=True) returns a ModelOutput",
+                              f"it returned {type(outputs).__name__}")
+    return outputs
+
+
+def visual_outputs_of(outputs) -> dict:
+    """`{"image": ..., "video": ...}` of the backbone's `outputs`, for the modalities it encoded."""
+    found = {"image": getattr(outputs, "image_outputs", None), "video": getattr(outputs, "video_outputs", None)}
+    return {modality: value for modality, value in found.items() if value is not None}
+
+
+def copy_save_conversions(source, target) -> None:
+    """Gives `target`, a model built from `source`'s configuration (e.g. to hold weights gathered from processes),
+    the checkpoint-format conversions `source` reverts on save (transformers 5 records them at load time in
+    `_weight_conversions`), so both save the same file format; nothing to do on transformers 4."""
+    if transformers_major() >= 5 and hasattr(source, "_weight_conversions"):
+        target._weight_conversions = list(source._weight_conversions)
+
+
 def processor_config_kwargs(config) -> dict:
     """Keywords of the family processor's `from_pretrained`: transformers 5's tokenizer loader resolves the model
     configuration, which for a PUMA checkpoint is remote code, so it is handed over."""
@@ -1983,12 +2068,13 @@ PumaConfig.register_for_auto_class()
 PumaForEmbedding.register_for_auto_class("AutoModel")
 
 __all__ = ["PumaEmbeddingOutput", "PumaForEmbedding", "PumaPreTrainedModel", "SampledVideo",
-           "TransformersCompatibilityError", "VideoInput", "attn_implementation", "build_prompt", "decode_video",
-           "detect_preset", "featurize", "format_string", "frame_files", "holds_fused_experts_transposed",
-           "hub_offline_mode", "hub_probe_failure", "image_processor_pixel_kwargs", "is_video_decoder",
-           "keep_pruned_names_on_save", "key_mapping_prefix", "load_image", "load_pdf_page", "load_processor",
-           "load_source_config", "loads_lazy_state_dict", "make_tokenizer_config_portable", "media_file",
-           "parse_input", "pdf_page_count", "prepare_inputs", "processor_config_kwargs", "processor_kwargs",
-           "qwen_vl_smart_resize", "resize_frames", "resize_image", "sample_video", "set_image_processor_pixels",
-           "smart_resize", "to_rgb", "transformers_major", "video_input", "video_processor_kwargs", "visual_kind",
+           "TransformersCompatibilityError", "VideoInput", "attn_implementation", "build_prompt",
+           "copy_save_conversions", "decode_video", "detect_preset", "featurize", "format_string", "frame_files",
+           "holds_fused_experts_transposed", "hub_offline_mode", "hub_probe_failure", "image_processor_pixel_kwargs",
+           "is_video_decoder", "keep_pruned_names_on_save", "key_mapping_prefix", "load_image", "load_pdf_page",
+           "load_processor", "load_source_config", "loads_lazy_state_dict", "make_tokenizer_config_portable",
+           "media_file", "parse_input", "pdf_page_count", "prepare_inputs", "processor_config_kwargs",
+           "processor_kwargs", "qwen_vl_smart_resize", "resize_frames", "resize_image", "reuses_visual_outputs",
+           "sample_video", "set_image_processor_pixels", "smart_resize", "to_rgb", "transformers_major",
+           "video_input", "video_processor_kwargs", "vision_tower_outputs", "visual_kind",
            "write_sentence_transformers_files"]

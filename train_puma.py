@@ -30,6 +30,9 @@ from mbeir_puma import join_path
 logger = logging.getLogger(__name__)
 
 
+TEACHER_CACHE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class ScriptArguments:
     """Model pruning, data and teacher-cache options (training options live in `PumaTrainingArguments`)."""
@@ -57,9 +60,17 @@ class ScriptArguments:
     video_total_pixels: int | None = field(default=None, metadata={"help": "Override the model's pixel budget per video."})
     position_mode: str | None = field(default=None, metadata={"help": "Override the recipe's positions: 'mrope' (the family's 3-D rotary positions) or 'sequential' (the release's and GME's 1-D positions)."})
     train_embedding_token: bool = field(default=True, metadata={"help": "Train the embedding token's input row with LoRA."})
-    precompute_teacher: bool = field(default=False, metadata={"help": "Fill teacher_cache with the teacher's embeddings, then train."})
+    precompute_teacher: bool = field(default=False, metadata={"help": "Fill teacher_cache with the teacher's embeddings (every process encodes its share; a killed build resumes), then train."})
+    teacher_cache_dtype: str | None = field(default=None, metadata={"help": "dtype the teacher cache stores: 'float32', 'bfloat16' or 'float16' (default: the model's)."})
+    teacher_cache_shard_size: int = field(default=65536, metadata={"help": "Embeddings per teacher cache shard (each written once, by one process)."})
     license: str | None = field(default=None, metadata={"help": "License for the model card on --push_to_hub (default: the base's)."})
     seed_data: int = field(default=0, metadata={"help": "Seed of the per-epoch positive, instruction and negative draws."})
+
+    def __post_init__(self):
+        if self.teacher_cache_dtype is not None and self.teacher_cache_dtype not in TEACHER_CACHE_DTYPES:
+            raise ValueError(f"teacher_cache_dtype={self.teacher_cache_dtype!r} is not one of {TEACHER_CACHE_DTYPES}.")
+        if self.teacher_cache_shard_size < 1:
+            raise ValueError(f"teacher_cache_shard_size must be positive, got {self.teacher_cache_shard_size}.")
 
 
 REQUIRED_OPTIONS = {"mbeir": ("mbeir_root", "train_queries", "candidate_pool", "instructions"), "nli": ("nli_file",),
@@ -161,6 +172,8 @@ def main(script_args: ScriptArguments, training_args, model_args):
 
     from data_puma import PumaCollator
     from modeling_puma import PumaForEmbedding
+    import torch
+
     from trainer_puma import (CachedTeacher, PumaTrainer, SetEpochCallback, precompute_teacher_cache,
                               teacher_cache_is_fresh, teacher_fingerprint)
 
@@ -179,22 +192,29 @@ def main(script_args: ScriptArguments, training_args, model_args):
 
     teacher = None
     if training_args.teacher == "cached":
-        fingerprint = teacher_fingerprint(training_args.teacher_model or model_args.model_name_or_path, model.config,
-                                          list(data_files(script_args).values()))
-        # The main process fills the cache (when asked) while the others wait, then every process reads it.
-        with training_args.main_process_first(desc="teacher cache"):
-            fresh = teacher_cache_is_fresh(training_args.teacher_cache, fingerprint)
-            if script_args.precompute_teacher and fresh:
-                logger.info(f"The teacher cache {training_args.teacher_cache} matches this run; reusing it.")
-            if script_args.precompute_teacher and not fresh and training_args.process_index == 0:
-                from torch.utils.data import DataLoader
+        from teacher_cache_puma import describe_teacher_cache, teacher_items
 
-                full = PumaForEmbedding.from_pretrained(training_args.teacher_model or model_args.model_name_or_path,
-                                                        dtype=model.dtype, device_map=training_args.device, **overrides)
-                loader = DataLoader(dataset, batch_size=training_args.per_device_train_batch_size, collate_fn=collator)
-                precompute_teacher_cache(full, loader, training_args.teacher_cache, fingerprint)
-                del full
-            teacher = CachedTeacher(training_args.teacher_cache, fingerprint)
+        teacher_path = training_args.teacher_model or model_args.model_name_or_path
+        fingerprint = teacher_fingerprint(teacher_path, model.config, list(data_files(script_args).values()))
+        fresh = teacher_cache_is_fresh(training_args.teacher_cache, fingerprint)
+        if script_args.precompute_teacher and fresh:
+            logger.info(f"The teacher cache {training_args.teacher_cache} matches this run; reusing it.")
+        if script_args.precompute_teacher and not fresh:
+            # Every process encodes its share of the shards (a killed build resumes at the first missing shard);
+            # the size is printed before the teacher loads.
+            items = teacher_items(dataset)
+            dtype = getattr(torch, script_args.teacher_cache_dtype) if script_args.teacher_cache_dtype else model.dtype
+            if training_args.process_index == 0:
+                print(describe_teacher_cache(items, model.config.text_config.hidden_size, dtype,
+                                             training_args.teacher_cache, script_args.teacher_cache_shard_size),
+                      flush=True)
+            full = PumaForEmbedding.from_pretrained(teacher_path, dtype=model.dtype, device_map=training_args.device,
+                                                    **overrides)
+            precompute_teacher_cache(full, dataset, training_args.teacher_cache, fingerprint, items=items,
+                                     batch_size=training_args.per_device_train_batch_size,
+                                     shard_size=script_args.teacher_cache_shard_size, dtype=dtype)
+            del full
+        teacher = CachedTeacher(training_args.teacher_cache, fingerprint)
 
     # The Trainer's own push would upload output_dir only; hub_puma pushes the complete repository (card, handler,
     # sentence-transformers files) after the final merged save, so the Trainer must not open a Hub repo at start.
@@ -224,7 +244,9 @@ def main(script_args: ScriptArguments, training_args, model_args):
 # ----------------------------------------------------------------------------------------------------------------
 USAGE = "%(prog)s --config CONFIG.yaml [--OPTION VALUE ...]"
 DESCRIPTION = ("Train a PUMA embedding model: --config names a YAML file of options (configs/ holds one per stage), "
-               "and any option given on the command line overrides it. Boolean options take true or false.")
+               "and any option given on the command line overrides it. Boolean options take true or false. "
+               "--plan prints the run's memory per process instead of training (--plan-memory 80GiB: the largest "
+               "batch that fits; --plan-processes N).")
 # Titles of the help sections of PUMA's own options, by the dataclass declaring them.
 PUMA_SECTIONS = {"ScriptArguments": "PUMA: pruning, data and teacher cache (ScriptArguments)",
                  "PumaTrainingArguments": "PUMA: objective, teacher and elastic depth (PumaTrainingArguments)"}
@@ -376,6 +398,43 @@ def check_before_loading(argv: list[str]) -> None:
                              "float32")
 
 
+def print_plan(argv: list[str]) -> None:
+    """`--plan`: the memory per process of the run `argv` describes (`memory_plan_puma`), from the checkpoint's
+    config.json alone; `--plan-memory 80GiB` adds the largest per-device batch that fits, `--plan-processes N` the
+    process count (default: WORLD_SIZE, else 1)."""
+    from memory_plan_puma import PLAN_OPTIONS, format_plan, model_shape, parse_memory, plan_settings, read_config
+
+    reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    reader.add_argument("--plan", action="store_true")
+    reader.add_argument("--plan-memory", "--plan_memory", dest="memory")
+    reader.add_argument("--plan-processes", "--plan_processes", dest="processes", type=int,
+                        default=int(os.environ.get("WORLD_SIZE", 1)))
+    options, rest = reader.parse_known_args(argv)
+    settings, _ = read_settings(rest, PLAN_OPTIONS)
+    if not settings.get("model_name_or_path"):
+        raise UsageError("--model_name_or_path is not set: --plan reads its config.json")
+    if options.processes < 1:
+        raise UsageError(f"--plan-processes {options.processes}: needs at least 1 process")
+    try:
+        memory = parse_memory(options.memory) if options.memory else None
+        config = read_config(_config_file(str(settings["model_name_or_path"]), "--model_name_or_path"))
+        teacher = settings.get("teacher_model") if settings.get("teacher") in ("shared", "separate") else None
+        teacher_config = read_config(_config_file(str(teacher), "--teacher_model")) if teacher else None
+        print(format_plan(model_shape(config), plan_settings(settings, teacher_config), options.processes, memory))
+    except (ValueError, KeyError) as err:
+        raise UsageError(f"--plan: {err}") from err
+
+
+def _config_file(path: str, option: str) -> str:
+    """config.json of a checkpoint folder, or of a Hub id (that one file downloaded)."""
+    check_model_path(path, option)
+    if os.path.isdir(os.path.expanduser(path)):
+        return os.path.join(os.path.expanduser(path), "config.json")
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(path, "config.json")
+
+
 def _train(argv: list[str] | None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -386,6 +445,8 @@ def _train(argv: list[str] | None):
     if "--help-all" in argv or "-h" in argv or "--help" in argv:
         make_parser(full_help="--help-all" in argv).print_help()
         return None
+    if "--plan" in argv:  # the memory plan reads config.json only: no check of data paths, nothing loaded
+        return print_plan(argv)
     check_before_loading(argv)
     script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
     trainer = main(script_args, training_args, model_args)

@@ -8,8 +8,9 @@ where each `features` is a dict of processor tensors for `PumaForEmbedding.forwa
 Teachers (the full-depth model whose embedding the pruned student distils):
 - `SharedWeightTeacher`: one copy of the base weights. The student's kept layers (LoRA adapters disabled) are reused
   in place and only the dropped layers are added, so the teacher costs the dropped layers' memory only.
-- `CachedTeacher`: embeddings precomputed once (`precompute_teacher_cache`) and stored as safetensors shards keyed
-  by sample id, with a fingerprint of the teacher checkpoint, prompt template, pixel limits and data files.
+- `CachedTeacher`: embeddings precomputed once (`precompute_teacher_cache`, by every process of the run) and read
+  memory-mapped by sample id, with a fingerprint of the teacher checkpoint, prompt template, pixel limits and data
+  files (`teacher_cache_puma`).
 - `SeparateTeacher`: an independent full model, as the release does (kept for comparison).
 """
 
@@ -28,7 +29,6 @@ from torch.utils.checkpoint import get_device_states, set_device_states
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
-from mbeir_puma import checkpoint_fingerprint, file_fingerprint
 from losses_puma import (
     PAIR_MODES,
     DistillationObjective,
@@ -40,7 +40,8 @@ from losses_puma import (
     build_loss,
     tau_hard_schedule,
 )
-from modeling_puma import PumaForEmbedding, prepare_inputs
+from modeling_puma import PumaForEmbedding, copy_save_conversions, prepare_inputs, reuses_visual_outputs
+from teacher_cache_puma import CachedTeacher, precompute_teacher_cache, teacher_cache_is_fresh, teacher_fingerprint
 
 
 logger = logging.get_logger(__name__)
@@ -73,6 +74,7 @@ class PumaTrainingArguments(TrainingArguments):
     local_loss: bool = field(default=False, metadata={"help": "With gather_across_devices, score only this rank's queries against the global candidates: (B/W) x B logits instead of B x B, same gradient."})
     gather_with_grad: bool = field(default=True, metadata={"help": "Gather embeddings with gradient (each rank's gradient is the global batch's). False: the release's plain all-gather, whose applied gradient is 1/world_size of it."})
     grad_cache_chunk_size: int | None = field(default=None, metadata={"help": "GradCache: embed in chunks of this many inputs (None: off)."})
+    grad_cache_reuse_visual: bool = field(default=True, metadata={"help": "GradCache: keep the frozen vision tower's outputs of the first pass (the batch's image features) for the second, instead of running the tower twice. Off: less memory, one more vision forward. Ignored when the tower trains."})
     module_learning_rates: dict | str | None = field(default=None, metadata={"help": "Per-module learning rates: a mapping of regular expression to rate (a JSON object on the command line), e.g. {\"language_model\\\\.layers\\\\.0\\\\.\": 1e-4}. The first pattern found (re.search) in a trainable parameter's name sets its rate; the others use learning_rate. A pattern that matches no trainable parameter is an error."})
     embedding_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the input-embedding parameters (the embedding token's row): shorthand for a first module_learning_rates rule 'embed_tokens'."})
     merge_lora_on_save: bool = field(default=True, metadata={"help": "Merge LoRA into the base on the final save_model()."})
@@ -187,10 +189,12 @@ class SeparateTeacher:
 
     def __init__(self, model: PumaForEmbedding):
         self.model = model.eval().requires_grad_(False)
+        self.forward_kwargs = {}  # keywords of every forward (the trainer sets them, e.g. for sharded runs)
 
     @torch.no_grad()
     def embed(self, features: dict, ids: list[str]) -> torch.Tensor:
-        return self.model(**features).raw_embeddings
+        with gathered(self.model.parameters()):
+            return self.model(**features, **self.forward_kwargs).raw_embeddings
 
 
 class SharedWeightTeacher:
@@ -202,6 +206,7 @@ class SharedWeightTeacher:
 
     def __init__(self, peft_model, teacher_model: PumaForEmbedding):
         self.peft_model, self.model = peft_model, teacher_model
+        self.forward_kwargs = {}  # keywords of every forward (the trainer sets them, e.g. for sharded runs)
 
     @classmethod
     def from_student(cls, peft_model, base_path: str) -> "SharedWeightTeacher":
@@ -248,113 +253,43 @@ class SharedWeightTeacher:
 
     @torch.no_grad()
     def embed(self, features: dict, ids: list[str]) -> torch.Tensor:
-        with self.peft_model.disable_adapter():
-            return self.model(**features).raw_embeddings
+        # Under FSDP2 the student's own weights (token embeddings, final norm, what is not a layer of its own) are
+        # gathered by its forward only: the teacher, which runs those modules itself, gathers them around its call.
+        student = {id(parameter) for parameter in self.peft_model.parameters()}
+        own = [parameter for parameter in self.model.parameters() if id(parameter) not in student]  # dropped layers
+        with self.peft_model.disable_adapter(), unsharded(self.peft_model), gathered(own):
+            return self.model(**features, **self.forward_kwargs).raw_embeddings
 
 
-def teacher_fingerprint(teacher_path: str, config, data_files: list[str]) -> dict:
-    """What a cached teacher embedding depends on: the teacher checkpoint's content, prompt template, pixel limits
-    and the data files' content (`mbeir_puma.checkpoint_fingerprint` / `file_fingerprint`)."""
-    prompt_fields = ("embedding_token", "system_prompt", "instruction_template", "user_suffix_template",
-                     "modality_words", "assistant_template", "format_text", "max_text_tokens", "pooling")
-    # the reading of images and the sampling of videos and PDF pages (fields of later versions, absent: defaults)
-    media_fields = ("max_prompt_tokens", "keep_empty_instruction", "exif_transpose", "alpha_mode", "video_fps",
-                    "video_min_frames", "video_max_frames", "video_min_pixels", "video_max_pixels",
-                    "video_total_pixels", "pdf_dpi")
-    return {
-        "teacher_checkpoint": checkpoint_fingerprint(teacher_path),
-        "prompt_template": {name: getattr(config, name) for name in prompt_fields},
-        "pixel_limits": {"min_pixels": config.min_pixels, "max_pixels": config.max_pixels},
-        "media": {name: getattr(config, name, None) for name in media_fields},
-        "data_files": {os.path.basename(path): file_fingerprint(path) for path in data_files},
-    }
+@contextlib.contextmanager
+def gathered(parameters):
+    """Within: the whole `parameters` on every process where DeepSpeed ZeRO-3 partitioned them at load (transformers
+    partitions every model it loads while a ZeRO-3 config is active, and a frozen teacher has no engine to gather
+    them around its forward). A collective every process enters; nothing for parameters ZeRO-3 does not hold."""
+    partitioned = [parameter for parameter in parameters if hasattr(parameter, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
 
 
-def teacher_cache_is_fresh(cache_dir: str, fingerprint: dict) -> bool:
-    """Whether `cache_dir` holds a complete teacher cache written for exactly this `fingerprint`."""
-    path = os.path.join(cache_dir, "fingerprint.json")
-    if not (os.path.isfile(path) and os.path.isfile(os.path.join(cache_dir, "index.json"))):
-        return False
-    with open(path, encoding="utf-8") as f:
-        return json.load(f) == json.loads(json.dumps(fingerprint, sort_keys=True))
+@contextlib.contextmanager
+def unsharded(module: nn.Module):
+    """Within: the weights FSDP2 holds at `module` itself (not those of its sharded submodules, which their own
+    calls gather) are gathered; nothing for a module FSDP2 does not shard."""
+    from torch.distributed.fsdp import FSDPModule
 
-
-@torch.no_grad()
-def precompute_teacher_cache(teacher: PumaForEmbedding, dataloader, out_dir: str, fingerprint: dict,
-                             shard_size: int = 65536) -> int:
-    """Embeds every query, candidate and negative of `dataloader` once with `teacher`; returns the number of ids.
-
-    Writes `fingerprint.json`, `index.json` (id -> [shard, row]) and `embeddings-XXXXX.safetensors` shards.
-    """
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    os.makedirs(out_dir, exist_ok=True)
-    teacher.eval()
-    index, rows, shard = {}, [], 0
-
-    def flush():
-        nonlocal rows, shard
-        if rows:
-            save_file({"embeddings": torch.stack(rows)}, os.path.join(out_dir, f"embeddings-{shard:05d}.safetensors"))
-            rows, shard = [], shard + 1
-
-    for batch in tqdm(dataloader, desc="Teacher cache"):
-        for group in FEATURE_GROUPS:
-            if group not in batch:
-                continue
-            ids = batch[f"{group}_ids"]
-            fresh = [i for i, sample_id in enumerate(ids) if sample_id not in index]
-            if not fresh:
-                continue
-            features = {k: v.to(teacher.device) for k, v in batch[group].items()}
-            embeddings = teacher(**features).raw_embeddings.float().cpu()
-            for i in fresh:
-                if ids[i] in index:
-                    continue
-                index[ids[i]] = [shard, len(rows)]
-                rows.append(embeddings[i])
-                if len(rows) == shard_size:
-                    flush()
-    flush()
-    with open(os.path.join(out_dir, "index.json"), "w", encoding="utf-8") as f:
-        json.dump(index, f)
-    with open(os.path.join(out_dir, "fingerprint.json"), "w", encoding="utf-8") as f:
-        json.dump(fingerprint, f, indent=2, sort_keys=True)
-    return len(index)
-
-
-class CachedTeacher:
-    """Teacher embeddings looked up by sample id; refuses a cache whose fingerprint differs from the run's."""
-
-    def __init__(self, cache_dir: str, expected_fingerprint: dict | None = None):
-        from safetensors.torch import load_file
-
-        with open(os.path.join(cache_dir, "fingerprint.json"), encoding="utf-8") as f:
-            stored = json.load(f)
-        if expected_fingerprint is not None:
-            expected = json.loads(json.dumps(expected_fingerprint, sort_keys=True))
-            differing = [key for key in sorted(set(stored) | set(expected)) if stored.get(key) != expected.get(key)]
-            if differing:
-                details = "; ".join(f"{key}: cache {stored.get(key)} != run {expected.get(key)}" for key in differing)
-                raise ValueError(f"The teacher cache {cache_dir} is stale ({details}). Recompute it with precompute_teacher_cache.")
-        with open(os.path.join(cache_dir, "index.json"), encoding="utf-8") as f:
-            index = json.load(f)
-        shards = sorted(name for name in os.listdir(cache_dir) if name.startswith("embeddings-"))
-        shards = [load_file(os.path.join(cache_dir, name))["embeddings"] for name in shards]
-        # One table and one row number per id, so a batch is a single gather rather than a stack of slices.
-        offsets = [0]
-        for shard in shards[:-1]:
-            offsets.append(offsets[-1] + shard.shape[0])
-        self.embeddings = torch.cat(shards)
-        self.rows = {sample_id: offsets[shard] + row for sample_id, (shard, row) in index.items()}
-
-    def embed(self, features: dict, ids: list[str]) -> torch.Tensor:
-        missing = [sample_id for sample_id in ids if sample_id not in self.rows]
-        if missing:
-            raise KeyError(f"The teacher cache lacks {len(missing)} ids of this batch, e.g. {missing[:5]}; it is incomplete.")
-        rows = torch.tensor([self.rows[sample_id] for sample_id in ids])
-        return self.embeddings.index_select(0, rows).to(features["input_ids"].device)
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -368,47 +303,92 @@ class RandContext:
         self.cpu_state = torch.get_rng_state()
         self.devices, self.device_states = get_device_states(*tensors)
 
+    def restore(self) -> None:
+        """Sets the captured states (inside a `fork_rng` of `self.devices`, which puts the caller's back)."""
+        torch.set_rng_state(self.cpu_state)
+        set_device_states(self.devices, self.device_states)
+
     def __enter__(self):
         self._fork = torch.random.fork_rng(devices=self.devices, enabled=True)
         self._fork.__enter__()
-        torch.set_rng_state(self.cpu_state)
-        set_device_states(self.devices, self.device_states)
+        self.restore()
 
     def __exit__(self, *exc):
         self._fork.__exit__(*exc)
 
 
-def split_features(features: dict, chunk_size: int, image_token_id: int,
-                   video_token_id: int | None = None) -> list[dict]:
-    """Splits a batch of processor features into row chunks, with each chunk's images and videos and trimmed right
-    padding.
+@contextlib.contextmanager
+def rand_context_at(module: nn.Module, state: RandContext | None = None):
+    """Within this context, the next forward of `module` (a submodule) starts with the RNG states of `state`, or,
+    without `state`, records them: yields a list that then holds the captured `RandContext`.
+
+    GradCache replays a chunk without re-running its frozen vision tower: the dropout masks of the language model
+    must be those its first forward drew after the tower, so the states are taken and put back at its entry.
+    """
+    captured = []
+
+    def hook(_module, args, kwargs):
+        if state is not None:
+            state.restore()
+        elif not captured:
+            captured.append(RandContext(*[value for value in (*args, *kwargs.values())
+                                          if isinstance(value, torch.Tensor)]))
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        if state is None:
+            yield captured
+        else:
+            with torch.random.fork_rng(devices=state.devices, enabled=True):
+                yield captured
+    finally:
+        handle.remove()
+
+
+def split_features(features: dict, chunk_size: int, image_token_id: int, video_token_id: int | None = None, *,
+                   order: list[int] | None = None) -> list[dict]:
+    """Splits a batch of processor features into chunks of `chunk_size` rows, taken in `order` (a permutation of the
+    rows; default: as they are), each with its rows' images and videos and its own right padding trimmed.
 
     Patches are flattened across images in `pixel_values` (and videos in `pixel_values_videos`); a row's images
     (videos) are the next ones in order whose placeholder tokens add up to the row's count of image (video) tokens
     (a Qwen3-VL video's tokens come in one run per frame pair, so runs do not count videos).
     """
     ids = features["input_ids"]
+    order = list(range(ids.shape[0])) if order is None else list(order)
     visuals = [(kind, _row_visuals(features, token_id, grid_key))
                for kind, token_id, grid_key in (("image", image_token_id, "image_grid_thw"),
                                                 ("video", video_token_id, "video_grid_thw"))
                if token_id is not None and features.get(grid_key) is not None]
+    lengths = features["attention_mask"].sum(dim=1)
     chunks = []
-    for start in range(0, ids.shape[0], chunk_size):
-        rows = slice(start, start + chunk_size)
-        width = int(features["attention_mask"][rows].sum(dim=1).max())
-        chunk = {key: value[rows, :width] for key, value in features.items() if key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    for start in range(0, len(order), chunk_size):
+        rows = order[start:start + chunk_size]
+        index = torch.tensor(rows, device=ids.device)
+        width = int(lengths[index].max())
+        chunk = {key: value.index_select(0, index)[:, :width] for key, value in features.items()
+                 if key in ("input_ids", "attention_mask", "mm_token_type_ids")}
         for kind, (spans, offsets) in visuals:
-            first, last = spans[start][0], spans[min(start + chunk_size, len(spans)) - 1][1]
-            if last == first:
+            items = [item for row in rows for item in range(*spans[row])]
+            if not items:
                 continue
             grid_key, values_key = ("image_grid_thw", "pixel_values") if kind == "image" else \
                 ("video_grid_thw", "pixel_values_videos")
-            chunk[grid_key] = features[grid_key][first:last]
-            chunk[values_key] = features[values_key][offsets[first]:offsets[last]]
-            if kind == "video" and features.get("second_per_grid_ts") is not None:
-                chunk["second_per_grid_ts"] = features["second_per_grid_ts"][first:last]
+            chunk[grid_key] = features[grid_key][items]
+            chunk[values_key] = torch.cat([features[values_key][offsets[i]:offsets[i + 1]] for i in items])
+            seconds = features.get("second_per_grid_ts") if kind == "video" else None
+            if seconds is not None:
+                chunk["second_per_grid_ts"] = (seconds[items] if torch.is_tensor(seconds)
+                                               else [seconds[i] for i in items])
         chunks.append(chunk)
     return chunks
+
+
+def length_order(features: dict) -> list[int]:
+    """The rows of a feature batch from the shortest to the longest (ties in their order): GradCache chunks of rows of
+    similar length carry less padding than the batch, whose rows are all padded to its longest."""
+    lengths = features["attention_mask"].sum(dim=1).tolist()
+    return sorted(range(len(lengths)), key=lambda row: lengths[row])
 
 
 def _row_visuals(features: dict, token_id: int, grid_key: str) -> tuple[list[tuple[int, int]], list[int]]:
@@ -541,8 +521,20 @@ class PumaTrainer(Trainer):
         self.objective = objective if objective is not None else self.args.build_objective(
             num_layers=self._embedding_model().config.text_config.num_hidden_layers)
         self.teacher = teacher if teacher is not None else self._default_teacher()
+        if hasattr(self.teacher, "forward_kwargs"):
+            self.teacher.forward_kwargs = self._forward_kwargs()
         self._tracked, self._eval_tracked = defaultdict(list), defaultdict(list)  # logged components
         self._check_startup()
+
+    def _is_sharded(self) -> bool:
+        """Whether several processes hold shards of the model (FSDP, DeepSpeed ZeRO)."""
+        return (self.is_fsdp_enabled or self.is_deepspeed_enabled) and self.accelerator.num_processes > 1
+
+    def _forward_kwargs(self) -> dict:
+        """Keywords of every student and teacher forward: with the model sharded, each process runs the vision tower
+        in every forward (on a placeholder image when its inputs hold none), since the sharded tower gathers its
+        weights in a collective every process must join (`PumaForEmbedding.forward(run_vision_tower=True)`)."""
+        return {"run_vision_tower": True} if self._is_sharded() else {}
 
     def _embedding_model(self) -> PumaForEmbedding:
         """The `PumaForEmbedding` inside the trained model's wrappers (DDP, peft)."""
@@ -570,8 +562,6 @@ class PumaTrainer(Trainer):
         if isinstance(self.objective.contrastive, MACLoss) and self.train_dataset is not None and hasattr(self.train_dataset, "__getitem__"):
             if "modality" not in self.train_dataset[0]:
                 raise ValueError("loss='mac' needs modality labels, but the training examples have no 'modality' field.")
-        if self.args.grad_cache_chunk_size and self.is_deepspeed_enabled:
-            raise ValueError("GradCache (grad_cache_chunk_size) runs several backward passes per step, which DeepSpeed does not allow.")
         if isinstance(self.objective, ElasticObjective):
             config = self._embedding_model().config
             depth, hidden = config.text_config.num_hidden_layers, config.text_config.hidden_size
@@ -597,24 +587,19 @@ class PumaTrainer(Trainer):
             self.objective.contrastive.tau_hard = tau_hard_schedule(
                 *self._training_progress(), args.tau_norm, args.tau_decay, args.tau_plateau, args.tau_round_digits)
 
-    def _teacher_embeddings(self, inputs: dict, chunks: dict | None = None) -> dict[str, torch.Tensor]:
-        """The teacher's embedding of each feature group; with `chunks` (GradCache), one chunk at a time, so the
-        teacher's activations never exceed one chunk's."""
+    def _teacher_embeddings(self, inputs: dict, chunks: list | None = None) -> dict[str, torch.Tensor]:
+        """The teacher's embedding of each feature group; with `chunks` (GradCache's `(group, rows, features)`), one
+        chunk at a time, so the teacher's activations never exceed one chunk's, put back in the batch's row order."""
         if self.teacher is None:
             return {}
-        embeddings = {}
-        for group in FEATURE_GROUPS:
-            if group not in inputs:
-                continue
+        if chunks is None:
+            return {group: self.teacher.embed(inputs[group], inputs.get(f"{group}_ids"))
+                    for group in FEATURE_GROUPS if group in inputs}
+        pieces = defaultdict(list)
+        for group, rows, features in chunks:
             ids = inputs.get(f"{group}_ids")
-            if chunks is None:
-                embeddings[group] = self.teacher.embed(inputs[group], ids)
-                continue
-            size = self.args.grad_cache_chunk_size
-            embeddings[group] = torch.cat([
-                self.teacher.embed(chunk, None if ids is None else ids[i * size:(i + 1) * size])
-                for i, chunk in enumerate(chunks[group])])
-        return embeddings
+            pieces[group].append((rows, self.teacher.embed(features, None if ids is None else [ids[r] for r in rows])))
+        return {group: _in_row_order(parts) for group, parts in pieces.items()}
 
     def _objective(self, embeddings: dict, teacher: dict, inputs: dict, tracked: dict) -> dict[str, torch.Tensor]:
         """The objective's outputs; its logged components are appended to `tracked` (training or evaluation)."""
@@ -632,12 +617,20 @@ class PumaTrainer(Trainer):
         self._track(outputs, tracked)
         return outputs
 
-    def _embed(self, model, features: dict) -> torch.Tensor | dict[int, torch.Tensor]:
+    def _embed(self, model, features: dict, visual_outputs: dict | None = None, output_visual_outputs: bool = False):
         """The raw embeddings of `features`; for an `ElasticObjective`, `{depth: raw embeddings}` at each of its
-        depths, from the same forward pass."""
-        if not isinstance(self.objective, ElasticObjective):
-            return model(**features).raw_embeddings
-        return model(**features, output_depths=self.objective.depths).depth_embeddings
+        depths, from the same forward pass. With `output_visual_outputs`, `(embeddings, the vision tower's outputs)`;
+        `visual_outputs` (of an earlier forward of the same features) skips the tower."""
+        kwargs = dict(self._forward_kwargs())
+        if visual_outputs is not None:  # empty: the inputs hold no image, and the tower must not run again
+            kwargs["visual_outputs"] = visual_outputs
+        if output_visual_outputs:
+            kwargs["output_visual_outputs"] = True
+        if isinstance(self.objective, ElasticObjective):
+            kwargs["output_depths"] = self.objective.depths
+        outputs = model(**features, **kwargs)
+        embeddings = outputs.depth_embeddings if isinstance(self.objective, ElasticObjective) else outputs.raw_embeddings
+        return (embeddings, outputs.visual_outputs) if output_visual_outputs else embeddings
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         embeddings = {group: self._embed(model, inputs[group]) for group in FEATURE_GROUPS if group in inputs}
@@ -664,51 +657,103 @@ class PumaTrainer(Trainer):
         return output
 
     # ---- GradCache --------------------------------------------------------------------------------------------
+    def _trains_visual(self) -> bool:
+        return any(parameter.requires_grad for parameter in self._embedding_model().model.visual.parameters())
+
+    def _grad_cache_chunks(self, inputs: dict) -> list[tuple[str, list[int], dict]]:
+        """`(group, rows, features)` of every GradCache chunk: each group's rows from the shortest to the longest
+        (`length_order`), `grad_cache_chunk_size` at a time."""
+        size, config = self.args.grad_cache_chunk_size, self._embedding_model().config
+        chunks = []
+        for group in FEATURE_GROUPS:
+            if group in inputs:
+                order = length_order(inputs[group])
+                parts = split_features(inputs[group], size, config.image_token_id,
+                                       getattr(config, "video_token_id", None), order=order)
+                chunks += [(group, order[i * size:(i + 1) * size], part) for i, part in enumerate(parts)]
+        return chunks
+
+    def _chunk_backward(self, model, surrogate: torch.Tensor, last: bool) -> None:
+        """Backpropagates one GradCache chunk's surrogate. accelerate's backward steps a DeepSpeed engine at the end of
+        an optimizer step, so every chunk but the step's last goes through the engine alone, marked as inside the
+        accumulation (ZeRO reduces each backward's gradients into its partitions; only the boundary steps)."""
+        if not self.is_deepspeed_enabled:
+            self.accelerator.backward(surrogate)
+        elif last:
+            self.accelerator.backward(surrogate, scale_wrt_gas=False)  # the loss is already divided, as the Trainer does
+        else:
+            engine = self.accelerator.deepspeed_engine_wrapped.engine
+            engine.set_gradient_accumulation_boundary(is_boundary=False)
+            engine.backward(surrogate, scale_wrt_gas=False)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not self.args.grad_cache_chunk_size:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         inputs = prepare_inputs(self, inputs)
-        size = self.args.grad_cache_chunk_size
-        config = self.accelerator.unwrap_model(model).config
-        chunks = {group: split_features(inputs[group], size, config.image_token_id, config.video_token_id)
-                  for group in FEATURE_GROUPS if group in inputs}
-        # 1. Embed every chunk without a graph. Each chunk's RNG state is captured right before its own forward, so
-        #    its replay in 3. draws the dropout masks this forward drew. Every group's embeddings are kept as
-        #    {depth: tensor} (the key None without elastic depths): with depths, each depth's embedding is cached.
-        states, leaves = defaultdict(list), {}
-        with torch.no_grad():
-            for group, group_chunks in chunks.items():
-                embedded = []
-                for chunk in group_chunks:
-                    states[group].append(RandContext(*chunk.values()))
-                    embedded.append(_by_depth(self._embed(model, chunk)))
-                leaves[group] = {key: torch.cat([e[key] for e in embedded]).requires_grad_() for key in embedded[0]}
-        # 2. The loss on all embeddings; its gradients with respect to them are the cache.
+        chunks = self._grad_cache_chunks(inputs)
+        # The frozen vision tower's outputs are the same in both passes: kept from the first for the second.
+        reuse_visual = (self.args.grad_cache_reuse_visual and not self._trains_visual()
+                        and reuses_visual_outputs(self._embedding_model()))
+        # The last chunk embedded keeps its graph from the first pass (it is the one re-embedded first otherwise):
+        # one chunk's activations, what every replay holds anyway. Alone, it is the step's only (synced) backward.
+        keep_last = len(chunks) > 1
+        # 1. Embed every chunk, each group from its shortest rows to its longest; all but the kept chunk without a
+        #    graph. Each chunk's RNG state is captured right before its own forward, so its replay in 3. draws the
+        #    dropout masks this forward drew. Embeddings are kept as {depth: tensor} (the key None without elastic
+        #    depths): with depths, each depth's embedding is cached.
+        language_model = self._embedding_model().model.language_model
+        states, visual, pieces, kept = [], [], defaultdict(list), None
+        for i, (group, rows, features) in enumerate(chunks):
+            keep = keep_last and i == len(chunks) - 1
+            reuse = reuse_visual and not keep
+            # a replay that skips the vision tower restores the RNG where the language model starts
+            capture = (rand_context_at(language_model) if reuse
+                       else contextlib.nullcontext([RandContext(*features.values())]))
+            sync = self.accelerator.no_sync(model) if keep else contextlib.nullcontext()
+            with sync, capture as state, torch.set_grad_enabled(keep), self.compute_loss_context_manager():
+                result = self._embed(model, features, output_visual_outputs=reuse)
+            embedded, outputs = result if reuse else (result, None)
+            states.append(state[0])
+            visual.append(outputs)
+            embedded = _by_depth(embedded)
+            if keep:
+                kept = embedded
+            else:
+                embedded = {key: value.requires_grad_() for key, value in embedded.items()}
+            pieces[group].append((rows, embedded))
+        # 2. The loss on all embeddings, in the batch's row order; its gradients with respect to them are the cache.
         with self.compute_loss_context_manager():
             teacher = self._teacher_embeddings(inputs, chunks)
-            loss = self._objective({group: _from_depth(e) for group, e in leaves.items()}, teacher, inputs,
-                                   self._tracked)["loss"]
+            embeddings = {group: _from_depth({key: _in_row_order([(rows, e[key]) for rows, e in parts])
+                                              for key in parts[0][1]})
+                          for group, parts in pieces.items()}
+            loss = self._objective(embeddings, teacher, inputs, self._tracked)["loss"]
         loss = loss / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        keys = [(group, key) for group, by_key in leaves.items() for key in by_key]
-        grads = torch.autograd.grad(loss, [leaves[group][key] for group, key in keys], allow_unused=True)
-        cached = defaultdict(dict)
-        for (group, key), grad in zip(keys, grads):  # an unused embedding (a weight of 0 keeps it in the graph) gets 0
-            cached[group][key] = (grad if grad is not None else torch.zeros_like(leaves[group][key])).split(size)
-        # 3. Re-embed each chunk with a graph and the same dropout, and backpropagate its cached gradient. Under DDP
-        #    only the last backward all-reduces (the Trainer keeps earlier accumulation steps in no_sync too).
-        replays = [(chunk, state, {key: parts[i] for key, parts in cached[group].items()})
-                   for group, group_chunks in chunks.items()
-                   for i, (chunk, state) in enumerate(zip(group_chunks, states[group]))]
-        for i, (chunk, state, grad) in enumerate(replays):
-            sync = contextlib.nullcontext() if i == len(replays) - 1 else self.accelerator.no_sync(model)
-            with sync:
-                with state, self.compute_loss_context_manager():
-                    embedded = _by_depth(self._embed(model, chunk))
-                    # never below float32 (bf16 dot products), never below the model's own precision either
-                    surrogate = sum(torch.dot(at_least_fp32(embedded[key].flatten()),
-                                              at_least_fp32(grad[key].flatten())) for key in grad)
-                self.accelerator.backward(surrogate)
+        cached = [embedded for parts in pieces.values() for _, embedded in parts]  # in the order of `chunks`
+        flat = iter(torch.autograd.grad(loss, [value for embedded in cached for value in embedded.values()],
+                                        allow_unused=True))
+        # an unused embedding (a weight of 0 keeps it in the graph) gets 0
+        grads = [{key: _or_zeros(next(flat), value) for key, value in embedded.items()} for embedded in cached]
+        # 3. Backpropagate each chunk's cached gradient: the kept chunk first, through the graph it holds, then every
+        #    other chunk re-embedded with a graph, the same dropout and the first pass's vision outputs. Under DDP and
+        #    FSDP only the step's last backward synchronises (the Trainer keeps earlier accumulation steps in no_sync).
+        replays = list(range(len(chunks)))
+        if keep_last:
+            replays = [replays[-1]] + replays[:-1]
+        for position, i in enumerate(replays):
+            last = position == len(replays) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                if keep_last and i == len(chunks) - 1:
+                    embedded = kept
+                else:
+                    rand = rand_context_at(language_model, states[i]) if visual[i] is not None else states[i]
+                    with rand, self.compute_loss_context_manager():
+                        embedded = _by_depth(self._embed(model, chunks[i][2], visual_outputs=visual[i]))
+                # never below float32 (bf16 dot products), never below the model's own precision either
+                surrogate = sum(torch.dot(at_least_fp32(embedded[key].flatten()), at_least_fp32(grad.flatten()))
+                                for key, grad in grads[i].items())
+                self._chunk_backward(model, surrogate, last)
         return loss.detach()
 
     # ---- logging ----------------------------------------------------------------------------------------------
@@ -747,19 +792,30 @@ class PumaTrainer(Trainer):
                 config.matryoshka_dims = list(self.objective.matryoshka_dims)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Checkpoints during training keep the adapters (for resuming); the final save merges LoRA into the base
-        when `merge_lora_on_save`, writing a PUMA checkpoint that `AutoModel(trust_remote_code=True)` loads. The
-        merge happens on a copy (`merged_copy`), so the trainer's model keeps its adapters and training can go on.
-        The saved config records the depths and Matryoshka sizes trained."""
+        """Checkpoints during training keep the adapters (for resuming; sharded runs write sharded checkpoints); the
+        final save merges LoRA into the base when `merge_lora_on_save`, writing a PUMA checkpoint that
+        `AutoModel(trust_remote_code=True)` loads. The merge happens on a copy (`merged_copy`), so the trainer's model
+        keeps its adapters and training can go on. A sharded run (FSDP, DeepSpeed ZeRO-3) gathers the full weights
+        on the main process for the final save, which every process must call. The saved config records the depths
+        and Matryoshka sizes trained."""
         self._record_trained_sizes()
         model = self.accelerator.unwrap_model(self.model)
-        if _internal_call or not self.args.merge_lora_on_save or not hasattr(model, "merge_and_unload"):
+        merge = self.args.merge_lora_on_save and hasattr(model, "merge_and_unload")
+        if _internal_call or not (merge or self._is_sharded()):
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.args.should_save:
+        if self._is_sharded():
+            # a collective: every process hands over its shards, the main process receives the full weights
+            state_dict = self.accelerator.get_state_dict(self.model_wrapped if self.is_deepspeed_enabled
+                                                         else self.model)
+            if self.args.should_save:
+                final = unsharded_copy(model, state_dict)
+                (final.merge_and_unload() if merge else final).save_pretrained(output_dir)
+        elif self.args.should_save:
             merged_copy(model).save_pretrained(output_dir)
+        if self.args.should_save:
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
+        self._final_save = output_dir
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None,
                     revision=None, **kwargs):
@@ -771,7 +827,13 @@ class PumaTrainer(Trainer):
 
         self._record_trained_sizes()
         model = self.accelerator.unwrap_model(self.model)
-        if hasattr(model, "merge_and_unload"):
+        if self._is_sharded():  # the main process holds a shard only: push the final save, which gathered them
+            final = getattr(self, "_final_save", None)
+            if final is None:
+                raise ValueError("A sharded run pushes its final save: call trainer.save_model() on every process "
+                                 "first (train.py does).")
+            model = PumaForEmbedding.from_pretrained(final)
+        elif hasattr(model, "merge_and_unload"):
             model = merged_copy(model)
         repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
         return push_to_hub(model, repo_id, token=token or self.args.hub_token, private=self.args.hub_private_repo,
@@ -786,6 +848,27 @@ def merged_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).merge_and_unload()
 
 
+def unsharded_copy(model: nn.Module, state_dict: dict) -> nn.Module:
+    """A copy of `model` (a `PumaForEmbedding`, or a PEFT model of one, whose weights are sharded over processes)
+    holding `state_dict`, its full weights gathered on this process: built on the meta device from the model's
+    configuration (and adapter configuration), then given the tensors, so no second copy is initialised. It saves
+    like the model (same names and checkpoint format) and merges its adapters like it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.device("meta"):
+        copy_model = type(base)(base.config)
+    copy_base = copy_model
+    if base is not model:
+        from peft import get_peft_model
+
+        adapter = model.active_adapter
+        with torch.device("meta"):
+            copy_model = get_peft_model(copy_base, model.peft_config[adapter], adapter_name=adapter)
+    copy_model.load_state_dict(state_dict, strict=True, assign=True)
+    copy_base.processor, copy_base.name_or_path = base.processor, base.name_or_path
+    copy_save_conversions(base, copy_base)
+    return copy_model.eval()
+
+
 def _by_depth(embeddings: torch.Tensor | dict) -> dict:
     """Embeddings as `{depth: tensor}`; a single tensor (no elastic depths) under the key `None`."""
     return embeddings if isinstance(embeddings, dict) else {None: embeddings}
@@ -796,10 +879,24 @@ def _from_depth(embeddings: dict) -> torch.Tensor | dict:
     return embeddings[None] if list(embeddings) == [None] else embeddings
 
 
+def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return grad if grad is not None else torch.zeros_like(like)
+
+
+def _in_row_order(parts: list[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
+    """The rows of `(rows, tensor)` chunks put back in the batch's order (differentiable)."""
+    rows = [row for chunk_rows, _ in parts for row in chunk_rows]
+    stacked = torch.cat([tensor for _, tensor in parts])
+    inverse = torch.empty(len(rows), dtype=torch.long)
+    inverse[torch.tensor(rows)] = torch.arange(len(rows))
+    return stacked.index_select(0, inverse.to(stacked.device))
+
+
 def _means(tracked: dict) -> dict[str, float]:
     return {key: round(float(sum(values)) / len(values), 6) for key, values in tracked.items()}
 
 
 __all__ = ["CachedTeacher", "PumaTrainer", "PumaTrainingArguments", "ReadableLogCallback", "ReadableProgressCallback",
            "SeparateTeacher", "SetEpochCallback", "SharedWeightTeacher", "format_log", "merged_copy", "parameter_groups",
-           "precompute_teacher_cache", "split_features", "teacher_cache_is_fresh", "teacher_fingerprint"]
+           "gathered", "unsharded", "unsharded_copy",
+           "precompute_teacher_cache", "length_order", "split_features", "teacher_cache_is_fresh", "teacher_fingerprint"]

@@ -2,6 +2,7 @@
 
     python bench/bench_train_step.py [--shape small|2b] [--steps 6] [--batch 16] [--quick]
     python bench/bench_train_step.py --elastic [--shape small|2b] [--steps 8] [--batch 16] [--threads 1]
+    python bench/bench_train_step.py --grad-cache [--shape small|2b] [--steps 8] [--batch 16] [--chunk 4]
     python bench/bench_train_step.py --shape tiny --quick        # the code path in seconds (tiny random model)
     python bench/bench_train_step.py --configs c mac             # some configurations only, with the baselines
     python bench/bench_train_step.py --markdown docs/benchmarks/train_step.md   # also write the stamped tables there
@@ -20,6 +21,14 @@ training 3 depths x 3 Matryoshka sizes (the grid of 4, 8, 12 layers, a third, tw
 ones, x a quarter, half and all of the embedding):
 the two alternate step by step (after one warm-up round), so load from other processes falls on both alike; each
 round's ratio is reported with the median and range over rounds, and the 1-minute load average.
+
+`--grad-cache` compares, in the same way, a plain MAC step with a GradCache step (chunks of `--chunk`) and a
+GradCache step that runs the frozen vision tower again in its second pass (`grad_cache_reuse_visual=False`), and
+accounts for each one's work in floating-point operations (torch's `FlopCounterMode`): the plain step's forward and
+backward of each group, GradCache's first pass over every chunk, its replays (forward and backward, the vision tower
+skipped where its outputs are reused) and the kept last chunk (backward only), beside what the earlier GradCache ran
+(every chunk re-embedded, chunks in batch order, the tower in both passes). The FLOP ratio is the cost of the
+algorithm; the measured ratio adds what small chunks cost beyond their FLOPs.
 """
 
 import argparse
@@ -243,6 +252,125 @@ def run_elastic(report, checkpoint: str, shape: str, data: str, batch: int, roun
                  notes=[load_note(threads)])
 
 
+def _flops(fn, visual_suffix: str = ".visual") -> tuple[float, float]:
+    """`(all, vision tower)` floating-point operations of `fn()` (torch's `FlopCounterMode`)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    counts = counter.get_flop_counts()
+    visual = sum(sum(by_op.values()) for name, by_op in counts.items() if name.endswith(visual_suffix))
+    return float(counter.get_total_flops()), float(visual)
+
+
+def grad_cache_flops(student, base, batch: dict, chunk: int) -> dict[str, float]:
+    """FLOPs of the plain step, of GradCache as it runs, and of the earlier GradCache, on one `batch`: each group's
+    forward and backward of a summed embedding (what the loss adds is negligible), and of each chunk."""
+    import torch
+
+    from trainer_puma import length_order, split_features
+
+    def forward(features, grad: bool):
+        with torch.set_grad_enabled(grad):
+            embedding = student(**features).raw_embeddings
+        if grad:
+            embedding.sum().backward()
+
+    token_id = base.config.image_token_id
+    total = {"plain": 0.0, "gradcache": 0.0, "previous gradcache": 0.0, "vision (plain)": 0.0}
+    for group in ("query", "candidate"):
+        features = batch[group]
+        flops, visual = _flops(lambda: forward(features, True))
+        total["plain"] += flops
+        total["vision (plain)"] += visual
+        sorted_chunks = split_features(features, chunk, token_id, order=length_order(features))
+        for index, part in enumerate(sorted_chunks):
+            first, first_visual = _flops(lambda: forward(part, False))
+            both, _ = _flops(lambda: forward(part, True))
+            kept = group == "candidate" and index == len(sorted_chunks) - 1
+            total["gradcache"] += first + (both - first if kept else both - first_visual)
+        for part in split_features(features, chunk, token_id):
+            first, _ = _flops(lambda: forward(part, False))
+            both, _ = _flops(lambda: forward(part, True))
+            total["previous gradcache"] += first + both
+    student.zero_grad(set_to_none=True)
+    return total
+
+
+def run_grad_cache(report, checkpoint: str, shape: str, data: str, batch: int, chunk: int, rounds: int,
+                   threads: int, device: str) -> None:
+    """Plain step vs GradCache (and GradCache re-running the vision tower) on the same student and batches,
+    interleaved; the FLOP accounting of each; reports the tables."""
+    import peft
+    import torch
+
+    from modeling_puma import PumaForEmbedding
+    from trainer_puma import PumaTrainer, PumaTrainingArguments
+
+    torch.set_num_threads(threads)
+    kept = KEPT_LAYERS[shape]
+    base = PumaForEmbedding.from_pretrained(checkpoint, num_layers=kept, dtype=torch.float32, device_map=device)
+    lora = peft.LoraConfig(r=16, lora_alpha=32, task_type="FEATURE_EXTRACTION",
+                           target_modules=r".*language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj")
+    student = peft.get_peft_model(base, lora)
+    collator = Collator(base)
+    examples = make_examples(batch * (rounds + 1))
+    batches = [collator(examples[i * batch:(i + 1) * batch]) for i in range(rounds + 1)]
+
+    def trainer(**settings):
+        args = PumaTrainingArguments(output_dir=os.path.join(data, "out"), per_device_train_batch_size=batch,
+                                     learning_rate=1e-4, report_to=[], use_cpu=device == "cpu", disable_tqdm=True,
+                                     save_strategy="no", loss="mac", **settings)
+        built = PumaTrainer(model=student, args=args, train_dataset=examples, data_collator=collator)
+        built.current_gradient_accumulation_steps = 1  # set by the training loop, which this bypasses
+        return built
+
+    trainers = {"plain": trainer(), "gradcache": trainer(grad_cache_chunk_size=chunk),
+                "gradcache, vision tower in both passes": trainer(grad_cache_chunk_size=chunk,
+                                                                  grad_cache_reuse_visual=False)}
+    counts = dict.fromkeys(trainers, 0)
+
+    def step(name):
+        def run():
+            student.zero_grad(set_to_none=True)
+            trainers[name].training_step(student, batches[counts[name]])
+            if device == "cuda":
+                torch.cuda.synchronize()
+            counts[name] += 1
+        return run
+
+    fns = {name: step(name) for name in trainers}
+    log("warm-up round")
+    for fn in fns.values():
+        fn()
+    LOAD_AVERAGES.clear()
+    cpu = {}
+    times = time_interleaved(fns, rounds, cpu)
+    log("counting FLOPs")
+    flops = grad_cache_flops(student, base, batches[0], chunk)
+    rows = [[name, f"{statistics.median(times[name]):.3f}", f"{min(times[name]):.3f}-{max(times[name]):.3f}",
+             f"{statistics.median(cpu[name]):.3f}",
+             spread(ratios(times[name], times["plain"])) if name != "plain" else "1",
+             spread(ratios(cpu[name], cpu["plain"])) if name != "plain" else "1"]
+            for name in trainers]
+    report.table(f"{os.path.basename(checkpoint)}: LoRA r16 student keeping {kept} of {full_depth(checkpoint)} layers, "
+                 f"batch {batch} mixed text/image pairs, GradCache chunks of {chunk}, MAC-Loss, {device} float32, "
+                 f"{threads} thread(s); {rounds} interleaved rounds after a warm-up",
+                 ["step", "median (s)", "min-max (s)", "CPU median (s)", "/ plain (wall), median (min-max)",
+                  "/ plain (CPU), median (min-max)"], rows, notes=[load_note(threads)])
+    plain = flops["plain"]
+    report.table("Work per step (GFLOP, one batch)", ["step", "GFLOP", "/ plain"], [
+        ["plain: forward and backward of each group", f"{plain / 1e9:.1f}", "1"],
+        ["  of which the vision tower (forward only: it is frozen)", f"{flops['vision (plain)'] / 1e9:.1f}",
+         f"{flops['vision (plain)'] / plain:.3f}"],
+        ["GradCache: first pass, replays without the tower, kept chunk", f"{flops['gradcache'] / 1e9:.1f}",
+         f"{flops['gradcache'] / plain:.3f}"],
+        ["previous GradCache: chunks in batch order, every chunk and tower twice",
+         f"{flops['previous gradcache'] / 1e9:.1f}", f"{flops['previous gradcache'] / plain:.3f}"],
+    ], notes=["A LoRA student's backward computes input gradients only (its frozen weights get none): about one "
+              "forward, so one extra forward costs 1.5 x a plain step, not the 1.33 x of full fine-tuning."])
+
+
 def run_configurations(report, args, checkpoint: str) -> None:
     """Each configuration in a fresh process; reports the table of steps and peaks and the table of checks."""
     common = {"checkpoint": checkpoint, "shape": args.shape, "steps": args.steps, "batch": args.batch,
@@ -303,7 +431,10 @@ def main():
     parser.add_argument("--quick", action="store_true", help="2 timed steps, batch 8")
     parser.add_argument("--elastic", action="store_true",
                         help="only the plain vs 3 depths x 3 Matryoshka sizes comparison (--steps rounds)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the --elastic comparison")
+    parser.add_argument("--grad-cache", action="store_true",
+                        help="only the plain vs GradCache comparison and its FLOP accounting (--steps rounds)")
+    parser.add_argument("--chunk", type=int, default=4, help="GradCache chunk size of --grad-cache")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of --elastic and --grad-cache")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS),
                         help="configurations to run (default: all); a and d, the baselines, always run")
     add_markdown_argument(parser)
@@ -315,10 +446,14 @@ def main():
         return
     if args.quick:
         args.steps, args.batch = 2, 8
-    report = Report(args.markdown, "Training-step benchmark" + (" (elastic depth)" if args.elastic else ""))
+    mode = " (elastic depth)" if args.elastic else " (GradCache)" if args.grad_cache else ""
+    report = Report(args.markdown, "Training-step benchmark" + mode)
     checkpoint = checkpoint_for(args.shape, args.data)
     if args.elastic:
         run_elastic(report, checkpoint, args.shape, args.data, args.batch, args.steps, args.threads, args.device)
+    elif args.grad_cache:
+        run_grad_cache(report, checkpoint, args.shape, args.data, args.batch, args.chunk, args.steps, args.threads,
+                       args.device)
     else:
         run_configurations(report, args, checkpoint)
     report.write()

@@ -132,14 +132,15 @@ def _shard_problem(path: str, expected_ids: list[str], fingerprint: str, dim: in
     return None
 
 
-def _write_shard(path: str, embeddings: torch.Tensor, ids: list[str], fingerprint: str) -> None:
+def _write_shard(path: str, embeddings: torch.Tensor, ids: list[str], fingerprint: str,
+                 dtype: torch.dtype | None = None) -> None:
     from safetensors.torch import save_file
 
     if not torch.isfinite(embeddings).all():
         bad = [ids[i] for i in (~torch.isfinite(embeddings).all(dim=1)).nonzero().flatten().tolist()]
         raise ValueError(f"The model produced non-finite embeddings for {bad[:SHOWN_IDS]} (shard {path}).")
     temporary = f"{path}.tmp{os.getpid()}"
-    save_file({"embeddings": embeddings.contiguous()}, temporary,
+    save_file({"embeddings": embeddings.to(dtype or embeddings.dtype).contiguous()}, temporary,
               metadata={"fingerprint": fingerprint, "ids": json.dumps(ids)})
     os.replace(temporary, path)  # a shard is complete or absent, never half-written
 
@@ -159,9 +160,10 @@ def encode_input(item: dict, image_root: str | None = None) -> dict:
 
 
 def encode_items(model, items: list[dict], instructions: list[str | None] | None = None, is_query: bool = False,
-                 batch_size: int = 16, image_root: str | None = None) -> torch.Tensor:
+                 batch_size: int = 16, image_root: str | None = None, normalize: bool = True) -> torch.Tensor:
     """Embeds `items` (`{"text", "image" | "video" | "pdf" (and "page")}` dicts) in their order,
-    `(len(items), hidden_size)` float32; `encode` takes one instruction per call, so items are grouped by it."""
+    `(len(items), hidden_size)` float32, L2-normalised unless `normalize=False` (the raw pooled states a distillation
+    teacher provides); `encode` takes one instruction per call, so items are grouped by it."""
     instructions = instructions if instructions is not None else [None] * len(items)
     groups = {}
     for index, instruction in enumerate(instructions):
@@ -170,7 +172,7 @@ def encode_items(model, items: list[dict], instructions: list[str | None] | None
     for instruction, indices in groups.items():
         inputs = [encode_input(items[i], image_root) for i in indices]
         out[indices] = model.encode(inputs, instruction=instruction, is_query=is_query, batch_size=batch_size,
-                                    show_progress_bar=False)
+                                    normalize=normalize, show_progress_bar=False)
     return out
 
 
@@ -212,6 +214,12 @@ class EmbeddingShards:
         raise RuntimeError(f"Embedding shard {path} {problem or 'changed shape'} (was it written by another "
                            "process on a file system this one does not share?); removed it: rerun to re-encode it.")
 
+    def mapped(self, index: int):
+        """Shard `index` of the cache as a read-only numpy array mapped from its file (`(rows, dim)`; bfloat16 shards
+        as `uint16`, to view as `torch.bfloat16`): rows are read from disk when indexed, so a cache larger than
+        memory can be looked up row by row (the teacher cache)."""
+        return map_safetensors(self.shard_path(index), "embeddings")
+
     def chunks(self) -> Iterator[torch.Tensor]:
         """Every shard in order: what an index is filled from without holding the whole pool in memory."""
         for index in range(len(self.bounds)):
@@ -225,7 +233,7 @@ class EmbeddingShards:
 def encode_sharded(model, items: list[dict], ids: list[str], cache_dir=None, *, name: str = "items",
                    is_query: bool = False, instructions: list[str | None] | None = None, image_root=None,
                    batch_size: int = 16, shard_size: int = 1024, show_progress_bar: bool = True,
-                   on_shard=None) -> EmbeddingShards | None:
+                   on_shard=None, normalize: bool = True, dtype: torch.dtype | None = None) -> EmbeddingShards | None:
     """Embeds `items` (`{"text", "image" | "video" | "pdf"}` dicts, paths relative to `image_root`) shard by shard.
 
     With `cache_dir`, each shard of `shard_size` items is written to
@@ -239,18 +247,23 @@ def encode_sharded(model, items: list[dict], ids: list[str], cache_dir=None, *, 
     Args:
         instructions: one per item (queries only), or `None`.
         on_shard: called as `on_shard(shard_index, num_shards)` after each shard this process encoded.
+        normalize: L2-normalise the embeddings (`False`: the raw pooled states, as a distillation teacher gives).
+        dtype: the dtype shards are stored in (default float32), e.g. `torch.bfloat16` for half the disk.
 
     Returns:
-        On the main process, the `EmbeddingShards` (float32, L2-normalised rows, read from the cache on demand);
-        `None` on the other processes, after every process has written its shards.
+        On the main process, the `EmbeddingShards` (L2-normalised rows unless `normalize=False`, read from the cache
+        on demand); `None` on the other processes, after every process has written its shards.
     """
     instructions = _checked_arguments(items, ids, cache_dir, name, shard_size, instructions)
     state = distributed_state()
     if cache_dir is None and state.num_processes > 1:
         raise ValueError("Encoding with several processes needs a cache_dir: they hand their shards over through it.")
     bounds = [(start, min(start + shard_size, len(items))) for start in range(0, len(items), shard_size)]
+    settings = [f"query={is_query}", f"shard_size={shard_size}"]
+    if not normalize or dtype not in (None, torch.float32):  # so that the fingerprints of earlier caches stay valid
+        settings += [f"normalize={normalize}", f"dtype={dtype}"]
     fingerprint = hashlib.sha256("|".join([model_fingerprint(model), items_fingerprint(ids, items, instructions),
-                                           f"query={is_query}", f"shard_size={shard_size}"]).encode()).hexdigest()
+                                           *settings]).encode()).hexdigest()
     folder = os.path.join(os.fspath(cache_dir), name, fingerprint[:16]) if cache_dir is not None else None
     in_memory = {}
     shards = EmbeddingShards(ids, model.config.text_config.hidden_size, bounds, fingerprint, folder, in_memory)
@@ -264,9 +277,9 @@ def encode_sharded(model, items: list[dict], ids: list[str], cache_dir=None, *, 
         for index in own:
             start, end = bounds[index]
             embeddings = encode_items(model, items[start:end], instructions[start:end], is_query, batch_size,
-                                      image_root)
+                                      image_root, normalize)
             if folder is not None:
-                _write_shard(shards.shard_path(index), embeddings, ids[start:end], fingerprint)
+                _write_shard(shards.shard_path(index), embeddings, ids[start:end], fingerprint, dtype)
             else:
                 in_memory[index] = embeddings
             encoded += end - start
@@ -318,6 +331,33 @@ def _missing_shards(shards: EmbeddingShards, name: str, state) -> list[int]:
     if cached and state.is_main_process:
         logger.info(f"{name}: reusing {cached} of {len(shards)} embeddings from {shards.folder}")
     return missing
+
+
+# numpy dtypes of safetensors' tensor types (bfloat16 has none: its 16 bits are read as uint16)
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16"}
+
+
+def map_safetensors(path: str, name: str):
+    """The tensor `name` of the safetensors file `path` as a read-only `numpy.memmap` (bfloat16 as `uint16`).
+
+    The format is an 8-byte little-endian header length, a JSON header giving each tensor's dtype, shape and byte
+    range after the header, then the data: the range is mapped as it is, nothing is read until indexed."""
+    import numpy as np
+
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    if name not in header:
+        raise KeyError(f"{path} holds no tensor {name!r} (it holds {sorted(k for k in header if k != '__metadata__')}).")
+    entry = header[name]
+    if entry["dtype"] not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} is {entry['dtype']}, not one of {sorted(_SAFETENSORS_DTYPES)}.")
+    start, end = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    if end == start:
+        return np.zeros(shape, dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+    return np.memmap(path, dtype=_SAFETENSORS_DTYPES[entry["dtype"]], mode="r", offset=8 + length + start,
+                     shape=shape)
 
 
 def encode_cached(model, items: list[dict], ids: list[str], cache_dir=None, **kwargs) -> torch.Tensor | None:

@@ -192,6 +192,26 @@ def test_flash_attention_is_detected_through_public_api():
     assert isinstance(is_flash_attn_2_available(), bool), VERSION
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_the_vision_towers_outputs_are_reused_where_the_backbone_takes_them(family_checkpoints, family):
+    # GradCache's second pass skips a frozen vision tower where transformers takes its earlier outputs back
+    model = PumaForEmbedding.from_pretrained(family_checkpoints[family], num_layers=3)
+    features = modeling_puma.featurize(model.processor, model.config, [
+        modeling_puma.build_prompt(model.config, "a dot", True, None, model.processor.tokenizer)],
+        [Image.new("RGB", (56, 84), (200, 10, 10))])
+    with torch.no_grad():
+        first = model(**features, output_visual_outputs=True)
+        if not modeling_puma.reuses_visual_outputs(model):
+            assert first.visual_outputs is None, VERSION
+            with pytest.raises(TransformersCompatibilityError, match=rf"transformers {transformers.__version__}"):
+                model(**features, visual_outputs={"image": object()})
+            return
+        assert set(first.visual_outputs) == {"image"}, VERSION
+        again = model(**{k: v for k, v in features.items() if k != "pixel_values"},
+                      visual_outputs=first.visual_outputs)
+    assert torch.equal(again.raw_embeddings, first.raw_embeddings), VERSION
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Trainer and Hub
 # ----------------------------------------------------------------------------------------------------------------

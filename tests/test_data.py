@@ -187,8 +187,30 @@ def test_target_modality_and_instruction_follow_the_drawn_positive(mbeir):
         assert item["modality"] == pool[item["positive_id"]]["modality"]
         prompts = instructions[("1", "text", item["modality"])]
         index = prompts.index(item["instruction"])
-        assert item["query_id"] == f"1:0#i{index}"  # the id names the exact query input
+        # the id names the exact query input: its positives have two modalities, whose instruction lists differ
+        assert item["query_id"] == f"1:0#{item['modality']}#i{index}"
     assert drawn == {"1:0", "1:1"}
+
+
+def test_teacher_inputs_list_every_input_any_epoch_draws_once_under_its_id(mbeir):
+    # Given the training set with hard negatives, read over many epochs
+    query_file, pool_file, instructions_file, root = mbeir
+    dataset = MBEIRTrainDataset(query_file, pool_file, instructions_file, root, num_hard_negatives=2)
+    listed = {}
+    for part, item_id, item, instruction in dataset.teacher_inputs():
+        assert item_id not in listed, item_id  # one input per id
+        listed[item_id] = (part, item, instruction)
+    drawn = {}
+    for epoch in range(30):
+        dataset.set_epoch(epoch)
+        for example in (dataset[i] for i in range(len(dataset))):
+            drawn[example["query_id"]] = ("queries", example["query"], example["instruction"])
+            drawn[example["positive_id"]] = ("candidates", example["positive"], None)
+            drawn.update({did: ("candidates", negative, None)
+                          for did, negative in zip(example["negative_ids"], example["negatives"])})
+    # Then every drawn input is listed under its id, as drawn, and nothing is listed that no draw can reach
+    assert all(listed[item_id] == value for item_id, value in drawn.items())
+    assert set(listed) == set(drawn)
 
 
 def test_examples_are_plain_dicts_with_paths_under_image_root_and_instructions_on_queries_only(mbeir):

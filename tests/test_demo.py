@@ -18,7 +18,8 @@ def test_quick_demo_runs_every_step_and_writes_its_outputs(tmp_path, family):
     out = tmp_path / "demo"
     command = [sys.executable, os.path.join(ROOT, "demo.py"), "--out", str(out), "--quick", "--family", family]
     elastic = family == "qwen2_vl"  # the elastic-depth evidence, once
-    command += ["--elastic"] if elastic else []
+    mined = family == "qwen3_vl"  # the mined-negatives evidence, once
+    command += ["--elastic"] if elastic else ["--mined"]
     result = subprocess.run(command, cwd=ROOT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -29,6 +30,13 @@ def test_quick_demo_runs_every_step_and_writes_its_outputs(tmp_path, family):
     assert (out / "curves_stage1.png").stat().st_size > 0 and (out / "curves_stage2.png").stat().st_size > 0
     assert json.loads((out / "stage2" / "config.json").read_text())["base_model_type"] == family
     assert (out / "eval" / "results_local.md").is_file() and list((out / "eval" / "plots").glob("*.png"))
+    if mined:
+        table = (out / "mined.md").read_text()
+        assert "| task | no negatives | 2 near misses (the benchmark's) | 2 mined" in table
+        assert "average (6 tasks)" in table
+        mined_queries = [json.loads(line) for line in (out / "mined" / "mbeir_demo_train.jsonl").open()]
+        assert mined_queries and all(len(q["neg_cand_list"]) <= 2 for q in mined_queries)
+        assert (out / "stage2-mined" / "config.json").is_file() and (out / "stage2-near-misses" / "config.json").is_file()
     if elastic:
         table = (out / "elastic.md").read_text()
         assert "depth 1 elastic | depth 1 separate" in table and "average (7 tasks)" in table

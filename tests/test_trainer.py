@@ -43,7 +43,7 @@ class PairDataset(Dataset):
             else:
                 query, positive, modality = {"text": caption + " again"}, {"text": caption, "image": image}, "image,text"
             self.items.append({"query": query, "positive": positive, "modality": modality, "query_id": f"q{i}",
-                               "positive_id": f"c{i}"})
+                               "positive_id": f"c{i}", "instruction": "Find the match."})
 
     def __len__(self):
         return len(self.items)
@@ -66,7 +66,7 @@ class Collator:
 
     def __call__(self, examples):
         return {
-            "query": self._features([e["query"] for e in examples], "Find the match."),
+            "query": self._features([e["query"] for e in examples], examples[0]["instruction"]),
             "candidate": self._features([e["positive"] for e in examples]),
             "modality": torch.tensor([modality_id(e["modality"]) for e in examples]),
             "query_ids": [e["query_id"] for e in examples],
@@ -206,7 +206,7 @@ def test_a_matching_teacher_cache_is_reused_and_a_stale_one_is_not(tiny_checkpoi
     precompute_teacher_cache(model, loader, str(tmp_path / "cache"), fingerprint)
     assert teacher_cache_is_fresh(str(tmp_path / "cache"), {"data": [1, 2], "teacher": "a"})
     assert not teacher_cache_is_fresh(str(tmp_path / "cache"), {"teacher": "b", "data": [1, 2]})
-    os.remove(tmp_path / "cache" / "index.json")
+    os.remove(tmp_path / "cache" / "manifest.json")
     assert not teacher_cache_is_fresh(str(tmp_path / "cache"), fingerprint)
 
 
@@ -272,6 +272,44 @@ def test_grad_cache_gradients_equal_the_plain_step(tiny_checkpoint, images, tmp_
     assert plain.keys() == cached.keys() and len(plain) > 0
     for name in plain:
         assert_close(cached[name], plain[name], ulps=1000, name=name)
+
+
+def test_grad_cache_runs_a_frozen_vision_tower_once_and_a_trained_one_in_both_passes(tiny_checkpoint, images,
+                                                                                      tmp_path):
+    # Given a batch of 6 pairs in chunks of 2 (3 chunks per group, mixing text and images), in float64
+    dataset = PairDataset(images)
+    lora = lora_student(tiny_checkpoint, dtype=torch.float64)
+    perturb_lora(lora, 0.1)
+    full = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=3, dtype=torch.float64).train()
+    for name, student in (("lora", lora), ("full", full)):
+        base = student.get_base_model() if name == "lora" else student
+        collator = Collator(base.processor, base.config)
+        batch = one_batch(dataset, collator)
+        towers = []
+        hook = base.model.visual.register_forward_hook(lambda *a: towers.append(1))
+        gradients = {}
+        try:
+            for chunk in (None, 2):
+                args = training_args(tmp_path, grad_cache_chunk_size=chunk, loss="mac", tau_norm=0.05)
+                trainer = PumaTrainer(model=student, args=args, train_dataset=dataset, data_collator=collator)
+                trainer.current_gradient_accumulation_steps = 1
+                student.zero_grad()
+                towers.clear()
+                trainer.training_step(student, dict(batch))
+                gradients[chunk] = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+            with_images = ["pixel_values" in features for _, _, features in trainer._grad_cache_chunks(batch)]
+        finally:
+            hook.remove()
+        # When the tower is frozen (LoRA) its outputs of the first pass serve the replays: one run per chunk holding
+        # an image; when it trains, the replays run it again (but the kept last chunk, which is not replayed)
+        assert sum(with_images) >= 3 and len(with_images) == 6
+        expected = sum(with_images) if name == "lora" else 2 * sum(with_images) - with_images[-1]
+        assert len(towers) == expected, name
+        # and the gradients equal the plain step's (the tower's own too, when it trains)
+        assert gradients[None].keys() == gradients[2].keys()
+        assert name == "lora" or any(".visual." in key for key in gradients[2])
+        for key in gradients[None]:
+            assert_close(gradients[2][key], gradients[None][key], ulps=1000, name=f"{name} {key}")
 
 
 def test_an_elastic_step_is_one_forward_and_equals_the_loss_of_the_separately_loaded_truncated_models(
@@ -376,17 +414,21 @@ def test_grad_cache_replays_every_chunks_dropout_masks(tiny_checkpoint, images, 
     forwards = []
     hook = base.model.language_model.norm.register_forward_hook(lambda module, args, out: forwards.append(out.detach()))
     try:
-        # When one GradCache step embeds 3 chunks per group without a graph, then replays each with one
+        # When one GradCache step embeds 3 chunks per group (the last with a graph, which it keeps), then replays the
+        # other 5 with one
         trainer.training_step(student, one_batch(dataset, collator))
         student.train()
         features = collator([dataset[0], dataset[1]])["query"]
         dropped = [student(**features).raw_embeddings for _ in range(2)]
     finally:
         hook.remove()
-    # Then dropout is active, and every replayed chunk equals its cached forward bit for bit
+    # Then dropout is active, the kept chunk is not embedded again, and every replayed chunk equals its first
+    # forward bit for bit
     assert (dropped[0] - dropped[1]).abs().max() > 1e-4
-    cached, replayed = forwards[:6], forwards[6:12]
-    assert all(torch.equal(a, b) for a, b in zip(cached, replayed)), [float((a - b).abs().max()) for a, b in zip(cached, replayed)]
+    assert len(forwards) == 6 + 5 + 2
+    cached, replayed = forwards[:5], forwards[6:11]
+    assert all(torch.equal(a, b) for a, b in zip(cached, replayed)), \
+        [float((a - b).abs().max()) for a, b in zip(cached, replayed)]
 
 
 def _ddp_grad_cache_worker(rank, world_size, port, checkpoint, out_file):

@@ -1,0 +1,153 @@
+"""Sharded training: the shipped FSDP2 config on two CPU processes (gloo) against one process over the global batch,
+in float64: the same loss at every step and the same weights after training, for LoRA and full fine-tuning, each
+teacher (shared weights, cached, separate), GradCache and elastic depths; a sharded checkpoint resumed reaches the
+weights of an uninterrupted unsharded run; the final save (LoRA merged from the gathered shards) equals the unsharded
+run's. The DeepSpeed ZeRO-3 config is read as accelerate and transformers read it; its training is checked on GPUs
+(bench/device_zero3.sh). `tests/sharded_worker.py` says how accelerate's sharded code paths are entered on CPUs."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from numerics import assert_close
+
+
+pytest.importorskip("peft", reason="the scenarios train LoRA adapters")
+pytest.importorskip("accelerate", reason="sharded training runs through accelerate")
+
+STEPS, BATCH = 2, 8  # two optimizer steps of a global batch of 8 (4 per process when sharded)
+SCENARIOS = [
+    dict(name="lora-shared-gradcache-elastic", lora=True, teacher="shared", grad_cache=2, depths=[1, 2, 3]),
+    dict(name="full-separate-gradcache", lora=False, teacher="separate", grad_cache=2),
+    # the sharded run writes a sharded checkpoint after 2 of 4 steps, stops, and a new trainer resumes it
+    dict(name="lora-cached-resumed", lora=True, teacher="cached", steps=4, resume_at=2),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare(folder, source: str, dtype: torch.dtype = torch.float64, world_size: int = 2) -> list[dict]:
+    """Writes `folder/<dtype>` (the checkpoint `source` in `dtype`), the teacher cache and `folder/scenarios.json`;
+    returns the scenarios."""
+    from modeling_puma import PumaForEmbedding
+    from sharded_scenarios import Pairs
+    from teacher_cache_puma import precompute_teacher_cache
+
+    checkpoint = os.path.join(folder, str(dtype).split(".")[-1])
+    teacher = PumaForEmbedding.from_pretrained(source, dtype=dtype)
+    teacher.save_pretrained(checkpoint)
+    precompute_teacher_cache(teacher, Pairs(), os.path.join(folder, "cache"), {}, dtype=dtype)
+    scenarios = [{"checkpoint": checkpoint, "world_size": world_size, "batch": BATCH, "steps": STEPS, **scenario,
+                  **({"cache": os.path.join(folder, "cache")} if scenario.get("teacher") == "cached" else {})}
+                 for scenario in SCENARIOS]
+    with open(os.path.join(folder, "scenarios.json"), "w") as f:
+        json.dump(scenarios, f)
+    return scenarios
+
+
+@pytest.fixture(scope="module")
+def setting(tiny_checkpoint, tmp_path_factory):
+    """The float64 checkpoint, the teacher cache and the scenario list, and the one-process runs of them."""
+    from sharded_scenarios import run_scenarios
+
+    folder = tmp_path_factory.mktemp("sharded")
+    scenarios = prepare(str(folder), tiny_checkpoint)
+    unsharded = [{key: value for key, value in scenario.items() if key != "resume_at"} for scenario in scenarios]
+    run_scenarios(unsharded, str(folder / "one"))
+    return folder
+
+
+def run_sharded(kind: str, folder) -> str:
+    """Runs the scenarios on 2 processes sharded by `kind`; returns their results folder."""
+    out, scenarios = str(folder / kind), str(folder / "scenarios.json")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), os.path.join(ROOT, "tests", "sharded_worker.py"), kind, scenarios, out]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"),
+                                                                os.environ.get("PYTHONPATH", "")]),
+                   "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return out
+
+
+def assert_same_training(sharded: str, folder, processes: int = 2, ulps: int = 1000) -> None:
+    """The runs in `sharded` against `folder/one`: the same losses, weights and final saves (float64 sums in
+    another order: `ulps`)."""
+    folder = Path(folder)
+    for scenario in SCENARIOS:
+        name = scenario["name"]
+        got, expected = torch.load(os.path.join(sharded, f"{name}.pt")), torch.load(folder / "one" / f"{name}.pt")
+        # each process held a shard of the parameters, not all of them
+        assert processes == 1 or got["local_numel"] < 0.75 * got["numel"], name
+        # the same loss at every step (the Trainer logs it rounded to 4 decimals)
+        assert got["losses"] == pytest.approx(expected["losses"], abs=1.5e-4), name
+        assert len(got["losses"]) == scenario.get("steps", STEPS)
+        # and the same weights after the last update: float64 sums in another order (1000 ulps)
+        assert got["weights"].keys() == expected["weights"].keys(), name
+        for key, value in expected["weights"].items():
+            assert_close(got["weights"][key], value, ulps=ulps, name=f"{name}: {key}")
+        # the final save, gathered from the shards (LoRA merged there), equals the unsharded run's
+        saved, reference = (load_file(os.path.join(path, name, "model.safetensors"))
+                            for path in (sharded, folder / "one"))
+        assert saved.keys() == reference.keys() and not any("lora" in key for key in saved), name
+        for key, value in reference.items():
+            assert_close(saved[key], value, ulps=ulps, name=f"{name} saved: {key}")
+        configs = [json.loads(open(os.path.join(path, name, "config.json")).read()) for path in (sharded,
+                                                                                               folder / "one")]
+        assert configs[0] == configs[1], name
+
+
+@pytest.mark.slow
+def test_fsdp2_training_equals_one_process_in_loss_weights_resume_and_merged_save(setting):
+    assert_same_training(run_sharded("fsdp", setting), setting)
+
+
+# ZeRO-3 does not train in CPU processes: peft gathers a trained embedding row (the LoRA scenarios' token row) on a
+# CUDA device only, and a full fine-tuning run stops in transformers' attention-kernel dispatch of the ZeRO-3 model
+# (docs/training.md). bench/device_zero3.sh runs every scenario under ZeRO-3 on GPUs against the unsharded run.
+def test_the_zero3_config_reads_as_stage_3_with_a_gathered_final_save():
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
+    from accelerate.utils import DeepSpeedPlugin
+    from sharded_worker import launch_environment
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    old = dict(os.environ)
+    try:
+        os.environ.update(launch_environment("zero3", 8))
+        plugin = DeepSpeedPlugin()  # what accelerate builds from the launch environment
+        config = HfDeepSpeedConfig(plugin.deepspeed_config)
+        assert config.is_zero3() and not config.is_offload()
+        assert plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+        assert plugin.zero3_init_flag is False  # the pruned model loads on the CPU first
+    finally:
+        unset_hf_deepspeed_config()
+        os.environ.clear()
+        os.environ.update(old)
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "zero3"])
+def test_the_shipped_configs_launch_what_they_say(kind):
+    from sharded_worker import launch_environment
+
+    environment = launch_environment(kind, 8)
+    if kind == "fsdp":
+        assert environment["ACCELERATE_USE_FSDP"] == "true" and environment["FSDP_VERSION"] == "2"
+        assert environment["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+        assert environment["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"
+        assert "FSDP_TRANSFORMER_CLS_TO_WRAP" not in environment  # the layer classes come from the model
+    else:
+        assert environment["ACCELERATE_USE_DEEPSPEED"] == "true"
+        assert environment["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "3"
+        assert environment["ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"] == "true"
