@@ -238,3 +238,59 @@ def test_the_puma_folder_carries_the_reduction_and_the_plain_export_refuses_it(f
     PumaForEmbedding.from_pretrained(str(tmp_path / "puma"), visual_pool=1).save_pretrained(tmp_path / "unreduced")
     hub_puma.export_plain_checkpoint(tmp_path / "unreduced", tmp_path / "plain")
     assert (tmp_path / "plain" / "config.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: elastic reduction factors, distilled from the unreduced model
+# ---------------------------------------------------------------------------------------------------------------
+def test_a_reduced_training_step_distils_the_unreduced_self_and_records_the_factors(tiny_checkpoint, images,
+                                                                                   tmp_path):
+    pytest.importorskip("peft")
+    from test_trainer import Collator, PairDataset, lora_student, one_batch, training_args
+    from trainer_puma import PumaTrainer
+
+    from modeling_puma import prepare_inputs
+
+    student = lora_student(tiny_checkpoint)
+    base = student.get_base_model()
+    dataset = PairDataset(images)
+    collator = Collator(base.processor, base.config)
+    args = training_args(tmp_path, loss="infonce", distill="mse", distill_weight=0.5, contrastive_weight=0.5,
+                         teacher="self", visual_pools=[1, 2], max_steps=2, save_strategy="no")
+    trainer = PumaTrainer(model=student, args=args, train_dataset=dataset, data_collator=collator)
+    batch = prepare_inputs(trainer, one_batch(dataset, collator))
+    distill = {}
+    for step in (0, 1):  # the factors are taken in turn, one per optimizer step
+        trainer.state.global_step = step
+        with torch.no_grad():
+            _, outputs = trainer.compute_loss(student, batch, return_outputs=True)
+            student_rows = trainer._embed(student, batch["candidate"])
+            reference = student(**batch["candidate"], visual_pool=args.visual_pools[step]).raw_embeddings
+        assert torch.equal(student_rows, reference)
+        distill[step] = outputs["distill_loss"].item()
+    # at factor 1 the student is its own teacher; at factor 2 it is pulled towards its unreduced embedding
+    assert distill[0] == 0.0 and distill[1] > 0.0
+    trainer.state.global_step = 0
+    trainer.train()
+    assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = json.load(open(tmp_path / "saved" / "config.json"))
+    assert saved["trained_visual_pools"] == [1, 2]
+
+
+def test_every_teacher_embeds_without_reduction(tiny_checkpoint, images):
+    reduced = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2, visual_pool=2)
+    features = features_for(reduced, inputs_of_every_kind(images))
+    from trainer_puma import SeparateTeacher
+
+    with torch.no_grad():
+        assert torch.equal(SeparateTeacher(reduced).embed(features, None),
+                           reduced(**features, visual_pool=1).raw_embeddings)
+        assert not torch.allclose(reduced(**features).raw_embeddings, reduced(**features, visual_pool=1).raw_embeddings)
+
+
+def test_visual_pools_are_checked_naming_the_option(tmp_path):
+    from trainer_puma import PumaTrainingArguments
+
+    with pytest.raises(ValueError, match="visual_pools"):
+        PumaTrainingArguments(output_dir=str(tmp_path), visual_pools=[1, 0], report_to=[], use_cpu=True)
