@@ -659,14 +659,16 @@ def pool_visual_grid(features: torch.Tensor, grid_thw, merge: int, factor: int, 
     over the cells it covers; `"bilinear"` resamples the grid (antialiased)."""
     t, h, w = (int(size) for size in grid_thw)
     rows, cols = h // merge, w // merge
-    grid = features.reshape(t, rows, cols, -1).permute(0, 3, 1, 2)  # (t, dim, rows, cols)
+    # pooled in float32 at least: bf16 window sums round, and CPU has no bf16 antialiased bilinear kernel
+    wide = torch.promote_types(features.dtype, torch.float32)
+    grid = features.reshape(t, rows, cols, -1).permute(0, 3, 1, 2).to(wide)  # (t, dim, rows, cols)
     if mode == "avg":
         # with no padding, ceil_mode's edge windows divide by the cells inside the input
         pooled = F.avg_pool2d(grid, factor, ceil_mode=True)
     else:
         size = (-(-rows // factor), -(-cols // factor))
         pooled = F.interpolate(grid, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return pooled.permute(0, 2, 3, 1).reshape(-1, features.shape[-1])
+    return pooled.permute(0, 2, 3, 1).reshape(-1, features.shape[-1]).to(features.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -153,6 +153,15 @@ def test_pooling_an_odd_grid_keeps_a_ceil_sized_grid(mode):
         assert_close(pooled, window_means(features, (2, 10, 6), 2, 2))
 
 
+@pytest.mark.parametrize("mode", ["avg", "bilinear"])
+def test_bfloat16_features_pool_in_float32_and_keep_their_dtype(mode):
+    features = torch.randn(3 * 5, 8, dtype=torch.bfloat16)
+    pooled = pool_visual_grid(features, (1, 6, 10), merge=2, factor=2, mode=mode)
+    assert pooled.dtype == torch.bfloat16
+    assert_close(pooled.float(), pool_visual_grid(features.float(), (1, 6, 10), 2, 2, mode), dtype=torch.bfloat16,
+                 ulps=1)
+
+
 def test_bilinear_pooling_of_a_constant_grid_is_that_constant():
     features = torch.full((4 * 4, 3), 2.5, dtype=torch.float64)
     assert_close(pool_visual_grid(features, (1, 8, 8), merge=2, factor=2, mode="bilinear"),
