@@ -306,7 +306,7 @@ class PumaForEmbedding(PumaPreTrainedModel):
         """
         if "mm_encoder_outputs" not in self._backbone_inputs:
             raise incompatibility(f"{type(self.model).__name__}.forward takes precomputed mm_encoder_outputs",
-                                  f"needed by visual_pool={factor}; transformers >= 5.25 has it")
+                                  f"needed by visual_pool={factor}; transformers 5.19 and later have it")
         merge = self.config.vision_config.spatial_merge_size
         mode = self.config.visual_pool_mode
         keep = torch.ones_like(input_ids, dtype=torch.bool)

@@ -303,3 +303,15 @@ def test_visual_pools_are_checked_naming_the_option(tmp_path):
 
     with pytest.raises(ValueError, match="visual_pools"):
         PumaTrainingArguments(output_dir=str(tmp_path), visual_pools=[1, 0], report_to=[], use_cpu=True)
+
+
+def test_a_transformers_without_precomputed_encoder_outputs_is_named(tiny_checkpoint, images):
+    from configuration_puma import TransformersCompatibilityError
+
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2, visual_pool=2)
+    features = features_for(model, inputs_of_every_kind(images))
+    # as the family classes of transformers 4.57 and 5.4 are: no mm_encoder_outputs input
+    model._backbone_inputs = model._backbone_inputs - {"mm_encoder_outputs"}
+    with pytest.raises(TransformersCompatibilityError, match="mm_encoder_outputs.*visual_pool=2"):
+        model(**features)
+    model(**features, visual_pool=1)  # no reduction: no need of it
