@@ -100,7 +100,7 @@ class PumaTrainingArguments(TrainingArguments):
             raise ValueError(f"teacher={self.teacher!r} is not one of {TEACHER_MODES}.")
         distilling = (self.distill != "none" and self.distill_weight > 0) or self.kl_weight > 0
         if distilling and self.teacher == "none":
-            raise ValueError("Distillation (distill_weight > 0 or kl_weight > 0) needs a teacher: set teacher=shared|cached|separate.")
+            raise ValueError("Distillation (distill_weight > 0 or kl_weight > 0) needs a teacher: set teacher=shared|cached|separate|self.")
         if self.distill == "none" and self.distill_weight > 0:
             raise ValueError(f"distill_weight={self.distill_weight} needs distill='mse' or 'cosine'.")
         if self.teacher == "cached" and not self.teacher_cache:
