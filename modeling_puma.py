@@ -2107,6 +2107,6 @@ __all__ = ["PumaEmbeddingOutput", "PumaForEmbedding", "PumaPreTrainedModel", "Sa
            "keep_pruned_names_on_save", "key_mapping_prefix", "load_image", "load_pdf_page", "load_processor",
            "load_source_config", "loads_lazy_state_dict", "make_tokenizer_config_portable", "media_file",
            "parse_input", "pdf_page_count", "pool_visual_grid", "prepare_inputs", "processor_config_kwargs",
-           "processor_kwargs", "qwen_vl_smart_resize", "reduced_grid_thw", "resize_frames", "resize_image", "sample_video", "set_image_processor_pixels",
-           "smart_resize", "to_rgb", "transformers_major", "video_input", "video_processor_kwargs", "visual_keep_pattern",
-           "visual_kind", "write_sentence_transformers_files"]
+           "processor_kwargs", "qwen_vl_smart_resize", "reduced_grid_thw", "resize_frames", "resize_image",
+           "sample_video", "set_image_processor_pixels", "smart_resize", "to_rgb", "transformers_major", "video_input",
+           "video_processor_kwargs", "visual_keep_pattern", "visual_kind", "write_sentence_transformers_files"]

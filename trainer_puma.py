@@ -832,5 +832,6 @@ def _means(tracked: dict) -> dict[str, float]:
 
 
 __all__ = ["CachedTeacher", "PumaTrainer", "PumaTrainingArguments", "ReadableLogCallback", "ReadableProgressCallback",
-           "SeparateTeacher", "SetEpochCallback", "SharedWeightTeacher", "UnreducedTeacher", "format_log", "merged_copy", "parameter_groups",
-           "precompute_teacher_cache", "split_features", "teacher_cache_is_fresh", "teacher_fingerprint"]
+           "SeparateTeacher", "SetEpochCallback", "SharedWeightTeacher", "UnreducedTeacher", "format_log",
+           "merged_copy", "parameter_groups", "precompute_teacher_cache", "split_features", "teacher_cache_is_fresh",
+           "teacher_fingerprint"]

@@ -280,8 +280,9 @@ def budget_markdown(result: dict, cost: str = "gflops") -> str:
     points, on_frontier = result["points"], set(result["frontier"])
     headers = ["depth", "max_pixels", "visual_pool", "dim", *result["tasks"], "mean", "GFLOPs/input",
                f"latency (ms, {result['probe_size']} inputs)", "weights (MB)", "frontier"]
-    rows = [[p["depth"], p["max_pixels"], p["visual_pool"], p["dim"], *[f"{p['scores'][t]:.1f}" for t in result["tasks"]],
-             f"{p['mean']:.1f}", f"{p['gflops']:.4g}", f"{p['latency_ms']:.1f}", f"{p['memory_mb']:.1f}",
+    rows = [[p["depth"], p["max_pixels"], p["visual_pool"], p["dim"],
+             *[f"{p['scores'][task]:.1f}" for task in result["tasks"]], f"{p['mean']:.1f}", f"{p['gflops']:.4g}",
+             f"{p['latency_ms']:.1f}", f"{p['memory_mb']:.1f}",
              "yes" if i in on_frontier else ""] for i, p in enumerate(points)]
     lines = [f"### Quality and cost per setting ({result['model']}, {result['device']}, {result['dtype']})\n",
              markdown_table(headers, rows),

@@ -12,7 +12,25 @@ from modeling_puma import PumaForEmbedding
 from puma_eval.analysis import folder_pairs, pair_task
 from puma_eval.budget import frontier, plan, recommend_setting, sweep, write_budget
 from puma_eval.mbeir import score_task
-from test_analysis import pairs_folder  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def pairs_folder(tmp_path_factory):
+    """16 captioned images (colour x shape x place): with Recall@5 over 16 candidates, scores are not all 100."""
+    from PIL import Image, ImageDraw
+
+    folder = tmp_path_factory.mktemp("pairs16")
+    index = 0
+    for colour in ("red", "blue", "green", "yellow"):
+        for shape, place in (("circle", "left"), ("square", "left"), ("circle", "right"), ("square", "right")):
+            image = Image.new("RGB", (56, 44), "white")
+            x = 4 if place == "left" else 26
+            (ImageDraw.Draw(image).ellipse if shape == "circle" else ImageDraw.Draw(image).rectangle)(
+                [x, 8, x + 24, 36], fill=colour)
+            image.save(folder / f"item{index}.png")
+            (folder / f"item{index}.txt").write_text(f"a {colour} {shape} on the {place}")
+            index += 1
+    return folder
 
 
 def random_points(count, seed):
@@ -61,14 +79,15 @@ def test_the_recommendation_is_the_best_quality_point_within_every_budget(seed):
 def test_a_budget_nothing_fits_is_a_clear_error_naming_it():
     points = random_points(6, 0)
     cheapest = min(p["gflops"] for p in points) * 1e9
-    with pytest.raises(ValueError, match=rf"budget_flops=1e\+08 \(the cheapest setting, depth \d+.*needs {re.escape(f'{cheapest:.4g}')}"):
+    needs = re.escape(f"{cheapest:.4g}")
+    with pytest.raises(ValueError, match=rf"budget_flops=1e\+08 \(the cheapest setting, depth \d+.*needs {needs}"):
         recommend_setting(points, budget_flops=1e8)
     with pytest.raises(ValueError, match="budget_memory_mb=-1 must be positive"):
         recommend_setting(points, budget_memory_mb=-1)
 
 
 @pytest.fixture(scope="module")
-def swept(tiny_checkpoint, pairs_folder):  # noqa: F811
+def swept(tiny_checkpoint, pairs_folder):
     model = PumaForEmbedding.from_pretrained(tiny_checkpoint)
     data = pair_task(folder_pairs(pairs_folder), "pairs", "Find the image.")
     result = plan(model, [data], str(pairs_folder), depths=[2, 6], max_pixels=[28 * 28 * 4, 28 * 28 * 16],
@@ -77,12 +96,13 @@ def swept(tiny_checkpoint, pairs_folder):  # noqa: F811
 
 
 def test_the_sweep_covers_every_setting_and_scores_each_as_the_model_loaded_at_it(tiny_checkpoint, pairs_folder,
-                                                                                swept):  # noqa: F811
+                                                                                swept):
     model, data, result = swept
     points = result["points"]
     assert len(points) == 2 * 2 * 2
     assert {(p["depth"], p["max_pixels"], p["visual_pool"]) for p in points} == {
         (d, px, k) for d in (2, 6) for px in (28 * 28 * 4, 28 * 28 * 16) for k in (1, 2)}
+    assert any(p["mean"] < 100 for p in points)  # the scores discriminate
     # one setting, independently: the model loaded at that depth, resolution and reduction, through encode
     point = next(p for p in points if (p["depth"], p["max_pixels"], p["visual_pool"]) == (2, 28 * 28 * 16, 2))
     loaded = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2, max_pixels=28 * 28 * 16, visual_pool=2)
@@ -93,7 +113,7 @@ def test_the_sweep_covers_every_setting_and_scores_each_as_the_model_loaded_at_i
 
 
 def test_the_counted_flops_are_each_inputs_own_at_the_reduced_token_count(tiny_checkpoint, swept,
-                                                                          pairs_folder):  # noqa: F811
+                                                                          pairs_folder):
     from modeling_puma import build_prompt, featurize, load_image
 
     model, data, result = swept
@@ -131,7 +151,7 @@ def test_the_report_labels_the_frontier_and_the_recommendation(swept, tmp_path):
     assert (tmp_path / "budget.png").stat().st_size > 10_000
 
 
-def test_the_command_line_plans_for_a_flop_budget(tiny_checkpoint, pairs_folder, tmp_path):  # noqa: F811
+def test_the_command_line_plans_for_a_flop_budget(tiny_checkpoint, pairs_folder, tmp_path):
     from eval_puma import main
 
     main(["analyze", "--model", tiny_checkpoint, "--pairs-folder", str(pairs_folder), "--depths", "1", "3",
@@ -144,3 +164,20 @@ def test_the_command_line_plans_for_a_flop_budget(tiny_checkpoint, pairs_folder,
         main(["analyze", "--model", tiny_checkpoint, "--pairs-folder", str(pairs_folder), "--depths", "1",
               "--budget-flops", "1", "--batch-size", "3", "--latency-repeats", "1", "--out", str(tmp_path / "o2")])
     assert "### No recommendation" in (tmp_path / "o2" / "budget.md").read_text()
+
+
+def test_a_matryoshka_size_is_a_swept_setting_scored_as_encode_truncates(tiny_checkpoint, pairs_folder):
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2)
+    data = pair_task(folder_pairs(pairs_folder), "pairs", "Find the image.")
+    result = sweep(model, [data], str(pairs_folder), depths=[2], matryoshka_dims=[16], batch_size=3, probe_size=2,
+                   latency_repeats=1)
+    assert [p["dim"] for p in result["points"]] == [16, 64]
+    small, full = result["points"]
+    assert small["gflops"] == full["gflops"] and small["latency_ms"] == full["latency_ms"]
+    queries = model.encode([{"text": item["text"]} for item in data.query_items], instruction="Find the image.",
+                           truncate_dim=16)
+    pool = model.encode([str(pairs_folder / item["image"]) for item in data.pool_items], truncate_dim=16)
+    expected, _ = score_task(data, queries, pool)
+    assert small["scores"]["pairs"] == pytest.approx(expected["score"])
+    with pytest.raises(ValueError, match="matryoshka_dims"):
+        sweep(model, [data], str(pairs_folder), depths=[2], matryoshka_dims=[65])
