@@ -154,6 +154,7 @@ PRESETS = {
 }
 RECIPE_FIELDS = tuple(PRESETS["puma"])
 POSITION_MODES = ("mrope", "sequential")
+VISUAL_POOL_MODES = ("avg", "bilinear")
 # How transparency becomes RGB: "composite": every mode with transparency (RGBA, LA, P, ...) on white; "composite_rgba":
 # RGBA on white, any other mode converted (qwen-vl-utils' `to_rgb`); "drop": converted, alpha discarded (GME).
 ALPHA_MODES = ("composite", "composite_rgba", "drop")
@@ -337,6 +338,17 @@ class PumaConfig(PretrainedConfig):
         position_mode (`str`, *optional*):
             `"mrope"`: the family's 3-D multimodal rotary positions; `"sequential"`: position i for token i, image
             tokens included (GME's and the release's inference).
+        visual_pool (`int`, *optional*, defaults to 1):
+            Visual-token reduction factor k: after the vision tower's merger, each image's and each video frame's
+            merged tokens are pooled k x k on their grid (a partial window at an odd edge averages the cells it
+            covers: ceil pooling), so the decoder sees about 1/k^2 of them, with M-RoPE positions (and Qwen3-VL's
+            DeepStack features) of the reduced grid. 1 leaves the model exactly as the family computes it.
+        visual_pool_mode (`str`, *optional*, defaults to `"avg"`):
+            `"avg"`: window averages (above); `"bilinear"`: bilinear resampling of each grid to the reduced size
+            (antialiased, so it also averages when shrinking).
+        trained_visual_pools (`list[int]`, *optional*):
+            Reduction factors this model was trained to embed at (elastic reduction, like `trained_depths`); `None`
+            for a model trained at `visual_pool` only.
 
     Example:
 
@@ -367,6 +379,9 @@ class PumaConfig(PretrainedConfig):
         preset: str = "puma",
         embedding_token_id: int | None = None,
         normalize: bool = True,
+        visual_pool: int = 1,
+        visual_pool_mode: str = "avg",
+        trained_visual_pools: list[int] | None = None,
         **kwargs,
     ):
         if base_model_type not in FAMILIES:
@@ -384,6 +399,9 @@ class PumaConfig(PretrainedConfig):
         self.preset = preset
         self.embedding_token_id = embedding_token_id
         self.normalize = normalize
+        self.visual_pool = visual_pool
+        self.visual_pool_mode = visual_pool_mode
+        self.trained_visual_pools = list(trained_visual_pools) if trained_visual_pools is not None else None
         defaults = preset_defaults(preset, base_model_type, self.text_config.hidden_size)
         for name in RECIPE_FIELDS:
             value = kwargs.pop(name) if name in kwargs else defaults[name]
@@ -443,8 +461,8 @@ class PumaConfig(PretrainedConfig):
             indexes = list(vision_config["deepstack_visual_indexes"])
             vision_config["deepstack_visual_indexes"] = [indexes[i] for i in kept_layers if i < len(indexes)]
         if isinstance(base_config, PumaConfig):
-            fields = {name: getattr(base_config, name) for name in RECIPE_FIELDS + ("preset", "normalize",
-                                                                                    "embedding_token_id")}
+            fields = {name: getattr(base_config, name) for name in RECIPE_FIELDS + (
+                "preset", "normalize", "embedding_token_id", "visual_pool", "visual_pool_mode", "trained_visual_pools")}
             original = [base_config.kept_layers[i] for i in kept_layers]
             base_depth = base_config.base_num_hidden_layers
             base_model_type = base_config.base_model_type
@@ -506,9 +524,17 @@ class PumaConfig(PretrainedConfig):
         for depth in self.trained_depths or []:
             if not 0 < depth <= len(self.kept_layers):
                 raise ValueError(f"trained_depths entry {depth} is outside 1..{len(self.kept_layers)} (the kept depth).")
+        self.validate_visual_pool()
         missing = set(MODALITIES) - set(self.modality_words)
         if missing:
             raise ValueError(f"modality_words lacks the modalities {sorted(missing)}.")
+
+    def validate_visual_pool(self):
+        """Raises `ValueError` on a visual-token reduction that cannot work."""
+        for factor in [self.visual_pool, *(self.trained_visual_pools or [])]:
+            validate_visual_pool(factor)
+        if self.visual_pool_mode not in VISUAL_POOL_MODES:
+            raise ValueError(f"visual_pool_mode={self.visual_pool_mode!r} is not one of {VISUAL_POOL_MODES}.")
 
     def validate_media(self):
         """Raises `ValueError` on video sampling or PDF settings that cannot work."""
@@ -578,6 +604,12 @@ def with_legacy_keys(config: dict) -> dict:
     return config
 
 
+def validate_visual_pool(factor) -> None:
+    """Raises `ValueError` unless `factor` is a visual-token reduction factor: a positive integer."""
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"visual_pool must be a positive integer (1: no reduction), got {factor!r}.")
+
+
 def validate_kept_layers(kept_layers, base_depth: int) -> None:
     """Raises `ValueError` unless `kept_layers` is a non-empty, sorted, duplicate-free list of indices < `base_depth`."""
     if kept_layers is None or len(kept_layers) == 0:
@@ -595,4 +627,4 @@ def validate_kept_layers(kept_layers, base_depth: int) -> None:
 
 __all__ = ["ALPHA_MODES", "FAMILIES", "PRESETS", "PumaConfig", "TransformersCompatibilityError", "attn_implementation",
            "preset_defaults", "set_attn_implementation", "transformers_major", "validate_kept_layers",
-           "with_legacy_keys"]
+           "validate_visual_pool", "with_legacy_keys"]

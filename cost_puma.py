@@ -10,6 +10,11 @@ norms, activations, rotary embeddings and the embedding lookup are left out (und
     depth_costs(model.config, [4, 8, 12], text_tokens=40)  # {4: {"text": 0.33, "image": 0.62}, ...}
     video_tokens(model.config, frames=16, height=720, width=1280)  # what a 16-frame 720p clip costs in tokens
 
+With visual-token reduction (`visual_pool` k), the decoder sees `t * ceil(h / merge / k) * ceil(w / merge / k)`
+visual tokens (`reduced_visual_tokens`); the vision tower's cost is unchanged (the pooling itself is left out).
+
+    image_flops(model.config, depth=4, pixels=448 * 448, text_tokens=40, visual_pool=2)
+
 A video is `t` temporal patches (pairs of frames) of `h x w` patches: its tokens are `t * h * w / merge^2` and its
 vision FLOPs `t` times those of one `h x w` image, as every family's vision tower attends within a temporal patch.
 """
@@ -87,6 +92,24 @@ def video_tokens(config, frames: int, height: int, width: int) -> int:
     return t * h * w // config.vision_config.spatial_merge_size ** 2
 
 
+def reduced_visual_tokens(grid_t: int, grid_h: int, grid_w: int, merge: int, visual_pool: int = 1) -> int:
+    """Decoder tokens of a visual of patch grid `(grid_t, grid_h, grid_w)` pooled `visual_pool` x `visual_pool` per
+    frame after the `merge` x `merge` merger, with ceil at odd edges (as `PumaForEmbedding` pools)."""
+    rows, cols = grid_h // merge, grid_w // merge
+    return grid_t * -(-rows // visual_pool) * -(-cols // visual_pool)
+
+
+def image_flops(config, depth: int, pixels: int, text_tokens: int, visual_pool: int = 1) -> float:
+    """Forward FLOPs of one image of about `pixels` pixels (a square, `image_grid`) plus `text_tokens` text tokens
+    through the vision tower and the first `depth` decoder layers, its visual tokens reduced by `visual_pool`."""
+    vision_config = config.vision_config
+    grid_h, grid_w = image_grid(config, pixels)
+    injected = len(getattr(vision_config, "deepstack_visual_indexes", None) or [])
+    tokens = reduced_visual_tokens(1, grid_h, grid_w, vision_config.spatial_merge_size, visual_pool)
+    vision = vision_flops_per_image(vision_config, grid_h, grid_w, num_mergers=1 + min(injected, depth))
+    return vision + text_flops_per_sequence(config.text_config, depth, text_tokens + tokens)
+
+
 def image_grid(config, pixels: int) -> tuple[int, int]:
     """The patch grid `(h, w)` of a square image of about `pixels` pixels, each side a multiple of the merged patch."""
     vision = config.vision_config
@@ -96,16 +119,16 @@ def image_grid(config, pixels: int) -> tuple[int, int]:
 
 
 def depth_costs(config, depths: list[int], text_tokens: int, image_pixels: int | None = None,
-                video: tuple[int, int, int] | None = None) -> dict[int, dict]:
+                video: tuple[int, int, int] | None = None, visual_pool: int = 1) -> dict[int, dict]:
     """`{depth: {"text": r, "image": r[, "video": r]}}`: the FLOPs of a PUMA model truncated to each depth, as a
     fraction of the deepest depth listed, for a text input of `text_tokens` tokens, for an image of `image_pixels`
     pixels (default: the config's `max_pixels`) plus those text tokens and, given `video` = `(frames, height,
     width)`, for such a video (sampled as `video_grid` says) plus those text tokens. The vision tower runs whatever
-    the depth, so the image and video ratios are the larger ones."""
+    the depth, so the image and video ratios are the larger ones. `visual_pool` reduces the visual tokens (the ratios
+    stay relative to the deepest depth at that same reduction)."""
     grid_h, grid_w = image_grid(config, image_pixels or config.max_pixels)
     vision_config = config.vision_config
-    merge = vision_config.spatial_merge_size ** 2
-    image_tokens = grid_h * grid_w // merge
+    image_tokens = reduced_visual_tokens(1, grid_h, grid_w, vision_config.spatial_merge_size, visual_pool)
     injected = len(getattr(vision_config, "deepstack_visual_indexes", None) or [])
     video_thw = video_grid(config, *video) if video is not None else None
 
@@ -118,7 +141,8 @@ def depth_costs(config, depths: list[int], text_tokens: int, image_pixels: int |
         if video_thw is not None:
             t, h, w = video_thw
             costs["video"] = vision_flops_per_video(vision_config, t, h, w, num_mergers=mergers) \
-                + text_flops_per_sequence(config.text_config, depth, text_tokens + t * h * w // merge)
+                + text_flops_per_sequence(config.text_config, depth, text_tokens + reduced_visual_tokens(
+                    t, h, w, vision_config.spatial_merge_size, visual_pool))
         return costs
 
     deepest = flops(max(depths))

@@ -1,7 +1,7 @@
 """The built-in demo: make the offline benchmark, prune a tiny base, train both stages, evaluate, plot.
 
     python demo.py [--out demo_out] [--family qwen2_vl|qwen2_5_vl|qwen3_vl|qwen3_vl_moe] [--quick] [--threads 2]
-                   [--elastic] [--mined]
+                   [--elastic] [--mined] [--budget [--budget-flops F]]
 
 Steps: `demo_data_puma.py` writes a small M-BEIR-format benchmark (text→image, text→text, text→(image,text),
 image→text, image→image, composed (image,text)→image and text→video tasks over PIL-drawn scenes and clips of them
@@ -20,6 +20,9 @@ per-task bar charts of the untrained and the trained model), and training-curve 
 first stage-2 model (`eval_puma.py mine`, into `OUT/mined/`; the tiny base knows nothing, so the best ranker at hand
 is the model trained without negatives), against stage 2 with the benchmark's own near-miss negatives and without any
 (`OUT/mined.md`). Its effect is not measured in docs/demo.md yet: no run of it is recorded.
+`--budget` trains stage 2 once for every depth 1-3 and visual-token reduction factors 1 and 2
+(`configs/demo_budget.yaml`, instead of the plain stage 2 and its evaluation), then runs the budget planner on it:
+depth x max_pixels x reduction, the quality-cost frontier and the setting for a FLOP budget (`OUT/budget/`).
 
 The run is deterministic on one machine: every draw is seeded, torch runs deterministic algorithms on a fixed number
 of CPU threads (`--threads`, default 2), and MKL keeps that thread count (no dynamic adjustment) with conditional
@@ -157,6 +160,41 @@ def mined_evidence(args, data: str, stage1: str, stage2: str, without: list[dict
     return table
 
 
+# The planner's grid on the demo: the first 1, 2 or 3 layers; images of 2x2 or 4x4 merged patches; no or 2x2 pooling
+BUDGET_DEPTHS, BUDGET_PIXELS, BUDGET_POOLS = [1, 2, 3], [3136, 12544], [1, 2]
+
+
+def budget_evidence(args, data: str, stage1: str, quick: list[str]) -> str:
+    """Stage 2 trained once for depths 1-3 and reduction factors 1 and 2 (`configs/demo_budget.yaml`), then the
+    planner's sweep of it on a sample of the test tasks: the frontier table, the plot and the recommendation for
+    `--budget-flops` (default: half the FLOPs per input of the costliest setting), written to `OUT/budget/`."""
+    from modeling_puma import PumaForEmbedding
+    from puma_eval.analysis import mbeir_sample
+    from puma_eval.budget import describe, frontier, recommend_setting, sweep, write_budget
+    from puma_eval.tasks import load_benchmark
+
+    model_dir = os.path.join(args.out, "budget_model")
+    print("budget: stage 2 once for depths 1-3 x visual-token reduction 1 and 2", flush=True)
+    run_stage("demo_budget.yaml", "--model_name_or_path", stage1, "--mbeir_root", data, "--output_dir", model_dir,
+              *quick)
+    print("budget: sweeping depth x max_pixels x visual_pool", flush=True)
+    model = PumaForEmbedding.from_pretrained(model_dir)
+    tasks = mbeir_sample(data, max_queries=40, max_candidates=200)
+    result = sweep(model, tasks, load_benchmark(data).image_root, depths=BUDGET_DEPTHS, max_pixels=BUDGET_PIXELS,
+                   visual_pools=BUDGET_POOLS, batch_size=16, probe_size=16, latency_repeats=3)
+    budget = args.budget_flops or 0.5 * max(point["gflops"] for point in result["points"]) * 1e9
+    result["frontier"] = frontier(result["points"])
+    result["budget"] = {"budget_flops": budget}
+    result["recommendation"] = recommend_setting(result["points"], budget_flops=budget)
+    write_budget(result, os.path.join(args.out, "budget"))
+    rows = [[p["depth"], p["max_pixels"], p["visual_pool"], f"{p['mean']:.1f}", f"{p['gflops']:.4g}",
+             f"{p['latency_ms']:.1f}"] for p in (result["points"][i] for i in result["frontier"])]
+    table = markdown_table(["depth", "max_pixels", "visual_pool", "mean Recall@5", "GFLOPs/input",
+                            f"ms per {result['probe_size']} inputs"], rows)
+    return (f"{table}\n\nFor a budget of {budget:.3g} FLOPs per input: {describe(result['recommendation'])} "
+            f"(mean {result['recommendation']['mean']:.1f}).")
+
+
 def main(argv: list[str] | None = None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out")
@@ -169,7 +207,16 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--mined", action="store_true",
                         help="also mine hard negatives with the trained model and train stage 2 again with them, "
                              "against the benchmark's own negatives and none (2 more stage-2 runs)")
+    parser.add_argument("--budget", action="store_true",
+                        help="train depths 1-3 x visual-token reduction 1, 2 at once (instead of the plain stage 2) "
+                             "and print the planner's quality-cost frontier (OUT/budget/)")
+    parser.add_argument("--budget-flops", type=float, help="with --budget: the FLOP budget per input to recommend "
+                                                           "a setting for (default: half the costliest setting's)")
     args = parser.parse_args(argv)
+    if args.budget_flops is not None and (not args.budget or args.budget_flops <= 0):
+        raise UsageError(f"--budget-flops {args.budget_flops}: give a positive budget, with --budget")
+    if args.budget and (args.elastic or args.mined):
+        raise UsageError("--budget trains its own stage 2 in place of the plain one; run --elastic or --mined apart")
     if args.threads < 1:
         raise UsageError(f"--threads {args.threads}: give at least one thread")
     if os.path.isfile(args.out):
@@ -196,6 +243,11 @@ def main(argv: list[str] | None = None):
     run_stage("demo_stage1.yaml", "--model_name_or_path", base, "--teacher_model", base,
               "--nli_file", os.path.join(data, "nli_demo.csv"), "--output_dir", stage1, *quick)
 
+    if args.budget:
+        evidence = budget_evidence(args, data, stage1, quick)
+        print(f"\nThe quality-cost frontier of depth x max_pixels x visual_pool (budget/budget.md, budget.png):\n\n"
+              f"{evidence}\n{time.time() - start:.0f} s")
+        return
     print("4/5 stage 2: M-BEIR-format training set, MAC-Loss, from stage 1's merged model", flush=True)
     run_stage("demo_stage2.yaml", "--model_name_or_path", stage1, "--mbeir_root", data, "--output_dir", stage2, *quick)
 

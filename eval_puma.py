@@ -19,6 +19,8 @@ shows which depth to keep before training (`puma_eval.analysis`).
     python eval_puma.py analyze --model Qwen/Qwen2-VL-7B-Instruct --mbeir-root M-BEIR --max-cost 0.5 --out analysis
     python eval_puma.py analyze --model base --hf-dataset my/pairs --columns '{"query_text": "caption", "positive_image": "image"}'
     python eval_puma.py analyze --model base --pairs-folder photos/   # images with same-named .txt captions
+    python eval_puma.py analyze --model my-puma --pairs-folder photos/ --sweep --max-pixels-grid 200704 401408 \
+        --visual-pools 1 2 4 --budget-flops 5e9 --out budget   # the setting for a budget (docs/budget.md)
 
 `eval` prints and writes the per-task table (`results_{pool}.md`, `results_{pool}.json`) and one bar chart per task
 beside the paper's published figures (`plots/`); `--baseline OTHER/results_local.json --baseline-name untrained` puts
@@ -181,8 +183,9 @@ def _run_curves(args) -> None:
     print(f"Plotted {', '.join(keys)} to {args.out}")
 
 
-def _run_analyze(args) -> None:
-    from puma_eval.analysis import DatasetPairs, analyze, folder_pairs, mbeir_sample, pair_task, write_analysis
+def _analysis_tasks(args) -> tuple[list, str | None]:
+    """The sampled tasks of `analyze`'s data source, and the folder their relative paths resolve against."""
+    from puma_eval.analysis import DatasetPairs, folder_pairs, mbeir_sample, pair_task
 
     image_root = args.image_root
     if args.mbeir_root:
@@ -202,7 +205,27 @@ def _run_analyze(args) -> None:
         examples = DatasetPairs(data, ColumnMapping(image_root=image_root, **args.columns))
         tasks = [pair_task(examples, args.hf_dataset.replace("/", "_"), args.instruction, args.max_queries,
                            args.seed)]
+    return tasks, image_root
+
+
+def _run_analyze(args) -> None:
+    from puma_eval.analysis import analyze, write_analysis
+
+    tasks, image_root = _analysis_tasks(args)
     model = load_model(args.model, args.dtype)
+    if args.sweep:
+        from puma_eval.budget import plan, write_budget
+
+        result = plan(model, tasks, image_root, budget_flops=args.budget_flops,
+                      budget_latency_ms=args.budget_latency_ms, budget_memory_mb=args.budget_memory_mb,
+                      depths=args.depths, max_pixels=args.max_pixels_grid, visual_pools=args.visual_pools,
+                      matryoshka_dims=args.matryoshka_dims, batch_size=args.batch_size, probe_size=args.probe_size,
+                      latency_repeats=args.latency_repeats)
+        print(write_budget(result, args.out, result["cost_axis"]))
+        print(f"Wrote budget.json, budget.md and budget.png to {args.out}")
+        if result.get("no_fit"):
+            raise SystemExit(f"error: {result['no_fit']}")
+        return
     result = analyze(model, tasks, image_root, depths=args.depths, batch_size=args.batch_size,
                      max_layers=args.max_layers, max_cost=args.max_cost, tolerance=args.tolerance)
     print(write_analysis(result, args.out))
@@ -317,6 +340,24 @@ def make_parser() -> ArgumentParser:
     budget.add_argument("--max-cost", type=float, help="budget: at most this FLOP ratio of the full depth")
     analysis.add_argument("--tolerance", type=float, default=1.0,
                           help="recommend the smallest depth within this many points of the best mean score")
+    planner = analysis.add_argument_group(
+        "budget planner", "--sweep scores every depth x max_pixels x visual_pool (x Matryoshka size) setting, draws "
+                          "the quality-cost frontier and recommends a setting within the --budget-* limits "
+                          "(budget.json, budget.md, budget.png); see docs/budget.md")
+    planner.add_argument("--sweep", action="store_true", help="run the planner instead of the layer analysis "
+                                                              "(implied by any --budget-* option)")
+    planner.add_argument("--max-pixels-grid", type=int, nargs="+", metavar="PIXELS",
+                         help="image max_pixels values to sweep (default: the model's)")
+    planner.add_argument("--visual-pools", type=int, nargs="+", metavar="K",
+                         help="visual-token reduction factors to sweep, e.g. 1 2 4 (default: the model's)")
+    planner.add_argument("--matryoshka-dims", type=int, nargs="+", metavar="DIM",
+                         help="embedding sizes to sweep (default: the model's trained matryoshka_dims, if any)")
+    planner.add_argument("--budget-flops", type=float, help="budget: forward FLOPs per input, e.g. 5e9")
+    planner.add_argument("--budget-latency-ms", type=float,
+                         help="budget: measured ms per probe batch (--probe-size inputs) on this machine")
+    planner.add_argument("--budget-memory-mb", type=float, help="budget: MB of weights")
+    planner.add_argument("--probe-size", type=int, default=8, help="inputs of the batch whose latency is measured")
+    planner.add_argument("--latency-repeats", type=int, default=3, help="timed passes per setting (median)")
     analysis.add_argument("--batch-size", type=int, default=8)
     analysis.add_argument("--seed", type=int, default=0)
     analysis.add_argument("--dtype", choices=DTYPES, help="model dtype (default: float32 on CPU, bfloat16 on GPU)")
@@ -458,6 +499,16 @@ def _check_search(args) -> None:
 
 
 def _check_analyze(args) -> None:
+    budgets = [option for option, value in (("--budget-flops", args.budget_flops),
+                                            ("--budget-latency-ms", args.budget_latency_ms),
+                                            ("--budget-memory-mb", args.budget_memory_mb)) if value is not None]
+    args.sweep = args.sweep or bool(budgets)
+    for option in budgets:
+        if not getattr(args, option[2:].replace("-", "_")) > 0:
+            raise UsageError(f"{option} must be positive")
+    if args.sweep and (args.max_layers is not None or args.max_cost is not None):
+        raise UsageError("--max-layers/--max-cost are the layer analysis' budget; the planner takes --budget-flops, "
+                         "--budget-latency-ms or --budget-memory-mb")
     sources = [option for option, value in (("--mbeir-root", args.mbeir_root), ("--hf-dataset", args.hf_dataset),
                                             ("--pairs-folder", args.pairs_folder)) if value]
     if len(sources) != 1:

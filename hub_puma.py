@@ -341,7 +341,8 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
     """Writes the PUMA checkpoint in `puma_dir` as a plain checkpoint of its family (`qwen2_vl`, `qwen2_5_vl` or
     `qwen3_vl`) into the new or empty `out_dir`, loadable without remote code by `AutoModel`, the family's `*Model` and
     `*ForConditionalGeneration` (Qwen3-VL on transformers 4.57: the latter only, as for Qwen's own checkpoints),
-    and by vLLM's pooling runner.
+    and by vLLM's pooling runner. A model that reduces visual tokens (`visual_pool` > 1) is refused: those classes
+    cannot pool them.
 
     The config is the family's (kept layers renumbered: `text_config.num_hidden_layers = k`, `layer_types` and
     Qwen3-VL's `deepstack_visual_indexes` sliced; legacy rope keys kept for transformers 4.57) with
@@ -361,6 +362,13 @@ def export_plain_checkpoint(puma_dir, out_dir, *, repo_id=None, base_model=None,
     puma_dir, out_dir = os.fspath(puma_dir), os.fspath(out_dir)
     dtype = _check_export_folders(puma_dir, out_dir)
     puma_config = PumaConfig.from_pretrained(puma_dir)
+    if puma_config.visual_pool != 1:
+        # stock classes and vLLM feed the decoder one token per merged patch: they cannot pool visual tokens
+        raise ValueError(
+            f"{puma_dir!r} embeds with visual_pool={puma_config.visual_pool} (visual-token reduction), which a plain "
+            f"{puma_config.base_model_type} checkpoint cannot carry; publish the PUMA folder itself (it loads with "
+            "trust_remote_code=True), or save the model with visual_pool=1 to export it."
+        )
     os.makedirs(out_dir, exist_ok=True)
     _export_config(puma_config, dtype, out_dir)
     _export_weights(puma_dir, out_dir, EXPORT_LAYOUT[puma_config.base_model_type])

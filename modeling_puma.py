@@ -34,11 +34,12 @@ from transformers.utils import ModelOutput, is_flash_attn_2_available, logging
 
 if __package__:
     from .configuration_puma import (FAMILIES, PRESETS, PumaConfig, TransformersCompatibilityError, attn_implementation,
-                                     incompatibility, transformers_major, validate_kept_layers)
+                                     incompatibility, transformers_major, validate_kept_layers, validate_visual_pool)
 else:  # imported as a top-level module (a checkout or a pip install) rather than as Hub remote code
     _configuration = importlib.import_module("configuration_puma")
     FAMILIES, PRESETS = _configuration.FAMILIES, _configuration.PRESETS
     PumaConfig, validate_kept_layers = _configuration.PumaConfig, _configuration.validate_kept_layers
+    validate_visual_pool = _configuration.validate_visual_pool
     # the configuration's "transformers compatibility" helpers, reused by this file's section of that name
     TransformersCompatibilityError = _configuration.TransformersCompatibilityError
     attn_implementation, incompatibility = _configuration.attn_implementation, _configuration.incompatibility
@@ -162,6 +163,7 @@ class PumaForEmbedding(PumaPreTrainedModel):
         visual_outputs: dict | None = None,
         output_visual_outputs: bool = False,
         run_vision_tower: bool = False,
+        visual_pool: int | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> PumaEmbeddingOutput | tuple:
@@ -185,6 +187,10 @@ class PumaForEmbedding(PumaPreTrainedModel):
                 a placeholder image when the inputs hold none (its output enters the embedding times zero).
                 Processes that shard the model (FSDP, DeepSpeed ZeRO-3) gather each module's weights when it runs,
                 so all of them must run the same modules in the same order, whatever their batch holds.
+            visual_pool (`int`, *optional*): visual-token reduction factor of this pass (default
+                `config.visual_pool`); with k > 1 the image and video placeholder runs of `input_ids` are shortened
+                to the k x k pooled grid (see `reduce_visual_inputs`), so `last_hidden_state` is shorter than
+                `input_ids`.
         """
         if input_ids is None:
             raise ValueError("PumaForEmbedding.forward needs input_ids (the pooled position is located through them).")
@@ -195,6 +201,11 @@ class PumaForEmbedding(PumaPreTrainedModel):
 
         backbone_inputs = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw,
                            "pixel_values_videos": pixel_values_videos, "video_grid_thw": video_grid_thw}
+        factor = self.config.visual_pool if visual_pool is None else visual_pool
+        validate_visual_pool(factor)
+        if factor != 1 and (pixel_values is not None or pixel_values_videos is not None):
+            input_ids, attention_mask, mm_token_type_ids, backbone_inputs = self.reduce_visual_inputs(
+                input_ids, attention_mask, backbone_inputs, factor, mm_token_type_ids)
         if "mm_token_type_ids" in self._backbone_inputs:
             backbone_inputs["mm_token_type_ids"] = (mm_token_type_ids if mm_token_type_ids is not None
                                                     else self._mm_token_type_ids(input_ids))
@@ -324,6 +335,64 @@ class PumaForEmbedding(PumaPreTrainedModel):
         # The last occurrence is the assistant turn's, even if a user text spells the token out.
         index = (is_token * (positions + 1)).argmax(dim=1)
         return hidden[batch, index]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Visual-token reduction
+    # ------------------------------------------------------------------------------------------------------------
+    def reduce_visual_inputs(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, visual_inputs: dict,
+                             factor: int, mm_token_type_ids: torch.IntTensor | None = None):
+        """The inputs of a forward pass whose visual tokens are pooled `factor` x `factor`.
+
+        The vision tower runs on the processor's pixels and grid as usual; each image's and each video frame's merged
+        features (Qwen3-VL's DeepStack features alike) are pooled on their grid (`pool_visual_grid`); every
+        placeholder run of `input_ids` keeps the first `reduced` tokens of each frame and drops the rest, rows
+        re-padded on the right; the backbone gets the pooled encoder outputs (`mm_encoder_outputs`) with the reduced
+        grids, from which it computes the M-RoPE positions of the reduced grid itself (`get_rope_index`).
+
+        Returns:
+            `(input_ids, attention_mask, mm_token_type_ids, backbone_inputs)` of the reduced sequence.
+        """
+        if "mm_encoder_outputs" not in self._backbone_inputs:
+            raise incompatibility(f"{type(self.model).__name__}.forward takes precomputed mm_encoder_outputs",
+                                  f"needed by visual_pool={factor}; transformers 5.19 and later have it")
+        merge = self.config.vision_config.spatial_merge_size
+        mode = self.config.visual_pool_mode
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+        encoder_outputs, backbone_inputs = {}, {}
+        for kind, token_id in (("image", self.config.image_token_id), ("video", self.config.video_token_id)):
+            pixels = visual_inputs[f"pixel_values{'_videos' if kind == 'video' else ''}"]
+            grid = visual_inputs[f"{kind}_grid_thw"]
+            if pixels is None:
+                continue
+            outputs = getattr(self.model, f"get_{kind}_features")(pixels, grid, return_dict=True)
+            outputs.pooler_output = tuple(pool_visual_grid(features, thw, merge, factor, mode)
+                                          for features, thw in zip(outputs.pooler_output, grid.tolist()))
+            if getattr(outputs, "deepstack_features", None) is not None:
+                outputs.deepstack_features = [
+                    tuple(pool_visual_grid(features, thw, merge, factor, mode)
+                          for features, thw in zip(level, grid.tolist()))
+                    for level in outputs.deepstack_features]
+            encoder_outputs[kind] = outputs
+            backbone_inputs[f"{kind}_grid_thw"] = reduced_grid_thw(grid, merge, factor)
+            placeholders = input_ids == token_id
+            kept = visual_keep_pattern(grid, merge, factor).to(input_ids.device)
+            if kept.numel() != int(placeholders.sum()):
+                raise ValueError(f"input_ids hold {int(placeholders.sum())} {kind} tokens but {kind}_grid_thw makes "
+                                 f"{kept.numel()}; pass the processor's features unchanged.")
+            keep[placeholders] = kept
+        backbone_inputs["mm_encoder_outputs"] = encoder_outputs
+        columns = [input_ids, attention_mask] + ([mm_token_type_ids] if mm_token_type_ids is not None else [])
+        lengths = keep.sum(dim=1)
+        width = int(lengths.max())
+        # right-aligned padding of the kept tokens: slot j of row r is filled when j < lengths[r]
+        filled = torch.arange(width, device=input_ids.device) < lengths.unsqueeze(1)
+        reduced = []
+        for column in columns:
+            out = column.new_zeros((column.shape[0], width))
+            out[filled] = column[keep]
+            reduced.append(out)
+        reduced_types = reduced[2] if mm_token_type_ids is not None else None
+        return reduced[0], reduced[1], reduced_types, backbone_inputs
 
     # ------------------------------------------------------------------------------------------------------------
     # Loading and saving
@@ -487,6 +556,7 @@ class PumaForEmbedding(PumaPreTrainedModel):
         show_progress_bar: bool | None = None,
         convert_to_numpy: bool = False,
         max_image_pixels: int | None = None,
+        visual_pool: int | None = None,
     ):
         """Embeds texts, images, videos, PDF pages, and any of these with a text.
 
@@ -526,6 +596,10 @@ class PumaForEmbedding(PumaPreTrainedModel):
             convert_to_numpy: return a numpy array instead of a tensor.
             max_image_pixels: reject larger images, video frames and rendered PDF pages (decompression bombs);
                 default `PIL.Image.MAX_IMAGE_PIXELS`.
+            visual_pool: visual-token reduction factor (default `config.visual_pool`): each image's and video
+                frame's merged tokens are pooled `visual_pool` x `visual_pool` before the decoder (see
+                `PumaConfig.visual_pool`); a model not trained at that factor (`config.trained_visual_pools`) embeds
+                less faithfully.
 
         Returns:
             `torch.Tensor` (CPU, float32) or `numpy.ndarray` of shape `(len(inputs), dim)`.
@@ -574,7 +648,7 @@ class PumaForEmbedding(PumaPreTrainedModel):
         for batch in tqdm(batches, desc="Encoding", disable=not show_progress_bar):
             features = featurize(self.processor, self.config, [prompts[i] for i in batch],
                                  [examples[i][1] for i in batch], names=[f"inputs[{i}]" for i in batch])
-            embeddings = self(**self.features_on_device(features)).raw_embeddings.float()
+            embeddings = self(**self.features_on_device(features), visual_pool=visual_pool).raw_embeddings.float()
             if truncate_dim is not None:
                 embeddings = embeddings[:, :truncate_dim]
             if normalize:
@@ -599,6 +673,50 @@ class PumaForEmbedding(PumaPreTrainedModel):
         """The chat prompt of one input; see the module-level `build_prompt`."""
         tokenizer = self.processor.tokenizer if self.processor is not None else None
         return build_prompt(self.config, text, visual, instruction, tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Visual-token reduction (the grid arithmetic of `PumaForEmbedding.reduce_visual_inputs`)
+# ----------------------------------------------------------------------------------------------------------------
+def reduced_grid_thw(grid_thw: torch.LongTensor, merge: int, factor: int) -> torch.LongTensor:
+    """The `(num_visuals, 3)` patch grids whose merged grids are those of `grid_thw` pooled `factor` x `factor`
+    with ceil: `(t, ceil(h / merge / factor) * merge, ceil(w / merge / factor) * merge)`; the family's
+    `get_rope_index` reads positions of the reduced tokens from them."""
+    reduced = grid_thw.clone()
+    reduced[:, 1:] = (grid_thw[:, 1:] // merge + factor - 1) // factor * merge
+    return reduced
+
+
+def visual_keep_pattern(grid_thw: torch.LongTensor, merge: int, factor: int) -> torch.BoolTensor:
+    """Which of the placeholder tokens of the visuals of `grid_thw` (in order, `t * h/merge * w/merge` each, frame
+    after frame) a reduction by `factor` keeps: the first `ceil(h/merge/factor) * ceil(w/merge/factor)` of each
+    frame. A frame's tokens are contiguous in every family's prompt (Qwen3-VL puts a timestamp between frames)."""
+    pattern = []
+    for (t, h, w), (_, rh, rw) in zip(grid_thw.tolist(), reduced_grid_thw(grid_thw, merge, factor).tolist()):
+        tokens, kept = (h // merge) * (w // merge), (rh // merge) * (rw // merge)
+        frame = torch.zeros(tokens, dtype=torch.bool)
+        frame[:kept] = True
+        pattern.append(frame.repeat(t))
+    return torch.cat(pattern) if pattern else torch.zeros(0, dtype=torch.bool)
+
+
+def pool_visual_grid(features: torch.Tensor, grid_thw, merge: int, factor: int, mode: str = "avg") -> torch.Tensor:
+    """Merged visual features `(t * h/merge * w/merge, dim)` of one image or video (patch grid `grid_thw`, in the
+    merger's raster order over frames, rows, columns) pooled per frame to `(t * ceil(h/merge/factor) *
+    ceil(w/merge/factor), dim)`: `"avg"` averages each `factor` x `factor` window, a partial window at an odd edge
+    over the cells it covers; `"bilinear"` resamples the grid (antialiased)."""
+    t, h, w = (int(size) for size in grid_thw)
+    rows, cols = h // merge, w // merge
+    # pooled in float32 at least: bf16 window sums round, and CPU has no bf16 antialiased bilinear kernel
+    wide = torch.promote_types(features.dtype, torch.float32)
+    grid = features.reshape(t, rows, cols, -1).permute(0, 3, 1, 2).to(wide)  # (t, dim, rows, cols)
+    if mode == "avg":
+        # with no padding, ceil_mode's edge windows divide by the cells inside the input
+        pooled = F.avg_pool2d(grid, factor, ceil_mode=True)
+    else:
+        size = (-(-rows // factor), -(-cols // factor))
+        pooled = F.interpolate(grid, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return pooled.permute(0, 2, 3, 1).reshape(-1, features.shape[-1]).to(features.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2073,8 +2191,8 @@ __all__ = ["PumaEmbeddingOutput", "PumaForEmbedding", "PumaPreTrainedModel", "Sa
            "holds_fused_experts_transposed", "hub_offline_mode", "hub_probe_failure", "image_processor_pixel_kwargs",
            "is_video_decoder", "keep_pruned_names_on_save", "key_mapping_prefix", "load_image", "load_pdf_page",
            "load_processor", "load_source_config", "loads_lazy_state_dict", "make_tokenizer_config_portable",
-           "media_file", "parse_input", "pdf_page_count", "prepare_inputs", "processor_config_kwargs",
-           "processor_kwargs", "qwen_vl_smart_resize", "resize_frames", "resize_image", "reuses_visual_outputs",
-           "sample_video", "set_image_processor_pixels", "smart_resize", "to_rgb", "transformers_major",
-           "video_input", "video_processor_kwargs", "vision_tower_outputs", "visual_kind",
-           "write_sentence_transformers_files"]
+           "media_file", "parse_input", "pdf_page_count", "pool_visual_grid", "prepare_inputs",
+           "processor_config_kwargs", "processor_kwargs", "qwen_vl_smart_resize", "reduced_grid_thw", "resize_frames",
+           "resize_image", "reuses_visual_outputs", "sample_video", "set_image_processor_pixels", "smart_resize",
+           "to_rgb", "transformers_major", "video_input", "video_processor_kwargs", "vision_tower_outputs",
+           "visual_keep_pattern", "visual_kind", "write_sentence_transformers_files"]

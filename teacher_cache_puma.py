@@ -179,6 +179,8 @@ def precompute_teacher_cache(teacher, dataset, out_dir: str, fingerprint: dict, 
     if state.is_main_process:
         logger.info(describe_teacher_cache(items, teacher.config.text_config.hidden_size, dtype, out_dir, shard_size))
     teacher.eval()
+    if getattr(teacher.config, "visual_pool", 1) != 1:  # the target is the unreduced embedding, as every teacher's
+        teacher.config.visual_pool = 1
     parts = []
     for part in PARTS:
         if not items[part].ids:

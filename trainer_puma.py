@@ -12,6 +12,9 @@ Teachers (the full-depth model whose embedding the pruned student distils):
   memory-mapped by sample id, with a fingerprint of the teacher checkpoint, prompt template, pixel limits and data
   files (`teacher_cache_puma`).
 - `SeparateTeacher`: an independent full model, as the release does (kept for comparison).
+- `UnreducedTeacher` (`teacher="self"`): the student itself, without gradient, embedding every visual token
+  (`visual_pool=1`): self-distillation of a model trained to reduce visual tokens (`visual_pools`).
+Every teacher embeds at `visual_pool=1`: the reduction is the student's, the target is the unreduced embedding.
 """
 
 import contextlib
@@ -47,7 +50,7 @@ from teacher_cache_puma import CachedTeacher, precompute_teacher_cache, teacher_
 logger = logging.get_logger(__name__)
 
 FEATURE_GROUPS = ("query", "candidate", "negative")
-TEACHER_MODES = ("none", "shared", "cached", "separate")
+TEACHER_MODES = ("none", "shared", "cached", "separate", "self")
 DISTILL_METRICS = ("none", "mse", "cosine")
 
 
@@ -67,7 +70,7 @@ class PumaTrainingArguments(TrainingArguments):
     distill_weight: float = field(default=0.0, metadata={"help": "Weight of the hidden-state loss (stage 1: 0.1)."})
     kl_weight: float = field(default=0.0, metadata={"help": "Weight of the in-batch KL distillation (0: off)."})
     kl_teacher_temperature: float | None = field(default=None, metadata={"help": "Teacher temperature of the KL loss; default: the student's."})
-    teacher: str = field(default="none", metadata={"help": "Teacher: 'none', 'shared' (LoRA base reused), 'cached', 'separate'."})
+    teacher: str = field(default="none", metadata={"help": "Teacher: 'none', 'shared' (LoRA base reused), 'cached', 'separate', 'self' (the student itself without visual-token reduction)."})
     teacher_model: str | None = field(default=None, metadata={"help": "Full-depth base checkpoint of the teacher ('shared', 'separate')."})
     teacher_cache: str | None = field(default=None, metadata={"help": "Folder of precomputed teacher embeddings ('cached')."})
     gather_across_devices: bool = field(default=True, metadata={"help": "All-gather embeddings so negatives span the global batch."})
@@ -79,6 +82,7 @@ class PumaTrainingArguments(TrainingArguments):
     embedding_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the input-embedding parameters (the embedding token's row): shorthand for a first module_learning_rates rule 'embed_tokens'."})
     merge_lora_on_save: bool = field(default=True, metadata={"help": "Merge LoRA into the base on the final save_model()."})
     depths: list[int] | None = field(default=None, metadata={"help": "Elastic depth: also train the embedding of the model truncated after each of these numbers of first layers, all from the same forward pass; increasing, ending at the model's kept depth (e.g. 4 8 12). The saved config records them (trained_depths)."})
+    visual_pools: list[int] | None = field(default=None, metadata={"help": "Elastic visual-token reduction: each optimizer step's student forwards pool visual tokens by the next of these factors in turn (e.g. 1 2 4; see PumaConfig.visual_pool). The saved config records them (trained_visual_pools)."})
     depth_weights: list[float] | None = field(default=None, metadata={"help": "Weight of the contrastive loss at each depth, in the order of depths (default: 1 each)."})
     matryoshka_dims: list[int] | None = field(default=None, metadata={"help": "Matryoshka: also train the embedding truncated to each of these sizes, increasing (e.g. 256 512 1536). The saved config records them."})
     matryoshka_weights: list[float] | None = field(default=None, metadata={"help": "Weight of the contrastive loss at each size, in the order of matryoshka_dims (default: 1 each)."})
@@ -98,11 +102,14 @@ class PumaTrainingArguments(TrainingArguments):
             raise ValueError(f"teacher={self.teacher!r} is not one of {TEACHER_MODES}.")
         distilling = (self.distill != "none" and self.distill_weight > 0) or self.kl_weight > 0
         if distilling and self.teacher == "none":
-            raise ValueError("Distillation (distill_weight > 0 or kl_weight > 0) needs a teacher: set teacher=shared|cached|separate.")
+            raise ValueError("Distillation (distill_weight > 0 or kl_weight > 0) needs a teacher: set teacher=shared|cached|separate|self.")
         if self.distill == "none" and self.distill_weight > 0:
             raise ValueError(f"distill_weight={self.distill_weight} needs distill='mse' or 'cosine'.")
         if self.teacher == "cached" and not self.teacher_cache:
             raise ValueError("teacher='cached' needs teacher_cache (a folder written by precompute_teacher_cache).")
+        for factor in self.visual_pools or []:
+            if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+                raise ValueError(f"visual_pools entries must be positive integers (1: no reduction), got {factor!r}.")
         if self.teacher in ("shared", "separate") and not self.teacher_model:
             raise ValueError(f"teacher={self.teacher!r} needs teacher_model (the full-depth base checkpoint).")
         if self.grad_cache_chunk_size is not None and self.grad_cache_chunk_size <= 0:
@@ -194,7 +201,20 @@ class SeparateTeacher:
     @torch.no_grad()
     def embed(self, features: dict, ids: list[str]) -> torch.Tensor:
         with gathered(self.model.parameters()):
-            return self.model(**features, **self.forward_kwargs).raw_embeddings
+            return self.model(**features, **self.forward_kwargs, visual_pool=1).raw_embeddings
+
+
+class UnreducedTeacher:
+    """The student itself, without gradient, embedding every visual token (`visual_pool=1`): the target of a student
+    trained to pool visual tokens (`visual_pools`) is its own unreduced embedding, at no extra memory. With a LoRA
+    student it includes the adapters (the model as it is being trained, unlike `SharedWeightTeacher`)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def embed(self, features: dict, ids: list[str]) -> torch.Tensor:
+        return self.model(**features, visual_pool=1).raw_embeddings
 
 
 class SharedWeightTeacher:
@@ -258,7 +278,7 @@ class SharedWeightTeacher:
         student = {id(parameter) for parameter in self.peft_model.parameters()}
         own = [parameter for parameter in self.model.parameters() if id(parameter) not in student]  # dropped layers
         with self.peft_model.disable_adapter(), unsharded(self.peft_model), gathered(own):
-            return self.model(**features, **self.forward_kwargs).raw_embeddings
+            return self.model(**features, **self.forward_kwargs, visual_pool=1).raw_embeddings
 
 
 @contextlib.contextmanager
@@ -547,6 +567,8 @@ class PumaTrainer(Trainer):
             return CachedTeacher(args.teacher_cache)
         if args.teacher == "shared":
             return SharedWeightTeacher.from_student(self.model, args.teacher_model)
+        if args.teacher == "self":
+            return UnreducedTeacher(self.model)
         if args.teacher == "separate":
             student = self._embedding_model()
             # Loaded with its own processor, so its embedding-token row is initialised as the student's was.
@@ -620,8 +642,11 @@ class PumaTrainer(Trainer):
     def _embed(self, model, features: dict, visual_outputs: dict | None = None, output_visual_outputs: bool = False):
         """The raw embeddings of `features`; for an `ElasticObjective`, `{depth: raw embeddings}` at each of its
         depths, from the same forward pass. With `output_visual_outputs`, `(embeddings, the vision tower's outputs)`;
-        `visual_outputs` (of an earlier forward of the same features) skips the tower."""
+        `visual_outputs` (of an earlier forward of the same features) skips the tower. With `visual_pools`, the
+        step's visual-token reduction factor applies."""
         kwargs = dict(self._forward_kwargs())
+        if self.args.visual_pools:
+            kwargs["visual_pool"] = self._visual_pool()
         if visual_outputs is not None:  # empty: the inputs hold no image, and the tower must not run again
             kwargs["visual_outputs"] = visual_outputs
         if output_visual_outputs:
@@ -631,6 +656,11 @@ class PumaTrainer(Trainer):
         outputs = model(**features, **kwargs)
         embeddings = outputs.depth_embeddings if isinstance(self.objective, ElasticObjective) else outputs.raw_embeddings
         return (embeddings, outputs.visual_outputs) if output_visual_outputs else embeddings
+
+    def _visual_pool(self) -> int:
+        """The visual-token reduction factor of this optimizer step: `visual_pools` in turn, so every factor gets
+        the same share of steps (and GradCache's replay of a step uses the factor of its first pass)."""
+        return self.args.visual_pools[self.state.global_step % len(self.args.visual_pools)]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         embeddings = {group: self._embed(model, inputs[group]) for group in FEATURE_GROUPS if group in inputs}
@@ -784,6 +814,8 @@ class PumaTrainer(Trainer):
     def _record_trained_sizes(self) -> None:
         """Writes into the model's config the depths (`trained_depths`, when more than one) and the Matryoshka sizes
         this run trains, so that every save records them; a run that trains neither leaves both fields as loaded."""
+        if self.args.visual_pools and len(self.args.visual_pools) > 1:
+            self._embedding_model().config.trained_visual_pools = sorted(set(self.args.visual_pools))
         if isinstance(self.objective, ElasticObjective):
             config = self._embedding_model().config
             if len(self.objective.depths) > 1:
@@ -897,6 +929,6 @@ def _means(tracked: dict) -> dict[str, float]:
 
 
 __all__ = ["CachedTeacher", "PumaTrainer", "PumaTrainingArguments", "ReadableLogCallback", "ReadableProgressCallback",
-           "SeparateTeacher", "SetEpochCallback", "SharedWeightTeacher", "format_log", "merged_copy", "parameter_groups",
+           "SeparateTeacher", "SetEpochCallback", "SharedWeightTeacher", "UnreducedTeacher", "format_log", "merged_copy", "parameter_groups",
            "gathered", "unsharded", "unsharded_copy",
            "precompute_teacher_cache", "length_order", "split_features", "teacher_cache_is_fresh", "teacher_fingerprint"]

@@ -15,6 +15,10 @@ With `--video` (instead of (a)-(c); PyAV writes the clips):
 (e) The cost of frames and pixels with k layers: the same clips sampled to other frame counts and frame sizes
     (`video_max_frames`, `video_min_pixels`/`video_max_pixels`): video tokens, GFLOP per video and throughput,
     against the FLOP ratio.
+With `--reduction K [K ...]` (instead of (a)-(c)):
+(f) Visual-token reduction: image throughput with k layers at reduction factor 1 and each K (`visual_pool`, the
+    merged tokens pooled K x K), in the same run, against the FLOP-ideal speed-up (the vision tower runs whatever the
+    factor, so the ideal is bounded by its share).
 Both models are held at once so that the timed passes can alternate between the settings compared (other processes
 on a shared machine then slow both alike); each setting is warmed up. Throughputs are the best of `--repeats` passes;
 speed-ups are the median (min-max) of the passes' ratios (each pass against the other setting's pass of the same
@@ -27,6 +31,7 @@ round), in wall time (goals) and in process CPU time (all threads; far less infl
     python bench/bench_encode.py --markdown docs/benchmarks/encode.md   # also write the stamped tables there
     python bench/bench_encode.py --device cuda --dtype bfloat16
     python bench/bench_encode.py --family qwen3_vl_2b --video --markdown docs/benchmarks/encode_video.md
+    python bench/bench_encode.py --reduction 2 4 --markdown docs/benchmarks/encode_reduction.md
 """
 
 import argparse
@@ -43,7 +48,7 @@ from PIL import Image
 
 from common import (ALL_CHECKPOINTS, DEFAULT_DATA, Report, add_markdown_argument, check, ensure_checkpoint,
                     load_note, log, ratios, spread, time_interleaved)
-from cost_puma import text_flops_per_sequence, vision_flops_per_image, vision_flops_per_video
+from cost_puma import reduced_visual_tokens, text_flops_per_sequence, vision_flops_per_image, vision_flops_per_video
 from modeling_puma import PumaForEmbedding, featurize, parse_input, smart_resize
 
 
@@ -263,6 +268,61 @@ def video_tables(report, args, depth: int) -> None:
                   "FLOP ratio", "CPU time ratio"], rows)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Visual-token reduction
+# ---------------------------------------------------------------------------------------------------------------
+def reduction_flops(model, images, factor: int, batch_size: int) -> tuple[float, float, int]:
+    """Forward FLOPs (all, and the decoder's alone; prompts padded per batch) and visual tokens of encoding `images`
+    with the visual tokens pooled `factor` x `factor`."""
+    config = model.config
+    merge = config.vision_config.spatial_merge_size
+    injected = len(getattr(config.vision_config, "deepstack_visual_indexes", None) or [])
+    vision, lengths, tokens = 0.0, [], 0
+    for image in images:
+        features = featurize(model.processor, config, [model.build_prompt(None, image)], [image])
+        t, h, w = features["image_grid_thw"][0].tolist()
+        vision += vision_flops_per_image(config.vision_config, h, w, num_mergers=1 + min(model.num_layers, injected))
+        kept = reduced_visual_tokens(t, h, w, merge, factor)
+        lengths.append(features["input_ids"].shape[1] - t * (h // merge) * (w // merge) + kept)
+        tokens += kept
+    lengths.sort(reverse=True)
+    decoder = sum(len(lengths[i:i + batch_size]) * text_flops_per_sequence(config.text_config, model.num_layers,
+                                                                           lengths[i])
+                  for i in range(0, len(lengths), batch_size))
+    return vision + decoder, decoder, tokens
+
+
+def reduction_table(report, args) -> None:
+    """Table (f)."""
+    factors = [1] + sorted(set(args.reduction) - {1})
+    sizes = IMAGE_SIZES[:1] if args.quick else [tuple(size) for size in args.reduction_sizes]
+    images = make_images(sizes)
+    model = load(args, args.layers)
+    model.config.max_pixels = args.reduction_max_pixels
+    for factor in factors:
+        model.encode(images[:1], batch_size=args.batch_size, visual_pool=factor)  # warm-up
+    log(f"(f) reduction factors {factors}: {len(images)} images {sizes}, max_pixels {args.reduction_max_pixels}")
+    cpu = {}
+    times = time_interleaved({factor: lambda factor=factor: model.encode(images, batch_size=args.batch_size,
+                                                                         visual_pool=factor)
+                              for factor in factors}, args.repeats, cpu)
+    costs = {factor: reduction_flops(model, images, factor, args.batch_size) for factor in factors}
+    rows = []
+    for factor in factors:
+        ideal = costs[1][0] / costs[factor][0]
+        measured, measured_cpu = ratios(times[1], times[factor]), ratios(cpu[1], cpu[factor])
+        rows.append([factor, costs[factor][2] // len(images), len(images) / min(times[factor]),
+                     costs[factor][0] / len(images) / 1e9, costs[factor][1] / len(images) / 1e9, min(cpu[factor]),
+                     spread(measured), f"{ideal:.3f}", f"{statistics.median(measured) / ideal:.3f}",
+                     spread(measured_cpu), f"{statistics.median(measured_cpu) / ideal:.3f}"])
+    report.table(f"(f) Visual-token reduction: k={args.layers}, {len(images)} random-pixel images (w, h) {sizes} at "
+                 f"max_pixels {args.reduction_max_pixels}, batch {args.batch_size}, {args.dtype} on {args.device}; "
+                 f"throughput: best of {args.repeats} interleaved passes, speed-ups against factor 1: median "
+                 "(min-max) of the passes' ratios",
+                 ["visual_pool", "visual tokens per image", "images/s", "GFLOP/image", "decoder GFLOP/image", "CPU s",
+                  "speed-up", "FLOP-ideal", "measured/ideal", "speed-up by CPU time", "CPU/ideal"], rows)
+
+
 def main(args) -> None:
     report = Report(args.markdown, f"Encoding benchmark ({args.family})")
     rng = random.Random(0)
@@ -272,6 +332,11 @@ def main(args) -> None:
     with open(os.path.join(args.checkpoint, "config.json")) as f:
         config = json.load(f)
     depth = (config.get("text_config") or config)["num_hidden_layers"]
+    if args.reduction:
+        reduction_table(report, args)
+        report.note(load_note(torch.get_num_threads()))
+        report.write()
+        return
     if args.video:
         video_tables(report, args, depth)
         report.note(load_note(torch.get_num_threads()))
@@ -338,6 +403,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-videos", type=int, default=2, help="clips in workloads (d) and (e)")
     parser.add_argument("--video-frames", type=int, default=4, help="frames sampled per clip in (d)")
     parser.add_argument("--video-side", type=int, default=112, help="side of the sampled frames in (d), pixels")
+    parser.add_argument("--reduction", type=int, nargs="+", metavar="K",
+                        help="table (f) instead of (a)-(c): visual-token reduction factors timed against factor 1")
+    parser.add_argument("--reduction-sizes", type=int, nargs=2, action="append", metavar=("W", "H"),
+                        default=None, help="image sizes of (f), repeatable (default: 448x448 and 392x294)")
+    parser.add_argument("--reduction-max-pixels", type=int, default=256 * 28 * 28, help="max_pixels of (f)")
     add_markdown_argument(parser)
     return parser
 
@@ -345,4 +415,5 @@ def make_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     arguments = make_parser().parse_args()
     arguments.repeats = 1 if arguments.quick else arguments.repeats
+    arguments.reduction_sizes = arguments.reduction_sizes or [(448, 448), (392, 294)]
     main(arguments)

@@ -29,14 +29,15 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("workspace")
     write_mbeir_tree(root / MBEIR_ROOT)
     write_simcse_nli(root / NLI_FILE)
-    make_demo_benchmark(root / DEMO_DATA, num_train=6, num_test=1, num_negatives=1, num_nli=8, image_size=32)
+    make_demo_benchmark(root / DEMO_DATA, num_train=7, num_test=1, num_negatives=1, num_nli=8, image_size=32)
     return root
 
 
 def test_every_config_is_covered():
     names = {os.path.basename(path) for path in CONFIGS}
     assert {"puma_stage1_nli.yaml", "puma_stage2_mbeir.yaml", "puma2b_stage1_nli.yaml", "puma2b_stage2_mbeir.yaml",
-            "demo_stage1.yaml", "demo_stage2.yaml", "demo_elastic.yaml", "qwen3vl_embedding2b_stage1_nli.yaml",
+            "demo_stage1.yaml", "demo_stage2.yaml", "demo_elastic.yaml", "demo_budget.yaml",
+            "qwen3vl_embedding2b_stage1_nli.yaml",
             "qwen3vl_embedding2b_stage2_mbeir.yaml"} <= names
 
 
@@ -71,6 +72,8 @@ def test_config_trains_one_step_on_data_laid_out_like_the_real_one(config, works
         logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
         assert all(math.isfinite(logged[f"contrastive_loss_d{depth}"]) for depth in settings["depths"])
         assert saved["trained_depths"] == settings["depths"]
+    if "visual_pools" in settings:  # the reduction factors are recorded too
+        assert saved["trained_visual_pools"] == sorted(set(settings["visual_pools"]))
     # per-module learning rates took effect (a rule matching no parameter would have failed the run)
     rates = {group["initial_lr"] for group in trainer.optimizer.param_groups}
     assert rates == {float(settings["learning_rate"]), *map(float, settings.get("module_learning_rates", {}).values())}
