@@ -203,6 +203,10 @@ class PumaForEmbedding(PumaPreTrainedModel):
                            "pixel_values_videos": pixel_values_videos, "video_grid_thw": video_grid_thw}
         factor = self.config.visual_pool if visual_pool is None else visual_pool
         validate_visual_pool(factor)
+        if factor != 1 and (visual_outputs is not None or run_vision_tower or output_visual_outputs):
+            # both hand the backbone encoder outputs: the reduced ones are computed here from the pixels
+            raise ValueError(f"visual_pool={factor} does not combine with visual_outputs, output_visual_outputs or "
+                             "run_vision_tower (GradCache's reuse of the vision tower, sharded training) yet.")
         if factor != 1 and (pixel_values is not None or pixel_values_videos is not None):
             input_ids, attention_mask, mm_token_type_ids, backbone_inputs = self.reduce_visual_inputs(
                 input_ids, attention_mask, backbone_inputs, factor, mm_token_type_ids)

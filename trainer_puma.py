@@ -578,6 +578,10 @@ class PumaTrainer(Trainer):
 
     def _check_startup(self):
         """Inconsistent settings fail here, before the first step, not mid-run."""
+        if self.args.visual_pools and set(self.args.visual_pools) != {1} and (
+                self.args.grad_cache_chunk_size or self._forward_kwargs().get("run_vision_tower")):
+            raise ValueError("visual_pools does not combine with GradCache (grad_cache_chunk_size) or sharded training "
+                             "(FSDP, ZeRO-3) yet: both reuse or force the vision tower's unreduced outputs.")
         needs_teacher = self.objective.hidden_state is not None or self.objective.kl is not None
         if needs_teacher and self.teacher is None:
             raise ValueError("The objective distils but no teacher is configured.")

@@ -298,6 +298,24 @@ def test_every_teacher_embeds_without_reduction(tiny_checkpoint, images):
         assert not torch.allclose(reduced(**features).raw_embeddings, reduced(**features, visual_pool=1).raw_embeddings)
 
 
+def test_reduction_with_grad_cache_or_a_reused_vision_tower_is_refused(tiny_checkpoint, images, tmp_path):
+    pytest.importorskip("peft")
+    from test_trainer import Collator, PairDataset, lora_student, training_args
+    from trainer_puma import PumaTrainer
+
+    student = lora_student(tiny_checkpoint)
+    base = student.get_base_model()
+    dataset = PairDataset(images)
+    args = training_args(tmp_path, loss="infonce", visual_pools=[1, 2], grad_cache_chunk_size=2, max_steps=1,
+                         save_strategy="no")
+    with pytest.raises(ValueError, match="visual_pools does not combine with GradCache"):
+        PumaTrainer(model=student, args=args, train_dataset=dataset,
+                    data_collator=Collator(base.processor, base.config)).train()
+    features = features_for(base, inputs_of_every_kind(images))
+    with pytest.raises(ValueError, match="visual_pool=2 does not combine"):
+        base(**features, visual_pool=2, output_visual_outputs=True)
+
+
 def test_visual_pools_are_checked_naming_the_option(tmp_path):
     from trainer_puma import PumaTrainingArguments
 
