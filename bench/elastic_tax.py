@@ -38,11 +38,16 @@ from common import BENCH_DIR, ROOT, Report, add_markdown_argument, log
 
 
 DEPTHS, DIMS = (1, 2, 3), (16, 32, 64)  # the demo's kept layers; sizes of the tiny model's 64-wide embedding
-# The reduced demo: benchmark sizes, and the stage-2 settings that differ from the demo's configs.
-BENCHMARK = {"num_train": 960, "num_test": 40, "num_nli": 256, "image_size": 48}
-STAGE2 = ["--num_train_epochs", "1", "--per_device_train_batch_size", "32", "--max_pixels", "3136",
-          "--video_max_frames", "4", "--video_min_pixels", "3136", "--video_max_pixels", "3136",
-          "--video_total_pixels", "6272", "--logging_steps", "10"]
+# --scale -> (benchmark sizes, the stage-2 settings that differ from the demo's configs). `demo` is demo.py's own run
+# (2880 training queries, 6 epochs of batch 48: 360 steps); `reduced` trains 30 steps on smaller images, which on the
+# tiny random model is far too little to learn the image tasks (averages about 20, chance level on most tasks).
+SCALES = {
+    "demo": ({"num_train": 2880, "num_nli": 256}, ["--logging_steps", "20"]),
+    "reduced": ({"num_train": 960, "num_test": 40, "num_nli": 256, "image_size": 48},
+                ["--num_train_epochs", "1", "--per_device_train_batch_size", "32", "--max_pixels", "3136",
+                 "--video_max_frames", "4", "--video_min_pixels", "3136", "--video_max_pixels", "3136",
+                 "--video_total_pixels", "6272", "--logging_steps", "10"]),
+}
 QUICK = {"num_train": 14, "num_test": 4, "num_nli": 16, "image_size": 32}
 # name -> (what it trains: "depth" or "size", extra train.py arguments). `alone` is the reference of every other.
 VARIANTS = {
@@ -82,7 +87,7 @@ def runs(variant: str, seeds: list[int], kinds: set[str]) -> list[dict]:
         else:
             out.append({"name": variant, "seed": seed, "config": "demo_stage2.yaml",
                         "args": ["--matryoshka_dims", *map(str, DIMS), *extra], "points": points("size")})
-    return out
+    return [dict(run, variant=variant) for run in out]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,11 +169,13 @@ def child_gradients(spec: dict) -> None:
     argv = ["--config", os.path.join(ROOT, "configs", "demo_elastic.yaml"), "--model_name_or_path", spec["model"],
             "--mbeir_root", spec["benchmarks"]["demo"], "--output_dir", spec["output_dir"], *spec["stage2"]]
     script_args, training_args, _ = make_parser().parse_args_and_config(argv)
-    model = PumaForEmbedding.from_pretrained(spec["model"], max_pixels=script_args.max_pixels)
+    overrides = {key: getattr(script_args, key) for key in ("max_pixels", "video_max_frames", "video_min_pixels",
+                                                            "video_max_pixels", "video_total_pixels")
+                 if getattr(script_args, key)}  # the settings the training runs with (train_puma.main)
+    model = PumaForEmbedding.from_pretrained(spec["model"], **overrides)
     dataset = build_dataset(script_args)
     trainer = PumaTrainer(model=model, args=training_args, train_dataset=dataset,
                           data_collator=PumaCollator(model.processor, model.config))
-    layers = model.language_model.layers if hasattr(model, "language_model") else None
     groups = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -183,7 +190,6 @@ def child_gradients(spec: dict) -> None:
         else:
             group = "embeddings"
         groups.setdefault(group, []).append(parameter)
-    del layers
     contrastive, depths = trainer.objective.contrastive, trainer.objective.depths
     trainer.objective.contrastive.tau_hard = training_args.tau_norm
     sums = {}
@@ -231,12 +237,12 @@ def spawn(mode: str, spec: dict, log_path: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------------------------
-def prepare(folder: str, quick: bool) -> dict:
+def prepare(folder: str, quick: bool, scale: str) -> dict:
     """The two benchmarks, the tiny base and the stage-1 model (made once)."""
     from demo_data_puma import make_demo_benchmark
     from tiny_puma import build_tiny_checkpoint
 
-    sizes = QUICK if quick else BENCHMARK
+    sizes = QUICK if quick else SCALES[scale][0]
     benchmarks = {"demo": os.path.join(folder, "data"), "seed1": os.path.join(folder, "data-seed1")}
     for (name, root), seed in zip(benchmarks.items(), (0, 1)):
         if not os.path.isfile(os.path.join(root, "demo_benchmark.json")):
@@ -269,6 +275,7 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=2, help="trainings at once (each one thread)")
     parser.add_argument("--data", default=os.path.join(BENCH_DIR, "elastic_tax"))
+    parser.add_argument("--scale", default="demo", choices=list(SCALES), help="demo: the demo's own stage 2")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 steps (the code path, not a result)")
     parser.add_argument("--gradients", action="store_true", help="also measure the per-depth gradients")
     parser.add_argument("--report", action="store_true", help="train nothing: tables of the results already there")
@@ -278,16 +285,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.train or args.grad:
         return child_train(json.loads(args.train)) if args.train else child_gradients(json.loads(args.grad))
-    if "alone" not in args.variants:
-        args.variants.insert(0, "alone")
-    folder = args.data + ("-quick" if args.quick else "")
+    if "alone" not in args.variants:  # the reference, trained after the variants named
+        args.variants.append("alone")
+    folder = f"{args.data}-{'quick' if args.quick else args.scale}"
     os.makedirs(folder, exist_ok=True)
-    shared = prepare(folder, args.quick)
-    stage2 = STAGE2 + (["--max_steps", "2"] if args.quick else [])
-    # depths before sizes, seed by seed, so that an interrupted run leaves whole seeds of the depth table behind it
+    shared = prepare(folder, args.quick, args.scale)
+    stage2 = SCALES[args.scale][1] + (["--max_steps", "2"] if args.quick else [])
+    # depths before sizes, seed by seed, in the order of --variants within a seed
     kinds = {VARIANTS[v][0] for v in args.variants if v != "alone"} or {"depth", "size"}
+    order = {name: i for i, name in enumerate(args.variants)}
     todo = sorted((run for variant in args.variants for run in runs(variant, args.seeds, kinds)),
-                  key=lambda r: (r["points"][0][1] is not None, r["seed"]))
+                  key=lambda r: (r["points"][0][1] is not None, r["seed"], order[r["variant"]]))
     for run in todo:
         key = f"{run['name']}-s{run['seed']}"
         run.update(shared, stage2=stage2, output_dir=os.path.join(folder, "runs", key),
@@ -323,20 +331,33 @@ def main(argv=None):
                 for label in labels:
                     alone = f"alone-{label.replace('_', '-')}"
                     name = alone if variant == "alone" else variant
-                    seeds = [s for s in args.seeds if (name, s, label) in scores and (alone, s, label) in scores]
+                    seeds = [s for s in args.seeds if (name, s, label) in scores]
                     if not seeds:
                         row.append("-")
                         continue
                     values = [scores[(name, s, label)][bench]["average"] for s in seeds]
                     cell = mean_sd(values) + ("" if len(seeds) == len(args.seeds) else f" [{len(seeds)} seeds]")
-                    if variant != "alone":
-                        reference = [scores[(alone, s, label)][bench]["average"] for s in seeds]
-                        cell += f" ({mean_sd([v - r for v, r in zip(values, reference)])})"
+                    paired = [s for s in seeds if (alone, s, label) in scores]
+                    if variant != "alone" and paired:
+                        differences = [scores[(name, s, label)][bench]["average"]
+                                       - scores[(alone, s, label)][bench]["average"] for s in paired]
+                        cell += f" ({mean_sd(differences)})"
                     row.append(cell)
                 rows.append(row)
             report.table(f"{title}: `{bench}` benchmark, average Recall@5", ["variant", *labels], rows, notes=[
-                f"Mean ± standard deviation over seeds {', '.join(map(str, args.seeds))}; in brackets, the difference "
-                "from the model trained alone at that point, seed by seed (mean ± sd)."])
+                f"Mean ± standard deviation over seeds {', '.join(map(str, args.seeds))} (fewer where marked); in "
+                "brackets, the difference from the model trained alone at that point, seed by seed (mean ± sd), "
+                "where that model was trained."])
+        # per task, every run, on the demo benchmark
+        bench = next(iter(shared["benchmarks"]))
+        runs_here = sorted({(name, seed, label) for name, seed, label in scores if label in labels
+                            and (name in variants or name.startswith("alone"))})
+        tasks = [task for task in next(iter(scores.values()))[bench] if task != "average"]
+        rows = [[name, seed, label, *[f"{scores[(name, seed, label)][bench][task]:.1f}" for task in tasks],
+                 f"{scores[(name, seed, label)][bench]['average']:.1f}"] for name, seed, label in runs_here]
+        if rows:
+            report.table(f"{title}: `{bench}` benchmark per task, Recall@5", ["run", "seed", "point", *tasks,
+                                                                             "average"], rows)
 
     if args.gradients:
         grad_table(args, folder, shared, stage2, report)
