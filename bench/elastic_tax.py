@@ -1,16 +1,18 @@
 """What elastic depth and Matryoshka training cost at each depth and size, against a model trained alone there.
 
-    python bench/elastic_tax.py [--seeds 0 1 2] [--variants alone elastic ...] [--jobs 2] [--quick]
-    python bench/elastic_tax.py --markdown docs/benchmarks/elastic_tax.md   # also write the stamped tables there
+    python bench/elastic_tax.py [--seeds 0 1 2] [--variants elastic elastic-deep ...] [--scale demo|reduced] [--jobs 2]
+    python bench/elastic_tax.py --variants elastic --gradients   # also the per-depth gradients
+    python bench/elastic_tax.py --report --markdown docs/benchmarks/elastic_tax.md   # the tables of what is cached
+    python bench/elastic_tax.py --quick                          # the code path in minutes (not a result)
 
-The demo's stage 2 (`configs/demo_stage2.yaml`, `configs/demo_elastic.yaml`) at reduced sizes, so that many seeds fit
-on a CPU: a demo benchmark of 960 training queries with 48-pixel images (`make_demo_benchmark(seed=0)`), images and
-the 4 frames of each clip at 56x56 pixels (the processor's minimum), batch 32 for 1 epoch (30 steps), from one stage-1
-model (`configs/demo_stage1.yaml` on the tiny random Qwen2-VL, trained once). Every variant is trained once per seed
+The demo's stage 2 (`configs/demo_stage2.yaml`, `configs/demo_elastic.yaml`) as `demo.py --elastic` runs it
+(`--scale demo`: the demo benchmark of 2880 training queries, 6 epochs of batch 48, 360 steps), from one stage-1 model
+(`configs/demo_stage1.yaml` on the tiny random Qwen2-VL, trained once); `--scale reduced` trains 30 steps on 56-pixel
+images instead, too little for the tiny random model to learn its image tasks. Every variant is trained once per seed
 (the stage-2 `seed`: data order and the draws of the training) and scored by Recall@5 on each task's local pool (40
-queries per task) of two benchmarks: the demo benchmark it trained on (`demo`: its test scenes) and a second one drawn
-with another seed (`seed1`: another scene split, other renderings and distractors; about half its test scenes are
-training scenes of the first, drawn anew).
+queries per task) of two benchmarks: the demo benchmark it trained on (`demo`: its test scenes) and a second one
+drawn with another seed (`seed1`: another scene split, other renderings and distractors; about half its test scenes
+are training scenes of the first, drawn anew).
 
 Variants (`VARIANTS`): `alone` trains depth d alone (and, with sizes, size m alone); the others train depths 1, 2, 3
 (and/or the Matryoshka sizes 16, 32, 64 of the 64-wide embedding) at once with a loss setting each. The tables give
@@ -18,11 +20,13 @@ each variant's average over tasks, mean ± standard deviation over the seeds, at
 difference from `alone` at the same point (mean of the per-seed differences ± their standard deviation).
 
 `--gradients` also measures, on the stage-1 model and on the elastic model of the first seed, how each depth's loss
-pulls the shared parameters: per parameter group, each depth's gradient norm, its share of the summed gradient's
-norm and its cosine to the full depth's gradient (mean over 4 batches).
+pulls the shared parameters: per parameter group, each depth's gradient norm, its
+projection on the summed gradient (as a share of it) and its cosine to the full depth's gradient (mean over 4
+batches).
 
 Each training runs in its own process (one thread, `nice`), at most `--jobs` at a time; results are cached as JSON
-under `--data` (default: puma_bench/elastic_tax in the temporary folder), so a rerun only trains what is missing.
+under `--data`-<scale> (default: puma_bench/elastic_tax-demo in the temporary folder), so a rerun only trains what
+is missing.
 """
 
 import argparse
@@ -318,6 +322,9 @@ def main(argv=None):
                 scores[(run["name"], run["seed"], point)] = by_bench
 
     report = Report(args.markdown, "Elastic depth and Matryoshka training against one model per depth and size")
+    if args.report:
+        report.note(f"Tables of the models this script trained earlier with the same --scale ({args.scale}), cached "
+                    f"under {folder}; each trained in its own process on one thread.")
     for kind, title in (("depth", "Depths 1, 2, 3 trained at once"), ("size", "Matryoshka sizes of the 3 layers")):
         variants = [v for v in args.variants if VARIANTS[v][0] == kind]
         if not variants:
@@ -369,6 +376,9 @@ def grad_table(args, folder: str, shared: dict, stage2: list[str], report) -> No
     for label, model in (("stage-1 model (start of training)", shared["stage1"]),
                          ("elastic model (end of training)", os.path.join(folder, "runs", f"elastic-s{seed}"))):
         result = os.path.join(folder, "results", f"gradients-{os.path.basename(model)}.json")
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            report.note(f"No gradients of the {label}: {model} is not trained yet.")
+            continue
         if not os.path.isfile(result):
             spawn("grad", {**shared, "model": model, "stage2": stage2, "batches": 4, "result": result,
                            "output_dir": os.path.join(folder, "runs", "gradients")}, result[:-5] + ".log")
