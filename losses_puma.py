@@ -723,6 +723,11 @@ class ElasticObjective(_PumaLoss):
         pairs: `"grid"` (default) or `"diagonal"`; the same when either list has one entry.
         self_distill, self_kl: Optional self-distillation losses; `self_kl` must gather as the contrastive loss does.
         self_distill_weight, self_kl_weight: w_sd, w_skl, >= 0; a positive weight needs its loss.
+        sample_pairs: `None` (default): P is every trained pair at every call. n: P is, at each call, the deepest
+            pair at full size plus n of the others drawn uniformly without replacement, each at its own weight (the
+            schedule of sentence-transformers' `AdaptiveLayerLoss`, which always trains the last layer and samples
+            the others); the contrastive and self-KL terms follow the draw. `pairs_this_step()` draws.
+        seed: Seed of the draws' own generator (the same in every process, so that all draw the same pairs).
 
     Requirements:
         1. Those of the wrapped objective.
@@ -774,6 +779,8 @@ class ElasticObjective(_PumaLoss):
         self_kl: KLDistillLoss | None = None,
         self_distill_weight: float = 0.0,
         self_kl_weight: float = 0.0,
+        sample_pairs: int | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         _require(isinstance(objective, DistillationObjective), "objective", type(objective).__name__,
@@ -817,6 +824,13 @@ class ElasticObjective(_PumaLoss):
                      f"those of the contrastive loss, {wanted}")
         self.self_distill, self.self_kl = self_distill, self_kl
         self.self_distill_weight, self.self_kl_weight = self_distill_weight, self_kl_weight
+        others = len(self.trained_pairs) - 1
+        _require(sample_pairs is None or (isinstance(sample_pairs, int) and 0 < sample_pairs <= others),
+                 "sample_pairs", sample_pairs, f"None or 1..{others} (the pairs besides the deepest at full size)")
+        self.sample_pairs, self.seed = sample_pairs, seed
+        # Its own generator, seeded alike in every process, so that all processes draw the same pairs at each call
+        # whatever else consumes the global random state.
+        self._generator = torch.Generator().manual_seed(seed)
 
     # The wrapped objective's parts, read by the trainer (temperature schedule, teacher checks).
     @property
@@ -860,9 +874,19 @@ class ElasticObjective(_PumaLoss):
                 _require(isinstance(embeddings, dict) and set(self.depths) <= set(embeddings), f"{name} depths",
                          keys, f"a dict holding the embeddings at every depth of {self.depths}")
 
+    def pairs_this_step(self) -> list[tuple[int, int | None, float]]:
+        """The (depth, size, weight) pairs of one call: every trained pair, or with `sample_pairs` = n the deepest
+        pair at full size plus n of the others drawn without replacement (in their order), each at its own weight."""
+        if self.sample_pairs is None:
+            return self.trained_pairs
+        *others, deepest = self.trained_pairs
+        drawn = torch.randperm(len(others), generator=self._generator)[:self.sample_pairs].sort().values.tolist()
+        return [others[i] for i in drawn] + [deepest]
+
     def _loss(self, query, positive, teacher_query=None, teacher_positive=None, modality=None, negatives=None,
               negative_modality=None, teacher_negatives=None, *, gather: bool) -> dict[str, Tensor]:
         self._check_depths(query, positive, negatives)
+        pairs = self.pairs_this_step()
         objective, deepest = self.objective, self.depths[-1]
         deepest_negatives = None if negatives is None else negatives[deepest]
         # scored[d]: depth d's (query, positive, negatives) as the contrastive loss and the self-KL score them, gathered
@@ -875,7 +899,7 @@ class ElasticObjective(_PumaLoss):
             scored[depth], ids = (q, p, n), (m, nm)
         modality, negative_modality = ids  # gathered as the candidates they label
         contrastive, pair_parts, diagnostics = 0.0, {}, {}
-        for depth, dim, weight in self.trained_pairs:
+        for depth, dim, weight in pairs:
             suffix = f"_d{depth}" + ("" if dim is None else f"_m{dim}")
             q, p, n = (_truncate(t, dim) for t in scored[depth])
             out = self.contrastive.compute_loss_from_embeddings(q, p, modality, n, negative_modality, label_offset)
@@ -913,7 +937,7 @@ class ElasticObjective(_PumaLoss):
         if self.self_kl is not None:
             target = [None if t is None else t.detach() for t in scored[deepest]]
             self_kl = 0.0
-            for depth, dim, _ in self.trained_pairs:
+            for depth, dim, _ in pairs:
                 if depth == deepest and (dim is None or dim >= target[0].shape[-1]):
                     continue  # the target itself
                 q, p, n = (_truncate(t, dim) for t in scored[depth])
@@ -938,6 +962,8 @@ class ElasticObjective(_PumaLoss):
             "self_kl": part(self.self_kl),
             "self_distill_weight": self.self_distill_weight,
             "self_kl_weight": self.self_kl_weight,
+            "sample_pairs": self.sample_pairs,
+            "seed": self.seed,
         }
 
 

@@ -90,6 +90,7 @@ class PumaTrainingArguments(TrainingArguments):
     self_distill: str = field(default="none", metadata={"help": "Self-distillation of each shallower depth's embedding towards the deepest one's: 'none', 'mse' or 'cosine'."})
     self_distill_weight: float = field(default=0.0, metadata={"help": "Weight of the self-distillation (summed over the shallower depths)."})
     self_kl_weight: float = field(default=0.0, metadata={"help": "Weight of the in-batch KL of every other (depth, size) pair towards the deepest depth at full size (Starbucks); 0: off."})
+    elastic_sample_pairs: int | None = field(default=None, metadata={"help": "Schedule of the (depth, size) pairs: unset, every pair at every step; n, the deepest depth at full size plus n of the other pairs drawn at each step (seeded by seed)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -158,7 +159,8 @@ class PumaTrainingArguments(TrainingArguments):
         self_kl = KLDistillLoss(temperature, self.kl_teacher_temperature, **kwargs) if self.self_kl_weight > 0 else None
         return ElasticObjective(objective, self.depths or [num_layers], self.matryoshka_dims, self.depth_weights,
                                 self.matryoshka_weights, self.elastic_pairs, self_distill, self_kl,
-                                self.self_distill_weight if self_distill is not None else 0.0, self.self_kl_weight)
+                                self.self_distill_weight if self_distill is not None else 0.0, self.self_kl_weight,
+                                self.elastic_sample_pairs, self.seed)
 
 
 def _parse_learning_rate_rules(rules) -> dict[str, float] | None:

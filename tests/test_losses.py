@@ -483,6 +483,41 @@ def test_elastic_diagonal_trains_the_ith_depth_at_the_ith_size_only():
     torch.testing.assert_close(out["loss"], expected, rtol=1e-12, atol=0)
 
 
+def test_elastic_sampled_schedule_trains_the_deepest_pair_plus_the_drawn_others_at_their_weights():
+    # Given 3 depths at weights 0.5, 0.25, 1 and one other pair drawn per call besides the full depth
+    query, positive, _ = _by_depth()
+    modality = [0, 1, 0, 2, 1]
+    weights = {1: 0.5, 2: 0.25, 3: 1.0}
+    objective = ElasticObjective(DistillationObjective(MACLoss(tau_norm=0.05, tau_hard=0.02), contrastive_weight=0.7,
+                                                       distill_weight=0.0),
+                                 depths=[1, 2, 3], depth_weights=list(weights.values()), sample_pairs=1, seed=7)
+    # the draws, by hand: a generator seeded alike, one permutation of the 2 shallower depths per call
+    generator = torch.Generator().manual_seed(7)
+    seen = set()
+
+    for _ in range(6):
+        out = objective(query, positive, modality=torch.tensor(modality))
+
+        # Then each call's loss is the hand-computed loss at the drawn depth and at the full depth, weighted
+        drawn = [1, 2][torch.randperm(2, generator=generator)[0].item()]
+        seen.add(drawn)
+        hand = {depth: _hand_contrastive(query[depth].tolist(), positive[depth].tolist(), modality, modality,
+                                         0.02, 0.05) for depth in (drawn, 3)}
+        assert sorted(key for key in out if key.startswith("contrastive_loss_")) == [f"contrastive_loss_d{drawn}",
+                                                                                     "contrastive_loss_d3"]
+        total = weights[drawn] * hand[drawn] + weights[3] * hand[3]
+        assert_close(out["loss"].item(), 0.7 * total, dtype=torch.float64, ulps=HAND_ULPS)
+    # and the draws vary from call to call
+    assert seen == {1, 2}
+
+
+@pytest.mark.parametrize("sample_pairs", [0, 3, 1.5])
+def test_elastic_sampled_schedule_rejects_a_count_outside_the_other_pairs(sample_pairs):
+    with pytest.raises(ValueError, match="sample_pairs"):
+        ElasticObjective(DistillationObjective(InfoNCELoss(0.05), contrastive_weight=1.0, distill_weight=0.0),
+                         depths=[1, 2, 3], sample_pairs=sample_pairs)
+
+
 def test_elastic_with_one_depth_and_the_full_size_is_exactly_the_wrapped_objective():
     query, positive, negatives = _by_depth(depths=(3,), negatives=5)
     teacher_query, teacher_positive, teacher_negatives = (t[3].detach() for t in _by_depth((3,), negatives=5, seed=31))

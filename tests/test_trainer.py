@@ -371,6 +371,10 @@ def test_elastic_settings_are_checked_naming_the_option(tiny_checkpoint, images,
         training_args(tmp_path, depths=[1, 2], self_distill_weight=0.1)
     with pytest.raises(ValueError, match="set depths"):
         training_args(tmp_path, self_kl_weight=0.1)
+    with pytest.raises(ValueError, match=r"sample_pairs.*got 2"):
+        training_args(tmp_path, depths=[1, 2], elastic_sample_pairs=2)
+    sampled = training_args(tmp_path, depths=[1, 2, 3], elastic_sample_pairs=1, seed=5).build_objective()
+    assert (sampled.sample_pairs, sampled.seed) == (1, 5)
     student = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=3)
     collator = Collator(student.processor, student.config)
     with pytest.raises(ValueError, match=r"depths must end at the model's kept depth 3 .*got \[1, 2\]"):
