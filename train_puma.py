@@ -430,9 +430,15 @@ def _config_file(path: str, option: str) -> str:
     check_model_path(path, option)
     if os.path.isdir(os.path.expanduser(path)):
         return os.path.join(os.path.expanduser(path), "config.json")
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
 
-    return hf_hub_download(path, "config.json")
+    try:
+        return hf_hub_download(path, "config.json")
+    except Exception as err:  # offline, unknown repository, no network: one line naming the option
+        why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if constants.HF_HUB_OFFLINE
+               else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}")
+        raise UsageError(f"{option} {path}: its config.json could not be fetched from the Hub ({why}); give a local "
+                         "checkpoint folder, or download it first.") from None
 
 
 def _train(argv: list[str] | None):

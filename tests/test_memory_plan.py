@@ -142,6 +142,17 @@ def test_train_py_plan_prints_before_loading_weights(tiny_checkpoint, tmp_path):
     assert "torch" not in result.stderr  # nothing loaded, nothing warned
 
 
+def test_train_py_plan_of_a_hub_id_offline_is_one_line_naming_the_option_and_the_offline_flag(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model_name_or_path: Qwen/Qwen2-VL-2B-Instruct\nnum_layers: 12\n")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", str(config), "--plan"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1",
+                                 "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--model_name_or_path Qwen/Qwen2-VL-2B-Instruct" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
+
+
 def test_plan_settings_read_the_run(tiny_checkpoint):
     training = plan_settings({"use_peft": "true", "lora_r": "32", "bf16": True, "per_device_train_batch_size": 150,
                               "num_hard_negatives": 1, "grad_cache_chunk_size": 16, "kept_layers": "[0, 1, 5]"},
