@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from mbeir_puma import (SkipLog, dataset_id, load_mbeir_pool, load_mbeir_queries, load_query_instructions,
-                        mbeir_eval_queries, own_dataset_positives, read_jsonl)
+                        mbeir_eval_queries, media_side, own_dataset_positives, read_jsonl)
 
 from .encoding import distributed_state, encode_sharded
 from .index import INDEX_KINDS, build_index, search_index
@@ -151,7 +151,7 @@ def mine_negatives(model, queries_file: str, pool_file: str, instructions_file: 
     options = dict(image_root=image_root, batch_size=batch_size, shard_size=shard_size,
                    show_progress_bar=show_progress_bar)
     pool_ids = list(pool)
-    pool_items = [{"text": pool[did]["txt"], "image": pool[did]["img_path"]} for did in pool_ids]
+    pool_items = [media_side(pool[did]["txt"], pool[did]["img_path"], pool[did].get("video_path")) for did in pool_ids]
     pool_shards = encode_sharded(model, pool_items, pool_ids, cache_dir, name=f"mining-pool-{_stem(pool_file)}",
                                  **options)
     mined = [item for item in items if item["modality"] is not None]
@@ -214,11 +214,14 @@ def _stem(path: str) -> str:
 
 def _write_outputs(queries_file: str, pool: dict, negatives: dict[str, list[str]], out_dir: str,
                    settings: MiningSettings, image_root: str | None) -> dict:
-    """The query file with `neg_cand_list` replaced, the columns file, and the summary's settings and paths."""
+    """The query file with `neg_cand_list` replaced, the columns file, and the summary's settings and paths. The
+    columns file maps image columns (one `ColumnMapping` maps a side to images or to videos, not both), so a query
+    whose query, positive or negatives hold a video is left out of it and counted (`columns_skipped_video`); the
+    query file keeps it."""
     os.makedirs(os.path.join(out_dir, "columns"), exist_ok=True)
     records = read_jsonl(queries_file)
     query_path = os.path.join(out_dir, os.path.basename(queries_file))
-    rows = []
+    rows, skipped_video = [], 0
     with open(query_path, "w", encoding="utf-8") as f:
         for record in records:
             qid = str(record["qid"])
@@ -228,18 +231,26 @@ def _write_outputs(queries_file: str, pool: dict, negatives: dict[str, list[str]
             if qid not in negatives or not in_pool:
                 continue
             positive = pool[own_dataset_positives(qid, [str(did) for did in in_pool])[0]]
+            if record.get("query_video_path") or any(pool[did].get("video_path") for did in
+                                                      [positive["did"], *negatives[qid]]):
+                skipped_video += 1
+                continue
             rows.append({"id": qid, "query_text": record.get("query_txt") or None,
                          "query_image": record.get("query_img_path") or None, "positive_text": positive["txt"],
                          "positive_image": positive["img_path"], "modality": positive["modality"],
                          "negative_text": [pool[did]["txt"] for did in negatives[qid]],
                          "negative_image": [pool[did]["img_path"] for did in negatives[qid]],
                          "dataset_id": dataset_id(qid)})
+    if skipped_video:
+        logger.info("%d queries with videos are in the query file but not in the columns file (image columns).",
+                    skipped_video)
     with open(os.path.join(out_dir, "columns", "train.jsonl"), "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return {"settings": asdict(settings), "query_file": os.path.abspath(query_path),
             "columns_file": os.path.abspath(os.path.join(out_dir, "columns", "train.jsonl")),
-            "columns": COLUMNS, "image_root": os.path.abspath(image_root) if image_root else None}
+            "columns": COLUMNS, "columns_skipped_video": skipped_video,
+            "image_root": os.path.abspath(image_root) if image_root else None}
 
 
 __all__ = ["COLUMNS", "MiningSettings", "mine_negatives", "select_negatives"]

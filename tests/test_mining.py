@@ -142,3 +142,29 @@ def test_bad_mining_settings_are_named(tiny_checkpoint, tree, tmp_path):
         main(common + ["--rank-range", "0", "5"])
     with pytest.raises(FileNotFoundError, match="--pool"):
         main(common[:-4] + ["--pool", "nope.jsonl", "--out", str(tmp_path / "out")])
+
+
+def test_a_pool_with_videos_is_mined_and_its_video_queries_stay_out_of_the_image_columns(tiny_checkpoint, tmp_path):
+    # Given the demo benchmark, whose clip task has videos (folders of frames) as candidates
+    from demo_data_puma import TASKS, make_demo_benchmark
+    from modeling_puma import PumaForEmbedding
+    from puma_eval.mining import MiningSettings, mine_negatives
+
+    root = tmp_path / "demo"
+    make_demo_benchmark(root, num_train=2 * len(TASKS), num_test=1, num_nli=1, image_size=32)
+    model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=2, video_min_frames=2, video_max_frames=2,
+                                             video_min_pixels=3136, video_max_pixels=3136, video_total_pixels=6272)
+    # When negatives are mined from its training pool
+    summary = mine_negatives(model, str(root / "query/train/mbeir_demo_train.jsonl"),
+                             str(root / "cand_pool/global/mbeir_demo_train_cand_pool.jsonl"),
+                             str(root / "instructions/query_instructions.tsv"), str(tmp_path / "mined"),
+                             settings=MiningSettings(num_negatives=1), image_root=str(root), show_progress_bar=False)
+    # Then the clip task's queries get video negatives, and the columns file leaves those queries out, counted
+    pool = load_mbeir_pool(str(root / "cand_pool/global/mbeir_demo_train_cand_pool.jsonl"))
+    mined = {str(r["qid"]): r for r in map(json.loads, open(summary["query_file"], encoding="utf-8"))}
+    video_queries = [qid for qid, r in mined.items()
+                     if any(pool[str(d)].get("video_path") for d in r["pos_cand_list"])]
+    assert video_queries and all(pool[d]["video_path"] for q in video_queries for d in mined[q]["neg_cand_list"])
+    rows = [json.loads(line) for line in open(summary["columns_file"], encoding="utf-8")]
+    assert summary["columns_skipped_video"] == len(video_queries)
+    assert not {row["id"] for row in rows} & set(video_queries) and len(rows) == len(mined) - len(video_queries)
