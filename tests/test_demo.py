@@ -33,7 +33,7 @@ def test_quick_demo_runs_every_step_and_writes_its_outputs(tmp_path, family):
     if mined:
         table = (out / "mined.md").read_text()
         assert "| task | no negatives | 2 near misses (the benchmark's) | 2 mined" in table
-        assert "average (6 tasks)" in table
+        assert "average (7 tasks)" in table
         mined_queries = [json.loads(line) for line in (out / "mined" / "mbeir_demo_train.jsonl").open()]
         assert mined_queries and all(len(q["neg_cand_list"]) <= 2 for q in mined_queries)
         assert (out / "stage2-mined" / "config.json").is_file() and (out / "stage2-near-misses" / "config.json").is_file()
