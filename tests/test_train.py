@@ -181,7 +181,7 @@ def test_precompute_teacher_fills_the_cache_that_training_then_reads(tiny_checkp
         "--max_steps", "1", "--per_device_train_batch_size", "8"]))
     assert isinstance(trainer.teacher, CachedTeacher) and len(trainer.teacher.rows) == 2 * 48  # sent0 + sent1 rows
     fingerprint = json.loads(open(os.path.join(cache, "fingerprint.json")).read())
-    assert set(fingerprint) == {"teacher_checkpoint", "prompt_template", "pixel_limits", "data_files"}
+    assert set(fingerprint) == {"teacher_checkpoint", "prompt_template", "pixel_limits", "media", "data_files"}
     # a changed pixel limit makes the cache stale: the run refuses it at start-up
     with pytest.raises(ValueError, match="stale"):
         main(*make_parser().parse_args_and_config([
