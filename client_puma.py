@@ -339,10 +339,7 @@ class EmbeddingsClient:
         body = {"model": self.model, "input": prompts, "encoding_format": "float"}
         if dimensions is not None:
             body["dimensions"] = dimensions
-        data = self._request("POST", "/v1/embeddings", body)["data"]
-        if len(data) != len(prompts):
-            raise EmbeddingRequestError(f"The server returned {len(data)} embeddings for {len(prompts)} inputs.")
-        return [row["embedding"] for row in sorted(data, key=lambda row: row["index"])]
+        return self._embeddings(body, len(prompts))
 
     def embed_messages(self, conversations: list[list[dict]], dimensions: int | None = None,
                        prepared_text: bool = False) -> list[list[float]]:
@@ -354,9 +351,13 @@ class EmbeddingsClient:
             body["chat_template_kwargs"] = {"prepared_text": True}
         if dimensions is not None:
             body["dimensions"] = dimensions
+        return self._embeddings(body, len(conversations))
+
+    def _embeddings(self, body: dict, count: int) -> list[list[float]]:
+        """The `count` embeddings of one `/v1/embeddings` request, in input order."""
         data = self._request("POST", "/v1/embeddings", body)["data"]
-        if len(data) != len(conversations):
-            raise EmbeddingRequestError(f"The server returned {len(data)} embeddings for {len(conversations)} inputs.")
+        if len(data) != count:
+            raise EmbeddingRequestError(f"The server returned {len(data)} embeddings for {count} inputs.")
         return [row["embedding"] for row in sorted(data, key=lambda row: row["index"])]
 
     def _request(self, method: str, path: str, body: dict | None = None) -> dict:

@@ -177,6 +177,25 @@ def machine() -> dict[str, str]:
     return found
 
 
+def portable_arguments(arguments: list[str]) -> list[str]:
+    """`arguments` as a stamp shows them: a path inside the repository relative to it, an absolute path outside it
+    (a data folder, another environment's interpreter) as the option's name in capitals (`--data DATA`), so a table
+    names no one machine's folders."""
+    shown = []
+    for index, argument in enumerate(arguments):
+        option, equals, value = (argument.partition("=") if argument.startswith("--") and "=" in argument
+                                 else ("", "", argument))
+        if os.path.isabs(value):
+            inside = os.path.relpath(value, ROOT)
+            if not inside.startswith(".."):
+                value = inside
+            else:
+                name = option or (arguments[index - 1] if index and arguments[index - 1].startswith("--") else "")
+                value = name.lstrip("-").replace("-", "_").upper() or "PATH"
+        shown.append(f"{option}{equals}{value}" if equals else value)
+    return shown
+
+
 class Report:
     """The result tables of one benchmark run: each is printed as it is added and, when `path` is given, `write()`
     puts them all in a markdown file under a stamp (command line, UTC date, versions, machine, load average before
@@ -189,7 +208,8 @@ class Report:
 
     def __init__(self, path: str | None, title: str):
         self.path, self.title, self.sections = path, title, []
-        self.command = shlex.join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT), *sys.argv[1:]])
+        self.command = shlex.join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT),
+                                   *portable_arguments(sys.argv[1:])])
         self.started = datetime.datetime.now(datetime.timezone.utc)
         self.load_before = os.getloadavg()
 

@@ -38,7 +38,7 @@ def run_bench(script: str, *args, out) -> dict[str, tuple[list[str], list[list[s
     text = out.read_text(encoding="utf-8")
     for field in STAMP:
         assert field in text, f"{field!r} missing from the stamp:\n{text[:1500]}"
-    assert f"--markdown {out}`" in text  # the exact command line
+    assert "--markdown MARKDOWN`" in text  # the command line, the path outside the repository by its option
     tables, title = {}, None
     for block in text.split("\n\n"):
         if block.startswith("### "):
@@ -153,3 +153,11 @@ def test_eval_benchmark_writes_each_section(tmp_path, sections, titles):
         # one process on every core, the same code as on one)
         assert [row[0] for row in rows] == ["1 x 1", f"2 x {max(1, (os.cpu_count() or 2) // 2)}"]
         assert rows[0][3] == "1.000 (1.000-1.000)" and all(SPREAD.match(row[3]) for row in rows)
+
+
+def test_a_stamp_shows_paths_outside_the_repository_as_the_options_name():
+    from bench.common import ROOT, portable_arguments
+
+    assert portable_arguments(["--data", "/somewhere/else", "--vllm-python=/opt/env/bin/python", "--steps", "3",
+                               "--markdown", os.path.join(ROOT, "docs", "x.md"), "/lone/path"]) == \
+        ["--data", "DATA", "--vllm-python=VLLM_PYTHON", "--steps", "3", "--markdown", "docs/x.md", "PATH"]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -141,7 +142,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_loss(tiny_checkp
     # one readable line per log, the progress bar, and at the end the saved folder and the command evaluating it
     assert [line.split(" | ")[0] for line in output.splitlines() if line.startswith("step ")] == \
         [f"step {step}/6" for step in range(1, 7)]
-    assert "6/6 [" in output  # tqdm's bar: steps done of the total, elapsed<remaining
+    assert re.search(r"100%\|[^|\n]*\| 6/6", output)  # tqdm's bar, full, at 6 of 6 steps
     lines = output.splitlines()
     evaluate = lines[lines.index(f"Saved the trained model to {straight}. Evaluate it with:") + 1].split()
     assert evaluate[:2] == ["python", "eval_puma.py"]
