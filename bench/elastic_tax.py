@@ -324,7 +324,8 @@ def main(argv=None):
     report = Report(args.markdown, "Elastic depth and Matryoshka training against one model per depth and size")
     if args.report:
         report.note(f"Tables of the models this script trained earlier with the same --scale ({args.scale}), "
-                    f"cached under the --data folder ({os.path.basename(folder)}); each trained in its own process on one thread.")
+                    f"cached under the --data folder ({os.path.basename(folder)}); each trained in its own process "
+                    "on one thread.")
     for kind, title in (("depth", "Depths 1, 2, 3 trained at once"), ("size", "Matryoshka sizes of the 3 layers")):
         variants = [v for v in args.variants if VARIANTS[v][0] == kind]
         if not variants:
