@@ -155,8 +155,9 @@ def mined_evidence(args, data: str, stage1: str, stage2: str, without: list[dict
             for index, row in enumerate(without + [mbeir_summary(without)])]
     table = markdown_table(headers, rows)
     with open(os.path.join(args.out, "mined.md"), "w", encoding="utf-8") as f:
-        f.write(table + f"\n\nMining: {summary['mined']} queries, {summary['dropped_by_margin']} candidates of the "
-                f"rank range dropped by the margin; settings {json.dumps(summary['settings'])}.\n")
+        f.write(table + f"\n\nMining: {summary['mined']} queries, {summary['dropped_by_margin']} candidates dropped "
+                f"by the margin, {summary['short'] or 'no query'} short of negatives; "
+                f"settings {json.dumps(summary['settings'])}.\n")
     return table
 
 

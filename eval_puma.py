@@ -171,7 +171,8 @@ def _run_mine(args) -> None:
     if summary is None:  # not the main process: it encoded its shards
         return
     print(f"Mined {summary['mined']} of {summary['num_queries']} queries' negatives (the margin dropped "
-          f"{summary['dropped_by_margin']} candidates of the rank range). Wrote:\n  {summary['query_file']} "
+          f"{summary['dropped_by_margin']} candidates scoring near or above a positive). Wrote:\n  "
+          f"{summary['query_file']} "
           f"(train.py --dataset mbeir --train_queries ... --num_hard_negatives {args.num_negatives})\n  "
           f"{summary['columns_file']} (train.py --dataset hf --hf_dataset {os.path.dirname(summary['columns_file'])} "
           f"--image_root {summary['image_root']} --columns '{json.dumps(summary['columns'])}')\n  "
@@ -382,7 +383,8 @@ def make_parser() -> ArgumentParser:
     mine.add_argument("--image-root", help="folder image paths are relative to (default: the benchmark's)")
     mine.add_argument("--num-negatives", type=int, default=8, help="negatives per query")
     mine.add_argument("--rank-range", type=int, nargs=2, default=[1, 50], metavar=("FIRST", "LAST"),
-                      help="ranks among the non-positive candidates to draw from, 1-based, inclusive")
+                      help="ranks to draw from among the candidates that are not positives and pass the margin, "
+                           "1-based, inclusive")
     mine.add_argument("--margin", type=float, help="drop candidates scoring above the positive's score minus this")
     mine.add_argument("--relative-margin", type=float, default=0.05,
                       help="drop candidates scoring above positive - this x |positive| (NV-Retriever's TopK-PercPos "

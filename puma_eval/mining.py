@@ -15,8 +15,11 @@ For each query, with any PUMA checkpoint (the full-depth teacher, the student, a
 3. its positives are dropped from the ranking, and so is every candidate scoring within a margin of the positive's
    score, the lowest of its positives' (`threshold = positive - margin` and/or `positive - relative_margin *
    |positive|`; NV-Retriever's TopK-MarginPos and TopK-PercPos): those are likely unlabelled positives;
-4. `num_negatives` are drawn without replacement from the ranks `rank_range` (1 = the best-scoring non-positive)
-   that survive, seeded by `(seed, qid)`, and kept in rank order.
+4. `num_negatives` are drawn without replacement from the ranks `rank_range` of the candidates that survive (1 = the
+   best-scoring survivor), seeded by `(seed, qid)`, and kept in rank order. As in NV-Retriever, the range counts after
+   the margin: where a model scores many candidates near the positive, the negatives come from further down rather
+   than not at all. The search goes as deep as that needs (doubling its depth for the queries still short), so a
+   query falls short of `num_negatives` only when its target modalities hold too few candidates under the margin.
 
 Writes `OUT/<queries file name>` (the query file with `neg_cand_list` replaced: what `MBEIRTrainDataset` and
 `train.py --dataset mbeir --num_hard_negatives N` read), `OUT/columns/train.jsonl` (one row per query with its first
@@ -53,8 +56,8 @@ class MiningSettings:
 
     Args:
         num_negatives: negatives drawn per query.
-        rank_range: `(first, last)` ranks among the query's non-positive candidates, 1-based and inclusive, that the
-            negatives are drawn from (after the margin's drops).
+        rank_range: `(first, last)` ranks, 1-based and inclusive, among the query's candidates that are neither
+            positives nor dropped by the margin, that the negatives are drawn from.
         margin: drop candidates scoring above `positive - margin` (absolute; `None`: off).
         relative_margin: drop candidates scoring above `positive - relative_margin * |positive|` (NV-Retriever's
             TopK-PercPos at 95 % is 0.05; `None`: off).
@@ -91,16 +94,41 @@ class MiningSettings:
 
 def select_negatives(qid: str, ranked_ids: list[str], ranked_scores: list[float], positives: set[str],
                      positive_score: float, settings: MiningSettings) -> tuple[list[str], int]:
-    """The negatives of one query from its ranking (best first): `(chosen ids in rank order, candidates of the rank
-    range the margin dropped)`."""
-    candidates = [(did, score) for did, score in zip(ranked_ids, ranked_scores) if did not in positives]
-    first, last = settings.rank_range
-    in_range = candidates[first - 1:last]
+    """The negatives of one query from its ranking (best first): `(chosen ids in rank order, candidates the margin
+    dropped)`. The ranking must reach `rank_range[1]` survivors of the margin wherever the pool has them."""
     threshold = settings.threshold(positive_score)
-    kept = [did for did, score in in_range if score <= threshold]
+    candidates = [(did, score) for did, score in zip(ranked_ids, ranked_scores) if did not in positives]
+    survivors = [did for did, score in candidates if score <= threshold]
+    first, last = settings.rank_range
+    in_range = survivors[first - 1:last]
     rng = np.random.default_rng([settings.seed, zlib.crc32(qid.encode("utf-8"))])
-    chosen = sorted(rng.choice(len(kept), size=min(settings.num_negatives, len(kept)), replace=False).tolist())
-    return [kept[i] for i in chosen], len(in_range) - len(kept)
+    chosen = sorted(rng.choice(len(in_range), size=min(settings.num_negatives, len(in_range)), replace=False).tolist())
+    return [in_range[i] for i in chosen], len(candidates) - len(survivors)
+
+
+def _search_past_margin(faiss_index, vectors: np.ndarray, row_ids: list[str], positives: list[set[str]],
+                        thresholds: list[float], needed: int, depth: int) -> list[tuple[list[str], list[float]]]:
+    """Each query's top results in one index, `(ids, scores)` best first, deep enough to hold `needed` candidates
+    that are neither its positives nor above its threshold (and every candidate tied with the last of them), or the
+    whole index: searched at `depth`, then again at doubled depths for the queries still short."""
+    results = [None] * len(vectors)
+    asking = list(range(len(vectors)))
+    while asking:
+        scores, found = search_index(faiss_index, vectors[asking], depth)
+        short = []
+        for query, row_scores, row_found in zip(asking, scores, found):
+            ids = [row_ids[i] for i in row_found if i >= 0]
+            values = [float(value) for value, i in zip(row_scores, row_found) if i >= 0]
+            results[query] = ids, values
+            survivors = [value for did, value in zip(ids, values)
+                         if did not in positives[query] and value <= thresholds[query]]
+            # deep enough once past the last needed survivor's score: candidates tied with it (equal contents)
+            # are then all here, and ranked in pool order as an exact search would
+            deep_enough = len(survivors) >= needed and values[-1] < survivors[needed - 1]
+            if not deep_enough and depth < faiss_index.ntotal:
+                short.append(query)
+        asking, depth = short, min(2 * depth, faiss_index.ntotal)
+    return results
 
 
 def _shard_array(shards, index: int) -> np.ndarray:
@@ -178,11 +206,13 @@ def mine_negatives(model, queries_file: str, pool_file: str, instructions_file: 
         asking = [qid for qid, modalities in targets.items() if modality in modalities]
         faiss_index = build_index(_RowSubset(pool_shards, rows), index, show_progress_bar=show_progress_bar,
                                   **index_options)
-        scores, found = search_index(faiss_index, query_vectors[[query_row[qid] for qid in asking]], depth)
-        for qid, row_scores, row_found in zip(asking, scores, found):
-            ids, values = rankings[qid]
-            ids.extend(pool_ids[rows[i]] for i in row_found if i >= 0)
-            values.extend(float(s) for s, i in zip(row_scores, row_found) if i >= 0)
+        found = _search_past_margin(faiss_index, query_vectors[[query_row[qid] for qid in asking]],
+                                    [pool_ids[row] for row in rows], [set(positives[qid]) for qid in asking],
+                                    [settings.threshold(positive_score[qid]) for qid in asking],
+                                    settings.rank_range[1], depth)
+        for qid, (ids, values) in zip(asking, found):
+            rankings[qid][0].extend(ids)
+            rankings[qid][1].extend(values)
     negatives, dropped_by_margin, short = {}, 0, SkipLog()
     for qid, (ids, values) in rankings.items():
         # one ranking over the modalities searched, best first; equal scores (equal candidates) in pool order

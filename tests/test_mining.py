@@ -37,7 +37,7 @@ def expected_negatives(model, root, num_negatives, first, last, margin, relative
     dids = list(pool)
     candidates = model.encode([{"text": pool[d]["txt"], "image": pool[d]["img_path"] and os.path.join(
         root, pool[d]["img_path"])} for d in dids]).numpy()
-    expected, dropped = {}, 0
+    expected, dropped = {}, {}
     for item in queries:
         qid = item["query_id"]
         image = item["query"]["image"] and os.path.join(root, item["query"]["image"])
@@ -49,44 +49,51 @@ def expected_negatives(model, root, num_negatives, first, last, margin, relative
         positive = min(scores[dids.index(d)] for d in positives)
         ranked = sorted((i for i in range(len(dids)) if pool[dids[i]]["modality"] in modalities),
                         key=lambda i: (-scores[i], i))
-        ranked = [i for i in ranked if dids[i] not in positives][first - 1:last]
+        ranked = [i for i in ranked if dids[i] not in positives]
         limit = min(positive - (margin if margin is not None else -np.inf),
                     positive - (relative_margin * abs(positive) if relative_margin is not None else -np.inf))
-        kept = [dids[i] for i in ranked if scores[i] <= limit]
-        dropped += len(ranked) - len(kept)
+        survivors = [dids[i] for i in ranked if scores[i] <= limit]
+        dropped[qid] = len(ranked) - len(survivors)
+        kept = survivors[first - 1:last]  # the rank range counts after the margin (NV-Retriever's TopK-PercPos)
         rng = np.random.default_rng([seed, zlib.crc32(qid.encode())])
         picks = sorted(rng.choice(len(kept), size=min(num_negatives, len(kept)), replace=False).tolist())
         expected[qid] = [kept[i] for i in picks]
     return expected, dropped, pool
 
 
-@pytest.mark.parametrize("margin, relative_margin", [(1e-4, None), (None, 1e-3)], ids=["absolute", "relative"])
+@pytest.mark.parametrize("margin, relative_margin, first, last", [(1e-4, None, 1, 40), (None, 1e-3, 1, 40),
+                                                                   (1e-4, None, 2, 3)],
+                         ids=["absolute", "relative", "past-the-first-search"])
 def test_mined_negatives_equal_the_rule_computed_independently(tiny_checkpoint, tree, tmp_path, margin,
-                                                             relative_margin):
+                                                             relative_margin, first, last):
     from modeling_puma import PumaForEmbedding
     from puma_eval.mining import MiningSettings, mine_negatives
 
     model = PumaForEmbedding.from_pretrained(tiny_checkpoint, num_layers=3)
-    # (a random model ranks positives anywhere: the range spans every candidate of a modality, and the margin
-    # drops those that score above or near the positive)
-    settings = MiningSettings(num_negatives=2, rank_range=(1, 40), margin=margin, relative_margin=relative_margin,
-                              seed=5)
+    # (a random model ranks positives anywhere: the margin drops those that score above or near the positive; with
+    # ranks 2-3, the first search, 3 + positives deep, holds too few survivors for many queries and must go deeper)
+    settings = MiningSettings(num_negatives=2, rank_range=(first, last), margin=margin,
+                              relative_margin=relative_margin, seed=5)
     # When the negatives are mined (pool and queries encoded in shards of 4 through the evaluation's cache)
     summary = mine_negatives(model, os.path.join(tree, TRAIN_QUERIES), os.path.join(tree, TRAIN_POOL),
                              os.path.join(tree, INSTRUCTIONS), str(tmp_path / "mined"), settings=settings,
                              image_root=tree, cache_dir=str(tmp_path / "cache"), shard_size=4,
                              show_progress_bar=False)
-    expected, dropped, pool = expected_negatives(model, tree, 2, 1, 40, margin, relative_margin, seed=5)
+    expected, dropped, pool = expected_negatives(model, tree, 2, first, last, margin, relative_margin, seed=5)
     # Then each query's neg_cand_list is what the rule gives, computed directly
     lines = open(os.path.join(tree, TRAIN_QUERIES)).read().splitlines()
     written = [json.loads(line) for line in open(tmp_path / "mined" / os.path.basename(TRAIN_QUERIES))]
     assert len(written) == len(lines) == len(expected)
     assert {record["qid"]: record["neg_cand_list"] for record in written} == expected
-    assert summary["dropped_by_margin"] == dropped > 0  # the margin did drop candidates near or above the positive
+    # the margin did drop candidates near or above the positive, every one counted
+    assert summary["dropped_by_margin"] == sum(dropped.values()) > 0
     for line, record in zip(lines, written):  # every other field as it was, in the file's order
         assert {**json.loads(line), "neg_cand_list": record["neg_cand_list"]} == record
         assert not set(record["neg_cand_list"]) & set(record["pos_cand_list"])
+    # a query is short only where its modalities hold too few candidates under the margin
     assert sum(len(negatives) == 2 for negatives in expected.values()) > len(expected) / 2
+    if last == 3:
+        assert max(dropped.values()) > 2 * (last + 2)  # past the first search's depth (and its first doubling)
 
 
 def test_the_cli_writes_files_the_mbeir_and_column_loaders_read(tiny_checkpoint, tree, tmp_path, capsys):

@@ -168,6 +168,26 @@ def test_bilinear_pooling_of_a_constant_grid_is_that_constant():
                  torch.full((4, 3), 2.5, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("thw, factor", [((1, 16, 12), 2), ((2, 14, 10), 2), ((1, 20, 16), 4)],
+                         ids=["even", "odd-video", "factor-4"])
+def test_bilinear_pooling_equals_pillows_antialiased_bilinear_resize(thw, factor):
+    # Pillow's BILINEAR resize of a float image ("F" mode) widens its triangle filter by the scale when it
+    # shrinks: the antialiased resampling the "bilinear" mode promises, computed by another library per channel
+    import numpy as np
+    from PIL import Image
+
+    t, h, w = thw
+    rows, cols = h // 2, w // 2
+    features = torch.randn(t * rows * cols, 3, dtype=torch.float32)
+    size = (-(-cols // factor), -(-rows // factor))  # Pillow's (width, height)
+    grid = features.reshape(t, rows, cols, 3).numpy()
+    expected = torch.from_numpy(np.stack([
+        np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(grid[f, :, :, c]))
+                             .resize(size, Image.BILINEAR)) for c in range(3)], axis=-1)
+        for f in range(t)])).reshape(-1, 3)
+    assert_close(pool_visual_grid(features, thw, merge=2, factor=factor, mode="bilinear"), expected, ulps=8)
+
+
 def test_bad_reduction_factors_are_refused_naming_the_option(tiny_checkpoint):
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="visual_pool"):
