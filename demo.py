@@ -19,7 +19,7 @@ per-task bar charts of the untrained and the trained model), and training-curve 
 `--mined` adds the hard-negative evidence: stage 2 trained again from stage 1 with two negatives per query mined by the
 first stage-2 model (`eval_puma.py mine`, into `OUT/mined/`; the tiny base knows nothing, so the best ranker at hand
 is the model trained without negatives), against stage 2 with the benchmark's own near-miss negatives and without any
-(`OUT/mined.md`). Its effect is not measured in docs/demo.md yet: no run of it is recorded.
+(`OUT/mined.md`; one run is in docs/demo.md).
 `--budget` trains stage 2 once for every depth 1-3 and visual-token reduction factors 1 and 2
 (`configs/demo_budget.yaml`, instead of the plain stage 2 and its evaluation), then runs the budget planner on it:
 depth x max_pixels x reduction, the quality-cost frontier and the setting for a FLOP budget (`OUT/budget/`).
