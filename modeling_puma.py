@@ -130,12 +130,7 @@ class PumaForEmbedding(PumaPreTrainedModel):
 
     def __init__(self, config: PumaConfig):
         super().__init__(config)
-        family = FAMILIES[config.base_model_type]
-        model_class = getattr(transformers, family["model"], None)
-        if model_class is None:
-            raise ValueError(f"transformers {transformers.__version__} has no {family['model']}; upgrade transformers "
-                             f"to use a {config.base_model_type!r} model.")
-        self.model = model_class(config.backbone_config())
+        self.model = backbone_class(config.base_model_type)(config.backbone_config())
         self.processor = None  # set by `from_pretrained` or `set_processor`; used by `encode`
         self._backbone_inputs = set(inspect.signature(self.model.forward).parameters)
         self.post_init()
@@ -464,6 +459,11 @@ class PumaForEmbedding(PumaPreTrainedModel):
                        "attn_implementation": _resolve_attn_implementation(attn_implementation, device, torch_dtype)}
         if device.type != "cpu":
             load_kwargs["device_map"] = {"": device}
+        # Under DeepSpeed ZeRO-3 transformers builds the model inside `deepspeed.zero.Init`, which records the
+        # `__init__` of each module class defined meanwhile and puts that one back on exit: a modeling file first
+        # imported there loses the kernels wrapper of its attention classes' `__init__` (`use_kernelized_func`), and
+        # every model built afterwards (a teacher) fails in attention. Importing the backbone's file here keeps it.
+        backbone_class(target.base_model_type)
         model = cls._load_kept_weights(name, hub_kwargs, source_config, local_layers, load_kwargs)
         model._finish_loading(name, processor, added_token_rows)
         return model
@@ -1726,6 +1726,16 @@ def _resolve_file(name: str, filename: str, hub_kwargs: dict, required: bool = T
             f"Could not load '{name}': it is not a local folder, and fetching {filename!r} from the Hugging Face Hub "
             f"failed ({kind}: {err}). Pass the path of a local checkpoint folder."
         ) from err
+
+
+def backbone_class(base_model_type: str) -> type:
+    """transformers' model class of the family `base_model_type` (`Qwen2VLModel`, ...), its modeling file imported."""
+    name = FAMILIES[base_model_type]["model"]
+    model_class = getattr(transformers, name, None)
+    if model_class is None:
+        raise ValueError(f"transformers {transformers.__version__} has no {name}; upgrade transformers to use a "
+                         f"{base_model_type!r} model.")
+    return model_class
 
 
 def load_source_config(name: str, hub_kwargs: dict | None = None):
