@@ -2067,8 +2067,11 @@ def keep_pruned_names_on_save(model, key_mapping: dict[str, str]) -> None:
 
     transformers 5 records the renamings applied at load time in `model._weight_conversions` (one per pattern, with
     its `source_patterns`, kept unnormalised in `_original_source_patterns` from 5.6) and reverts them on save, which
-    would renumber the kept layers back; the family's own format conversions are kept. transformers 4 reverts only
-    the class's own conversion mapping: nothing to do."""
+    would renumber the kept layers back; the family's own format conversions are kept, those the load applied: under
+    DeepSpeed ZeRO-3 transformers records every conversion it tried (`_load_state_dict_into_zero3_model`), and save
+    would revert a renaming that never happened (the legacy `model.language_model.model.` prefix), where its regular
+    loader records the used ones only. transformers 4 reverts only the class's own conversion mapping: nothing to
+    do."""
     if transformers_major() < 5:
         return
     conversions = getattr(model, "_weight_conversions", None)
@@ -2087,7 +2090,8 @@ def keep_pruned_names_on_save(model, key_mapping: dict[str, str]) -> None:
     if len(kept) == len(conversions):
         raise incompatibility("the key_mapping given to from_pretrained is among model._weight_conversions",
                               "no recorded conversion has its patterns")
-    model._weight_conversions = kept
+    model._weight_conversions = [conversion for conversion in kept
+                                 if not hasattr(conversion, "was_used") or conversion.was_used()]
 
 
 def reuses_visual_outputs(model) -> bool:
