@@ -269,10 +269,15 @@ class PumaForEmbedding(PumaPreTrainedModel):
         width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
         placeholder = torch.zeros(merge * merge, width, dtype=self.model.visual.dtype, device=self.device)
         outputs = vision_tower_outputs(self.model, placeholder, grid)
-        tensors = [value for value in outputs.values() if torch.is_tensor(value)]
-        tensors += [item for value in outputs.values() if isinstance(value, (list, tuple)) for item in value
-                    if torch.is_tensor(item)]
-        return {}, sum(tensor.sum() for tensor in tensors) * 0.0
+        # Only the outputs the language model reads of an image (the merged features, Qwen3-VL's DeepStack ones),
+        # which reach every weight of the tower: its gradients then enter through the outputs a real image's do.
+        # DeepSpeed ZeRO-3 checks that every process runs backward hooks in the same order and count, and it hooks
+        # each output of the tower that receives a gradient.
+        if getattr(outputs, "pooler_output", None) is None:
+            raise incompatibility("the vision tower's outputs hold the merged features in pooler_output",
+                                  f"{type(outputs).__name__} has none")
+        read = [outputs.pooler_output, getattr(outputs, "deepstack_features", None)]
+        return {}, sum(tensor.sum() for tensor in _tensors_in(read)) * 0.0
 
     @property
     def num_layers(self) -> int:
@@ -2092,6 +2097,15 @@ def keep_pruned_names_on_save(model, key_mapping: dict[str, str]) -> None:
                               "no recorded conversion has its patterns")
     model._weight_conversions = [conversion for conversion in kept
                                  if not hasattr(conversion, "was_used") or conversion.was_used()]
+
+
+def _tensors_in(value) -> list[torch.Tensor]:
+    """The tensors in `value`, a tensor or nested lists and tuples of them (None skipped)."""
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in _tensors_in(item)]
+    return []
 
 
 def reuses_visual_outputs(model) -> bool:
