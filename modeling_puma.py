@@ -130,12 +130,7 @@ class PumaForEmbedding(PumaPreTrainedModel):
 
     def __init__(self, config: PumaConfig):
         super().__init__(config)
-        family = FAMILIES[config.base_model_type]
-        model_class = getattr(transformers, family["model"], None)
-        if model_class is None:
-            raise ValueError(f"transformers {transformers.__version__} has no {family['model']}; upgrade transformers "
-                             f"to use a {config.base_model_type!r} model.")
-        self.model = model_class(config.backbone_config())
+        self.model = backbone_class(config.base_model_type)(config.backbone_config())
         self.processor = None  # set by `from_pretrained` or `set_processor`; used by `encode`
         self._backbone_inputs = set(inspect.signature(self.model.forward).parameters)
         self.post_init()
@@ -274,10 +269,15 @@ class PumaForEmbedding(PumaPreTrainedModel):
         width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
         placeholder = torch.zeros(merge * merge, width, dtype=self.model.visual.dtype, device=self.device)
         outputs = vision_tower_outputs(self.model, placeholder, grid)
-        tensors = [value for value in outputs.values() if torch.is_tensor(value)]
-        tensors += [item for value in outputs.values() if isinstance(value, (list, tuple)) for item in value
-                    if torch.is_tensor(item)]
-        return {}, sum(tensor.sum() for tensor in tensors) * 0.0
+        # Only the outputs the language model reads of an image (the merged features, Qwen3-VL's DeepStack ones),
+        # which reach every weight of the tower: its gradients then enter through the outputs a real image's do.
+        # DeepSpeed ZeRO-3 checks that every process runs backward hooks in the same order and count, and it hooks
+        # each output of the tower that receives a gradient.
+        if getattr(outputs, "pooler_output", None) is None:
+            raise incompatibility("the vision tower's outputs hold the merged features in pooler_output",
+                                  f"{type(outputs).__name__} has none")
+        read = [outputs.pooler_output, getattr(outputs, "deepstack_features", None)]
+        return {}, sum(tensor.sum() for tensor in _tensors_in(read)) * 0.0
 
     @property
     def num_layers(self) -> int:
@@ -464,6 +464,11 @@ class PumaForEmbedding(PumaPreTrainedModel):
                        "attn_implementation": _resolve_attn_implementation(attn_implementation, device, torch_dtype)}
         if device.type != "cpu":
             load_kwargs["device_map"] = {"": device}
+        # Under DeepSpeed ZeRO-3 transformers builds the model inside `deepspeed.zero.Init`, which records the
+        # `__init__` of each module class defined meanwhile and puts that one back on exit: a modeling file first
+        # imported there loses the kernels wrapper of its attention classes' `__init__` (`use_kernelized_func`), and
+        # every model built afterwards (a teacher) fails in attention. Importing the backbone's file here keeps it.
+        backbone_class(target.base_model_type)
         model = cls._load_kept_weights(name, hub_kwargs, source_config, local_layers, load_kwargs)
         model._finish_loading(name, processor, added_token_rows)
         return model
@@ -1728,6 +1733,16 @@ def _resolve_file(name: str, filename: str, hub_kwargs: dict, required: bool = T
         ) from err
 
 
+def backbone_class(base_model_type: str) -> type:
+    """transformers' model class of the family `base_model_type` (`Qwen2VLModel`, ...), its modeling file imported."""
+    name = FAMILIES[base_model_type]["model"]
+    model_class = getattr(transformers, name, None)
+    if model_class is None:
+        raise ValueError(f"transformers {transformers.__version__} has no {name}; upgrade transformers to use a "
+                         f"{base_model_type!r} model.")
+    return model_class
+
+
 def load_source_config(name: str, hub_kwargs: dict | None = None):
     """The checkpoint's configuration: `PumaConfig` for a PUMA checkpoint, else the family's own configuration."""
     path = _resolve_file(name, "config.json", hub_kwargs or {})
@@ -2057,8 +2072,11 @@ def keep_pruned_names_on_save(model, key_mapping: dict[str, str]) -> None:
 
     transformers 5 records the renamings applied at load time in `model._weight_conversions` (one per pattern, with
     its `source_patterns`, kept unnormalised in `_original_source_patterns` from 5.6) and reverts them on save, which
-    would renumber the kept layers back; the family's own format conversions are kept. transformers 4 reverts only
-    the class's own conversion mapping: nothing to do."""
+    would renumber the kept layers back; the family's own format conversions are kept, those the load applied: under
+    DeepSpeed ZeRO-3 transformers records every conversion it tried (`_load_state_dict_into_zero3_model`), and save
+    would revert a renaming that never happened (the legacy `model.language_model.model.` prefix), where its regular
+    loader records the used ones only. transformers 4 reverts only the class's own conversion mapping: nothing to
+    do."""
     if transformers_major() < 5:
         return
     conversions = getattr(model, "_weight_conversions", None)
@@ -2077,7 +2095,17 @@ def keep_pruned_names_on_save(model, key_mapping: dict[str, str]) -> None:
     if len(kept) == len(conversions):
         raise incompatibility("the key_mapping given to from_pretrained is among model._weight_conversions",
                               "no recorded conversion has its patterns")
-    model._weight_conversions = kept
+    model._weight_conversions = [conversion for conversion in kept
+                                 if not hasattr(conversion, "was_used") or conversion.was_used()]
+
+
+def _tensors_in(value) -> list[torch.Tensor]:
+    """The tensors in `value`, a tensor or nested lists and tuples of them (None skipped)."""
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in _tensors_in(item)]
+    return []
 
 
 def reuses_visual_outputs(model) -> bool:

@@ -284,6 +284,24 @@ class SharedWeightTeacher:
 
 
 @contextlib.contextmanager
+def without_zero3(plugin):
+    """Within: transformers and peft build models as without DeepSpeed ZeRO-3, for a model one process builds alone
+    (the final save's copy on the main process). While the ZeRO-3 config is registered, transformers builds every
+    model inside `deepspeed.zero.Init` and peft sets up a trained token row by gathering it, both collectives every
+    process must enter, which the other processes never would. `plugin`: the run's accelerate `DeepSpeedPlugin`."""
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()  # registers the run's config again
+
+
+@contextlib.contextmanager
 def gathered(parameters):
     """Within: the whole `parameters` on every process where DeepSpeed ZeRO-3 partitioned them at load (transformers
     partitions every model it loads while a ZeRO-3 config is active, and a frozen teacher has no engine to gather
@@ -847,8 +865,9 @@ class PumaTrainer(Trainer):
             state_dict = self.accelerator.get_state_dict(self.model_wrapped if self.is_deepspeed_enabled
                                                          else self.model)
             if self.args.should_save:
-                final = unsharded_copy(model, state_dict)
-                (final.merge_and_unload() if merge else final).save_pretrained(output_dir)
+                with without_zero3(self.accelerator.state.deepspeed_plugin):
+                    final = unsharded_copy(model, state_dict)
+                    (final.merge_and_unload() if merge else final).save_pretrained(output_dir)
         elif self.args.should_save:
             merged_copy(model).save_pretrained(output_dir)
         if self.args.should_save:

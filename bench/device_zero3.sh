@@ -8,7 +8,8 @@
 #
 #   bash bench/device_zero3.sh [OUT]        # needs deepspeed installed; about 2 minutes on one GPU
 #
-# CPU processes cannot run ZeRO-3 here (docs/training.md, "At scale"), so this is the check of the ZeRO-3 config.
+# tests/test_sharded.py runs the same comparison on 2 CPU processes; this one runs it on CUDA devices over NCCL, with
+# peft's own ZeRO-3 set-up of the trained token row (CUDA only; docs/training.md, "At scale").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-/tmp/puma-zero3}}

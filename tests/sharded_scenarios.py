@@ -2,6 +2,7 @@
 tiny student for a few optimizer steps and writes what the comparison needs (each step's logged loss, the full
 weights after training, the final saved folder)."""
 
+import contextlib
 import json
 import os
 
@@ -39,7 +40,7 @@ class Pairs(Dataset):
         return self.items[index]
 
 
-def student(checkpoint: str, lora: bool):
+def student(checkpoint: str, lora: bool, sharding: str = "none"):
     from modeling_puma import PumaForEmbedding
 
     torch.manual_seed(0)
@@ -51,13 +52,31 @@ def student(checkpoint: str, lora: bool):
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                              target_modules=r".*language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj",
                              trainable_token_indices={"embed_tokens": [model.config.embedding_token_id]})
-    model = peft.get_peft_model(model, config)
+    with adapters_created(model, sharding):
+        model = peft.get_peft_model(model, config)
     with torch.no_grad():  # LoRA B starts at zero; random B makes the adapters matter from the first step
         generator = torch.Generator().manual_seed(1)
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
     return model
+
+
+@contextlib.contextmanager
+def adapters_created(model, sharding: str):
+    """Within: peft adds the adapters. Under ZeRO-3, peft copies the trained embedding row out of the partitioned
+    embedding into a CUDA tensor (peft's `TrainableTokensLayer._collect_token_weights`, CUDA only); on CPU processes
+    the embedding is gathered whole and peft reads the row as without ZeRO-3: the same row on every process."""
+    if sharding != "zero3" or torch.cuda.is_available():
+        yield
+        return
+    import deepspeed
+    from accelerate.state import AcceleratorState
+    from trainer_puma import without_zero3
+
+    embedding = model.get_input_embeddings().weight
+    with deepspeed.zero.GatheredParameters([embedding]), without_zero3(AcceleratorState().deepspeed_plugin):
+        yield
 
 
 def run_scenarios(scenarios: list[dict], out: str, sharding: str = "none") -> None:
@@ -76,7 +95,7 @@ def run_scenario(scenario: dict, out: str, sharding: str) -> None:
     device = torch.cuda.is_available()
     name, world = scenario["name"], scenario["world_size"] if sharding != "none" else 1
     world = int(os.environ.get("WORLD_SIZE", 1)) if device else world
-    model = student(scenario["checkpoint"], scenario["lora"])
+    model = student(scenario["checkpoint"], scenario["lora"], sharding)
     base = model.get_base_model() if scenario["lora"] else model
     teacher_mode = scenario.get("teacher", "none")
     distil = teacher_mode != "none"
@@ -97,13 +116,15 @@ def run_scenario(scenario: dict, out: str, sharding: str) -> None:
     for stop, resume in _stages(scenario):
         # a stopped stage runs the whole schedule's settings (max_steps) but stops after `stop` steps, saving there
         extra = dict(save_strategy="steps", save_steps=stop) if resume is False else {}
+        if sharding == "zero3":
+            one_deepspeed_plugin()
         args = PumaTrainingArguments(output_dir=output_dir, **{**settings, **extra})
         trainer = PumaTrainer(model=model, args=args, train_dataset=Pairs(), teacher=teacher,
                               data_collator=PumaCollator(base.processor, base.config),
                               callbacks=[StopAt(stop)] if resume is False else None)
         trainer.train(resume_from_checkpoint=resume or None)
         if resume is False:  # the run stops here; the next stage is a new trainer resuming from the checkpoint
-            model = student(scenario["checkpoint"], scenario["lora"])
+            model = student(scenario["checkpoint"], scenario["lora"], sharding)
             base = model.get_base_model() if scenario["lora"] else model
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]  # resumed: from the start
     # what this process holds of the parameters: a shard of each when they are sharded
@@ -116,6 +137,16 @@ def run_scenario(scenario: dict, out: str, sharding: str) -> None:
         torch.save({"losses": losses, "weights": weights, "local_numel": local,
                     "numel": sum(value.numel() for value in weights.values())}, os.path.join(out, f"{name}.pt"))
     trainer.accelerator.wait_for_everyone()
+
+
+def one_deepspeed_plugin() -> None:
+    """Lets a later trainer of this process take the DeepSpeed plugin of accelerate's state, as the first one did:
+    accelerate's first Accelerator marks DeepSpeed in the environment (ACCELERATE_USE_DEEPSPEED), from which new
+    TrainingArguments build a plugin of their own, and accelerate refuses a second Accelerator with a plugin."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
 
 
 class StopAt(TrainerCallback):

@@ -7,10 +7,11 @@ run on CPUs, so each process here (1) takes the environment `accelerate launch -
 would give it (accelerate's own launcher code builds it), (2) creates accelerate's shared state on the CPU with the
 plugin that environment describes, and (3) sets that state's type to FSDP or DeepSpeed, the one step a GPU run takes
 by itself. From there on, the Trainer, accelerate's `prepare` (`fully_shard`, or `deepspeed.initialize`), the
-backward passes, the optimizer, checkpoints and the final save run their real code. FSDP2 trains this way; ZeRO-3
-gets through loading and DeepSpeed's engine but does not train on CPUs (peft gathers a trained embedding row on a
-CUDA device only; a full fine-tuning run stops in transformers' attention-kernel dispatch), so on GPUs
-bench/device_zero3.sh `accelerate launch`es tests/sharded_scenarios.py itself.
+backward passes, the optimizer, checkpoints and the final save run their real code. Both train this way; DeepSpeed
+runs on its CPU accelerator (DS_ACCELERATOR=cpu) over gloo, in float32 (the widest dtype it keeps weights in), and
+peft's ZeRO-3 set-up of a trained token row is CUDA only, so on CPUs the LoRA students take theirs from the gathered
+embedding (`sharded_scenarios.adapters_created`). On GPUs bench/device_zero3.sh `accelerate launch`es
+tests/sharded_scenarios.py itself.
 
     python tests/sharded_worker.py fsdp|zero3 SCENARIOS.json RESULTS_FOLDER   # under torchrun / mp.spawn
 """

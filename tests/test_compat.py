@@ -117,11 +117,14 @@ class _ModelWithoutConversions:
 
 
 class _Conversion:
-    def __init__(self, source_patterns):
-        self.source_patterns = source_patterns
+    def __init__(self, source_patterns, used: bool = True):
+        self.source_patterns, self.used = source_patterns, used
+
+    def was_used(self) -> bool:
+        return self.used
 
 
-def test_the_pruning_map_is_dropped_from_the_recorded_conversions_only():
+def test_the_pruning_map_and_unused_renamings_are_dropped_from_the_recorded_conversions_only():
     mapping = {r"^model\.layers\.(2)\.": "model.language_model.layers.1."}
     model = _ModelWithoutConversions()
     if transformers_major() < 5:
@@ -138,6 +141,11 @@ def test_the_pruning_map_is_dropped_from_the_recorded_conversions_only():
     model._weight_conversions = [family]
     with pytest.raises(TransformersCompatibilityError, match="is among model._weight_conversions"):
         keep_pruned_names_on_save(model, mapping)
+    # a load under DeepSpeed ZeRO-3 records the renamings it tried, too: those that renamed nothing are dropped
+    legacy = _Conversion([r"^model\.language_model\.model"], used=False)
+    model._weight_conversions = [family, legacy, pruning]
+    keep_pruned_names_on_save(model, mapping)
+    assert model._weight_conversions == [family]
 
 
 def test_qwen3_moe_fused_experts_are_held_in_the_layout_the_helper_says():

@@ -61,6 +61,32 @@ def test_qwen3_unused_deepstack_mergers_are_neither_loaded_nor_left_without_grad
     assert not unused, unused
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_a_placeholder_image_reaches_every_vision_weight_through_what_the_language_model_reads(family_checkpoints,
+                                                                                            family):
+    model = PumaForEmbedding.from_pretrained(family_checkpoints[family], num_layers=2)
+    model.train()
+    visual, seen = model.model.visual, []
+
+    def record(module, args, output):  # which of the tensors the tower hands its caller the loss reaches
+        for field in ("last_hidden_state", "pooler_output"):
+            handed = getattr(output, field) * 1.0  # the caller's own tensor, as DeepSpeed's hooks hand it over
+            handed.register_hook(lambda grad, field=field: seen.append(field))
+            setattr(output, field, handed)
+        return output
+
+    visual.register_forward_hook(record)
+    ids = torch.tensor([[5, 6, 7, model.config.embedding_token_id]])
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), run_vision_tower=True).embeddings.sum().backward()
+    # every weight of the tower gets a (zero) gradient, as the sharded processes that see images do ...
+    unused = [name for name, p in visual.named_parameters() if p.grad is None]
+    assert not unused, unused
+    assert all(not p.grad.any() for p in visual.parameters())
+    # ... through the merged features only, as an image's reaches the language model (DeepSpeed ZeRO-3 hooks each
+    # tower output a gradient reaches, and needs the same hooks on every process)
+    assert seen == ["pooler_output"]
+
+
 def _qwen3_checkpoint_with_layers(source, layers, out_dir):
     """A stock Qwen3-VL checkpoint holding only `layers` of `source`, renumbered, with the DeepStack mergers of the
     kept injected layers renumbered alike, for transformers to load as the reference."""
