@@ -210,6 +210,10 @@ class PumaForEmbedding(PumaPreTrainedModel):
                                                     else self._mm_token_type_ids(input_ids))
         anchor = None
         if run_vision_tower and visual_outputs is None:
+            if not reuses_visual_outputs(self):
+                raise incompatibility("the backbone's forward takes the vision tower's outputs (mm_encoder_outputs), "
+                                      "which run_vision_tower (sharded training, GradCache's reuse) hands it",
+                                      "it has no such argument")
             visual_outputs, anchor = self._run_vision_tower(pixel_values, image_grid_thw)
         if visual_outputs:
             if not reuses_visual_outputs(self):
