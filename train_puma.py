@@ -23,7 +23,8 @@ from typing import get_type_hints
 
 from trl import TrlParser
 
-from cli_puma import USAGE_EXIT_STATUS, OneLineErrors, UsageError, check_model_path, invocation, run_command, to_bool
+from cli_puma import (USAGE_EXIT_STATUS, OneLineErrors, UsageError, check_model_path, invocation, run_command, to_bool,
+                      to_int)
 from mbeir_puma import join_path
 
 
@@ -377,6 +378,8 @@ def check_before_loading(argv: list[str]) -> None:
     for name in ("precompute_teacher", "hf_streaming", "train_embedding_token"):
         if name in values:
             values[name] = to_bool(values[name], name)
+    if "teacher_cache_shard_size" in values:  # compared in ScriptArguments.__post_init__
+        values["teacher_cache_shard_size"] = to_int(values["teacher_cache_shard_size"], "teacher_cache_shard_size")
     teacher = argparse.Namespace(teacher=settings.get("teacher", "none"), teacher_cache=settings.get("teacher_cache"))
     if teacher.teacher == "cached" and not teacher.teacher_cache:
         raise UsageError("--teacher cached needs --teacher_cache (a folder written by --precompute_teacher)")
