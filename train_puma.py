@@ -176,7 +176,7 @@ def main(script_args: ScriptArguments, training_args, model_args):
     import torch
 
     from trainer_puma import (CachedTeacher, PumaTrainer, SetEpochCallback, precompute_teacher_cache,
-                              teacher_cache_is_fresh, teacher_fingerprint)
+                              teacher_cache_is_fresh, teacher_fingerprint, without_zero3)
 
     # Seeded before the model exists: new parameters (LoRA matrices) are drawn before the Trainer seeds.
     (enable_full_determinism if training_args.full_determinism else set_seed)(training_args.seed)
@@ -209,8 +209,11 @@ def main(script_args: ScriptArguments, training_args, model_args):
                 print(describe_teacher_cache(items, model.config.text_config.hidden_size, dtype,
                                              training_args.teacher_cache, script_args.teacher_cache_shard_size),
                       flush=True)
-            full = PumaForEmbedding.from_pretrained(teacher_path, dtype=model.dtype, device_map=training_args.device,
-                                                    **overrides)
+            # Inference only, outside DeepSpeed's engine: a full copy per process even under ZeRO-3, which would
+            # partition it at load and leave each process's forward a shard of the weights
+            with without_zero3(training_args.deepspeed_plugin):
+                full = PumaForEmbedding.from_pretrained(teacher_path, dtype=model.dtype,
+                                                        device_map=training_args.device, **overrides)
             precompute_teacher_cache(full, dataset, training_args.teacher_cache, fingerprint, items=items,
                                      batch_size=training_args.per_device_train_batch_size,
                                      shard_size=script_args.teacher_cache_shard_size, dtype=dtype)
