@@ -105,6 +105,16 @@ def to_bool(value, option: str) -> bool:
     raise UsageError(f"--{option} {value}: not a boolean (use true or false)")
 
 
+def to_int(value, option: str) -> int:
+    """An integer option's value as the command line (a string) or a YAML file gives it."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise UsageError(f"--{option} {value}: not an integer") from None
+
+
 def require_path(path, option: str, kind: str = "any") -> str:
     """`path` (for `option`, e.g. `--mbeir-root`) when it exists as `kind` ('file', 'folder' or 'any'), else a
     `FileNotFoundError` naming the option and the absolute path looked for."""
@@ -136,4 +146,5 @@ def check_model_path(path: str, option: str = "--model") -> str:
 
 
 __all__ = ["ArgumentParser", "MISTAKES", "OneLineErrors", "UsageError", "check_model_path", "debugging", "fail",
-           "invocation", "looks_like_path", "one_line", "require_path", "run_command", "to_bool"]
+           "invocation", "looks_like_path", "one_line", "require_path", "run_command", "to_bool",
+           "to_int"]

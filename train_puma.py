@@ -23,7 +23,8 @@ from typing import get_type_hints
 
 from trl import TrlParser
 
-from cli_puma import USAGE_EXIT_STATUS, OneLineErrors, UsageError, check_model_path, invocation, run_command, to_bool
+from cli_puma import (USAGE_EXIT_STATUS, OneLineErrors, UsageError, check_model_path, invocation, run_command, to_bool,
+                      to_int)
 from mbeir_puma import join_path
 
 
@@ -175,7 +176,7 @@ def main(script_args: ScriptArguments, training_args, model_args):
     import torch
 
     from trainer_puma import (CachedTeacher, PumaTrainer, SetEpochCallback, precompute_teacher_cache,
-                              teacher_cache_is_fresh, teacher_fingerprint)
+                              teacher_cache_is_fresh, teacher_fingerprint, without_zero3)
 
     # Seeded before the model exists: new parameters (LoRA matrices) are drawn before the Trainer seeds.
     (enable_full_determinism if training_args.full_determinism else set_seed)(training_args.seed)
@@ -208,8 +209,11 @@ def main(script_args: ScriptArguments, training_args, model_args):
                 print(describe_teacher_cache(items, model.config.text_config.hidden_size, dtype,
                                              training_args.teacher_cache, script_args.teacher_cache_shard_size),
                       flush=True)
-            full = PumaForEmbedding.from_pretrained(teacher_path, dtype=model.dtype, device_map=training_args.device,
-                                                    **overrides)
+            # Inference only, outside DeepSpeed's engine: a full copy per process even under ZeRO-3, which would
+            # partition it at load and leave each process's forward a shard of the weights
+            with without_zero3(training_args.deepspeed_plugin):
+                full = PumaForEmbedding.from_pretrained(teacher_path, dtype=model.dtype,
+                                                        device_map=training_args.device, **overrides)
             precompute_teacher_cache(full, dataset, training_args.teacher_cache, fingerprint, items=items,
                                      batch_size=training_args.per_device_train_batch_size,
                                      shard_size=script_args.teacher_cache_shard_size, dtype=dtype)
@@ -377,6 +381,8 @@ def check_before_loading(argv: list[str]) -> None:
     for name in ("precompute_teacher", "hf_streaming", "train_embedding_token"):
         if name in values:
             values[name] = to_bool(values[name], name)
+    if "teacher_cache_shard_size" in values:  # compared in ScriptArguments.__post_init__
+        values["teacher_cache_shard_size"] = to_int(values["teacher_cache_shard_size"], "teacher_cache_shard_size")
     teacher = argparse.Namespace(teacher=settings.get("teacher", "none"), teacher_cache=settings.get("teacher_cache"))
     if teacher.teacher == "cached" and not teacher.teacher_cache:
         raise UsageError("--teacher cached needs --teacher_cache (a folder written by --precompute_teacher)")

@@ -284,16 +284,26 @@ class SharedWeightTeacher:
 
 
 @contextlib.contextmanager
-def without_zero3(plugin):
-    """Within: transformers and peft build models as without DeepSpeed ZeRO-3, for a model one process builds alone
-    (the final save's copy on the main process). While the ZeRO-3 config is registered, transformers builds every
-    model inside `deepspeed.zero.Init` and peft sets up a trained token row by gathering it, both collectives every
-    process must enter, which the other processes never would. `plugin`: the run's accelerate `DeepSpeedPlugin`."""
+def without_zero3(plugin=None):
+    """Within: transformers and peft build models as without DeepSpeed ZeRO-3, whole on each process, for a model one
+    process builds alone (the final save's copy and the pushed model on the main process) or one each process runs
+    by itself outside DeepSpeed's engine (the teacher filling the cache). While the ZeRO-3 config is registered,
+    transformers builds every model inside `deepspeed.zero.Init`, partitioned, and peft sets up a trained token row
+    by gathering it, both collectives every process must enter. `plugin`: the run's accelerate `DeepSpeedPlugin`,
+    which registers the config again on leaving; by default that of accelerate's state (TrainingArguments taking a
+    state configured before them hold none)."""
     from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
     if not is_deepspeed_zero3_enabled():
         yield
         return
+    if plugin is None:
+        from accelerate.state import AcceleratorState, is_initialized
+
+        plugin = AcceleratorState().deepspeed_plugin if is_initialized() else None
+    if plugin is None:
+        raise ValueError("A DeepSpeed ZeRO-3 config is registered, but neither the TrainingArguments nor accelerate's "
+                         "state hold the DeepSpeed plugin that registers it again.")
     unset_hf_deepspeed_config()
     try:
         yield
@@ -889,7 +899,8 @@ class PumaTrainer(Trainer):
             if final is None:
                 raise ValueError("A sharded run pushes its final save: call trainer.save_model() on every process "
                                  "first (train.py does).")
-            model = PumaForEmbedding.from_pretrained(final)
+            with without_zero3(self.accelerator.state.deepspeed_plugin):  # loaded whole, by this process alone
+                model = PumaForEmbedding.from_pretrained(final)
         elif hasattr(model, "merge_and_unload"):
             model = merged_copy(model)
         repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
@@ -955,5 +966,5 @@ def _means(tracked: dict) -> dict[str, float]:
 
 __all__ = ["CachedTeacher", "PumaTrainer", "PumaTrainingArguments", "ReadableLogCallback", "ReadableProgressCallback",
            "SeparateTeacher", "SetEpochCallback", "SharedWeightTeacher", "UnreducedTeacher", "format_log", "merged_copy", "parameter_groups",
-           "gathered", "unsharded", "unsharded_copy",
+           "gathered", "unsharded", "unsharded_copy", "without_zero3",
            "precompute_teacher_cache", "length_order", "split_features", "teacher_cache_is_fresh", "teacher_fingerprint"]

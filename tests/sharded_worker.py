@@ -14,10 +14,15 @@ embedding (`sharded_scenarios.adapters_created`). On GPUs bench/device_zero3.sh 
 tests/sharded_scenarios.py itself.
 
     python tests/sharded_worker.py fsdp|zero3 SCENARIOS.json RESULTS_FOLDER   # under torchrun / mp.spawn
+    python tests/sharded_worker.py fsdp|zero3 train.py [OPTION ...]          # train.py (or a script running it)
+
+train.py takes accelerate's state as configured here (`--accelerator_config '{"use_configured_state": true}'`,
+transformers' documented way to bring one) on the CPU (`--use_cpu true --ddp_backend gloo`).
 """
 
 import json
 import os
+import runpy
 import sys
 
 
@@ -75,18 +80,25 @@ def enter_sharded_state(kind: str) -> None:
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
 
 
-def main(kind: str, scenarios_file: str, out: str) -> None:
+def main(kind: str, *arguments: str) -> None:
+    """Runs the scenarios (`SCENARIOS.json RESULTS_FOLDER`) or a script (`train.py OPTION ...`) in the state."""
     import torch
 
     sys.path[:0] = [ROOT, TESTS]
     os.environ.update(launch_environment(kind, int(os.environ["WORLD_SIZE"])))
-    if kind == "zero3":  # the scenarios train without clipping (max_grad_norm 0), which DeepSpeed checks against
+    script = arguments[0].endswith(".py")
+    if kind == "zero3" and not script:  # the scenarios train without clipping (max_grad_norm 0): DeepSpeed checks
         os.environ["ACCELERATE_GRADIENT_CLIPPING"] = "0.0"
     os.environ["ACCELERATE_USE_CPU"] = "true"
     torch.set_num_threads(1)
     enter_sharded_state(kind)
+    if script:  # as `accelerate launch ... train.py OPTION ...` runs it
+        sys.argv = list(arguments)
+        runpy.run_path(arguments[0], run_name="__main__")
+        return
     from sharded_scenarios import run_scenarios
 
+    scenarios_file, out = arguments
     with open(scenarios_file, encoding="utf-8") as f:
         run_scenarios(json.load(f), out, sharding=kind)
 

@@ -127,6 +127,19 @@ def test_train_with_bf16_on_a_machine_without_it_says_to_turn_it_off(demo_data, 
                           "--bf16 true (from the command line)", "pass --bf16 false")
 
 
+def test_train_reads_an_integer_option_from_the_command_line_and_names_one_that_is_not(demo_data, model_folder):
+    from train_puma import check_before_loading
+
+    options = ["--config", os.path.join(ROOT, "configs", "demo_stage1.yaml"), "--nli_file",
+               os.path.join(demo_data, "nli_demo.csv"), "--model_name_or_path", model_folder, "--teacher", "cached",
+               "--teacher_cache", model_folder, "--precompute_teacher", "true"]
+    check_before_loading([*options, "--teacher_cache_shard_size", "8"])  # a string, compared as the number
+    with pytest.raises(UsageError, match="--teacher_cache_shard_size eight: not an integer"):
+        check_before_loading([*options, "--teacher_cache_shard_size", "eight"])
+    with pytest.raises(UsageError, match="teacher_cache_shard_size must be positive, got 0"):
+        check_before_loading([*options, "--teacher_cache_shard_size", "0"])
+
+
 def test_train_names_an_unknown_option(demo_data, model_folder):
     assert_one_line_error(run("train.py", "--config", os.path.join(ROOT, "configs", "demo_stage2.yaml"),
                               "--mbeir_root", demo_data, "--model_name_or_path", model_folder, "--max_stepz", "3"),

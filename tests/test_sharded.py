@@ -2,7 +2,8 @@
 over the global batch: the same loss at every step and the same weights after training, for LoRA and full
 fine-tuning, each teacher (shared weights, cached, separate), GradCache and elastic depths; a sharded checkpoint
 resumed reaches the weights of an uninterrupted unsharded run; the final save (LoRA merged from the gathered shards)
-equals the unsharded run's. FSDP2 runs in float64; ZeRO-3 in float32, the one full precision DeepSpeed trains in
+equals the unsharded run's; and train.py itself under the ZeRO-3 config, filling the teacher cache, training and
+pushing. FSDP2 runs in float64; ZeRO-3 in float32, the one full precision DeepSpeed trains in
 (bench/device_zero3.sh runs the same comparison on GPUs). `tests/sharded_worker.py` says how accelerate's sharded code
 paths are entered on CPUs."""
 
@@ -75,17 +76,22 @@ def setting(tiny_checkpoint, tmp_path_factory):
     return prepared(tiny_checkpoint, tmp_path_factory.mktemp("sharded"), torch.float64)
 
 
-def run_sharded(kind: str, folder) -> str:
-    """Runs the scenarios on 2 processes sharded by `kind`; returns their results folder."""
-    out, scenarios = str(folder / kind), str(folder / "scenarios.json")
+def launch(kind: str, *arguments: str) -> None:
+    """Runs `tests/sharded_worker.py kind ARGUMENTS` on 2 processes sharded by `kind`; asserts they exit 0."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), os.path.join(ROOT, "tests", "sharded_worker.py"), kind, scenarios, out]
+               str(_free_port()), os.path.join(ROOT, "tests", "sharded_worker.py"), kind, *arguments]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"),
                                                                 os.environ.get("PYTHONPATH", "")]),
                    "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                    "DS_ACCELERATOR": "cpu"}  # DeepSpeed's device, whatever GPUs the machine has
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def run_sharded(kind: str, folder) -> str:
+    """Runs the scenarios on 2 processes sharded by `kind`; returns their results folder."""
+    out = str(folder / kind)
+    launch(kind, str(folder / "scenarios.json"), out)
     return out
 
 
@@ -127,6 +133,71 @@ def test_zero3_training_equals_one_process_in_loss_weights_resume_and_merged_sav
     # DeepSpeed keeps the weights in float16, bfloat16 or float32 (here: no mixed precision), so float32 on both sides
     folder = prepared(tiny_checkpoint, tmp_path, torch.float32)
     assert_same_training(run_sharded("zero3", folder), folder)
+
+
+# train.py with the Hub upload recorded: `python push_recorder.py FOLDER train.py OPTION ...` copies what the push
+# would upload to FOLDER
+PUSH_RECORDER = """
+import runpy, shutil, sys
+
+import hub_puma
+
+pushed, sys.argv = sys.argv[1], sys.argv[2:]
+hub_puma.check_hub_reachable = lambda endpoint, repo_id, **kwargs: None
+hub_puma.HfApi.create_repo = lambda self, repo_id, **kwargs: repo_id
+hub_puma.HfApi.upload_folder = lambda self, repo_id, folder_path, **kwargs: shutil.copytree(folder_path, pushed)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_train_py_under_zero3_precomputes_the_teacher_cache_of_one_process_trains_and_pushes(tiny_checkpoint,
+                                                                                               tmp_path):
+    # train.py as launched with the shipped ZeRO-3 config: the teacher that fills the cache is inference only, a full
+    # copy on each process (each encodes its share of the shards), while the student trains partitioned; the push
+    # loads the final save on the main process alone
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
+    from data_puma import NLIDataset
+    from modeling_puma import PumaForEmbedding
+    from teacher_cache_puma import CachedTeacher, precompute_teacher_cache
+
+    nli = tmp_path / "nli.csv"
+    nli.write_text("sent0,sent1,hard_neg\n" + "".join(f"a query about topic {i},the passage on topic {i},"
+                                                       f"an unrelated line {i}\n" for i in range(16)))
+    sharded, one, out, pushed = (str(tmp_path / name) for name in ("sharded-cache", "one-cache", "out", "pushed"))
+    recorder = tmp_path / "push_recorder.py"
+    recorder.write_text(PUSH_RECORDER)
+    per_device, shard_size = 4, 8  # 32 texts in 4 shards: 2 for each process
+    launch("zero3", str(recorder), pushed, os.path.join(ROOT, "train.py"),
+           "--config", os.path.join(ROOT, "configs", "demo_stage1.yaml"), "--model_name_or_path", tiny_checkpoint,
+           "--dtype", "float32", "--nli_file", str(nli),
+           "--teacher", "cached", "--teacher_model", tiny_checkpoint, "--teacher_cache", sharded,
+           "--precompute_teacher", "true", "--teacher_cache_shard_size", str(shard_size), "--output_dir", out,
+           "--max_steps", "2", "--per_device_train_batch_size", str(per_device), "--logging_steps", "1",
+           "--dataloader_num_workers", "0", "--push_to_hub", "true", "--hub_model_id", "someone/puma-zero3",
+           "--license", "apache-2.0",
+           # peft's ZeRO-3 set-up of the trained embedding-token row is CUDA only (tests/sharded_worker.py)
+           "--train_embedding_token", "false",
+           # accelerate's state as tests/sharded_worker.py configured it on the CPU processes
+           "--use_cpu", "true", "--ddp_backend", "gloo", "--accelerator_config", '{"use_configured_state": true}')
+    # the cache one unsharded process builds from the same teacher, shards and batches
+    teacher = PumaForEmbedding.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    precompute_teacher_cache(teacher, NLIDataset(str(nli), use_hard_negatives=False), one, {},
+                             batch_size=per_device, shard_size=shard_size, dtype=torch.float32)
+    got, expected = CachedTeacher(sharded), CachedTeacher(one)
+    ids = [str(item_id, "utf-8") for item_id in expected.ids]
+    assert len(ids) == 32 and [str(item_id, "utf-8") for item_id in got.ids] == ids
+    assert_close(got.lookup(ids), expected.lookup(ids), name="teacher cache")
+    # the run trained on the cache and saved the model gathered from its shards
+    saved = load_file(os.path.join(out, "model.safetensors"))
+    assert saved and not any("lora" in key for key in saved) and all(value.numel() for value in saved.values())
+    history = json.loads(open(os.path.join(out, "trainer_state.json")).read())["log_history"]
+    assert len([entry for entry in history if "loss" in entry]) == 2
+    # and pushed that save, whole
+    uploaded = load_file(os.path.join(pushed, "model.safetensors"))
+    assert uploaded.keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(uploaded[key], value), key
 
 
 def test_the_zero3_config_reads_as_stage_3_with_a_gathered_final_save():
