@@ -2,6 +2,7 @@
 
     python bench/elastic_tax.py [--seeds 0 1 2] [--variants elastic elastic-deep ...] [--scale demo|reduced] [--jobs 2]
     python bench/elastic_tax.py --variants elastic --gradients   # also the per-depth gradients
+    python bench/elastic_tax.py --variants elastic --alone d3    # the reference trained alone at depth 3 only
     python bench/elastic_tax.py --report --markdown docs/benchmarks/elastic_tax.md   # the tables of what is cached
     python bench/elastic_tax.py --quick                          # the code path in minutes (not a result)
 
@@ -72,14 +73,19 @@ def points(kind: str) -> list[tuple[int, int | None]]:
     return {"depth": [(d, None) for d in DEPTHS], "size": [(DEPTHS[-1], m) for m in DIMS[:-1]]}[kind]
 
 
-def runs(variant: str, seeds: list[int], kinds: set[str]) -> list[dict]:
-    """The trainings of `variant`: one per seed (and per point of `kinds` for `alone`), each with its train.py
-    arguments."""
+def point_label(depth: int, dim: int | None) -> str:
+    return f"d{depth}" + ("" if dim is None else f"_m{dim}")
+
+
+def runs(variant: str, seeds: list[int], kinds: set[str], alone: set[str] | None = None) -> list[dict]:
+    """The trainings of `variant`: one per seed (and per point of `kinds` for `alone`, or per point labelled in
+    `alone` where given), each with its train.py arguments."""
     kind, extra = VARIANTS[variant]
     out = []
     for seed in seeds:
         if variant == "alone":
-            for depth, dim in [p for k in ("depth", "size") if k in kinds for p in points(k)]:
+            for depth, dim in [p for k in ("depth", "size") if k in kinds for p in points(k)
+                               if alone is None or point_label(*p) in alone]:
                 name = f"alone-d{depth}" + ("" if dim is None else f"-m{dim}")
                 args = ["--num_layers", str(depth)] + ([] if dim is None else ["--matryoshka_dims", str(dim)])
                 out.append({"name": name, "seed": seed, "config": "demo_stage2.yaml", "args": args,
@@ -277,6 +283,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--alone", nargs="+", metavar="POINT",
+                        help="train the reference alone only at these points (d1 d2 d3 d3_m16 d3_m32; default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at once (each one thread)")
     parser.add_argument("--data", default=os.path.join(BENCH_DIR, "elastic_tax"))
     parser.add_argument("--scale", default="demo", choices=list(SCALES), help="demo: the demo's own stage 2")
@@ -298,7 +306,8 @@ def main(argv=None):
     # depths before sizes, seed by seed, in the order of --variants within a seed
     kinds = {VARIANTS[v][0] for v in args.variants if v != "alone"} or {"depth", "size"}
     order = {name: i for i, name in enumerate(args.variants)}
-    todo = sorted((run for variant in args.variants for run in runs(variant, args.seeds, kinds)),
+    alone = set(args.alone) if args.alone else None
+    todo = sorted((run for variant in args.variants for run in runs(variant, args.seeds, kinds, alone)),
                   key=lambda r: (r["points"][0][1] is not None, r["seed"], order[r["variant"]]))
     for run in todo:
         key = f"{run['name']}-s{run['seed']}"
@@ -331,7 +340,7 @@ def main(argv=None):
         if not variants:
             continue
         pts = points(kind)
-        labels = [f"d{d}" + ("" if m is None else f"_m{m}") for d, m in pts]
+        labels = [point_label(d, m) for d, m in pts]
         for bench in shared["benchmarks"]:
             rows = []
             for variant in ["alone"] + variants:

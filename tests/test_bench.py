@@ -161,3 +161,25 @@ def test_a_stamp_shows_paths_outside_the_repository_as_the_options_name():
     assert portable_arguments(["--data", "/somewhere/else", "--vllm-python=/opt/env/bin/python", "--steps", "3",
                                "--markdown", os.path.join(ROOT, "docs", "x.md"), "/lone/path"]) == \
         ["--data", "DATA", "--vllm-python=VLLM_PYTHON", "--steps", "3", "--markdown", "docs/x.md", "PATH"]
+
+
+def test_the_elastic_study_trains_each_variant_per_seed_and_the_references_named():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import elastic_tax
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+
+    def names(variant, kinds, alone=None):
+        return [(run["name"], run["seed"], run["points"]) for run in
+                elastic_tax.runs(variant, [0, 1], kinds, alone)]
+
+    # every depth and size point has its reference trained alone, per seed, unless the study names a subset
+    assert [n for n, s, _ in names("alone", {"depth", "size"}) if s == 0] == \
+        ["alone-d1", "alone-d2", "alone-d3", "alone-d3-m16", "alone-d3-m32"]
+    assert names("alone", {"depth"}, {"d3"}) == [("alone-d3", 0, [(3, None)]), ("alone-d3", 1, [(3, None)])]
+    assert names("alone", {"size"}, {"d3_m16"}) == [("alone-d3-m16", 0, [(3, 16)]), ("alone-d3-m16", 1, [(3, 16)])]
+    # a variant is one training per seed, scored at each of its points
+    assert names("elastic", {"depth"}) == [("elastic", s, [(1, None), (2, None), (3, None)]) for s in (0, 1)]
+    matryoshka = elastic_tax.runs("matryoshka-deep", [0], {"size"})[0]
+    assert matryoshka["args"] == ["--matryoshka_dims", "16", "32", "64", "--matryoshka_weights", "0.5", "0.5", "1"]
