@@ -70,7 +70,9 @@ VARIANTS = {
 
 def points(kind: str) -> list[tuple[int, int | None]]:
     """The (depth, size) pairs a variant of this kind is scored at; None: the full size."""
-    return {"depth": [(d, None) for d in DEPTHS], "size": [(DEPTHS[-1], m) for m in DIMS[:-1]]}[kind]
+    # a Matryoshka model is also scored at its full size, against the depth trained alone there
+    sizes = [(DEPTHS[-1], m) for m in DIMS[:-1]] + [(DEPTHS[-1], None)]
+    return {"depth": [(d, None) for d in DEPTHS], "size": sizes}[kind]
 
 
 def point_label(depth: int, dim: int | None) -> str:
@@ -84,8 +86,8 @@ def runs(variant: str, seeds: list[int], kinds: set[str], alone: set[str] | None
     out = []
     for seed in seeds:
         if variant == "alone":
-            for depth, dim in [p for k in ("depth", "size") if k in kinds for p in points(k)
-                               if alone is None or point_label(*p) in alone]:
+            wanted = [p for k in ("depth", "size") if k in kinds for p in points(k)]
+            for depth, dim in [p for p in dict.fromkeys(wanted) if alone is None or point_label(*p) in alone]:
                 name = f"alone-d{depth}" + ("" if dim is None else f"-m{dim}")
                 args = ["--num_layers", str(depth)] + ([] if dim is None else ["--matryoshka_dims", str(dim)])
                 out.append({"name": name, "seed": seed, "config": "demo_stage2.yaml", "args": args,

@@ -174,7 +174,8 @@ def test_the_elastic_study_trains_each_variant_per_seed_and_the_references_named
         return [(run["name"], run["seed"], run["points"]) for run in
                 elastic_tax.runs(variant, [0, 1], kinds, alone)]
 
-    # every depth and size point has its reference trained alone, per seed, unless the study names a subset
+    # every depth and size point has its reference trained alone, per seed (depth 3 at full size once), unless the
+    # study names a subset
     assert [n for n, s, _ in names("alone", {"depth", "size"}) if s == 0] == \
         ["alone-d1", "alone-d2", "alone-d3", "alone-d3-m16", "alone-d3-m32"]
     assert names("alone", {"depth"}, {"d3"}) == [("alone-d3", 0, [(3, None)]), ("alone-d3", 1, [(3, None)])]
@@ -182,4 +183,5 @@ def test_the_elastic_study_trains_each_variant_per_seed_and_the_references_named
     # a variant is one training per seed, scored at each of its points
     assert names("elastic", {"depth"}) == [("elastic", s, [(1, None), (2, None), (3, None)]) for s in (0, 1)]
     matryoshka = elastic_tax.runs("matryoshka-deep", [0], {"size"})[0]
+    assert matryoshka["points"] == [(3, 16), (3, 32), (3, None)]  # the full size too, against depth 3 alone
     assert matryoshka["args"] == ["--matryoshka_dims", "16", "32", "64", "--matryoshka_weights", "0.5", "0.5", "1"]
