@@ -26,6 +26,7 @@ round), in wall time (goals) and in process CPU time (all threads; far less infl
 
     python bench/bench_encode.py                           # Qwen2-VL-2B shape, float32 on CPU, k=12 vs 28
     python bench/bench_encode.py --family qwen3_vl_2b      # Qwen3-VL-2B / Qwen3-VL-Embedding-2B shape
+    python bench/bench_encode.py --family qwen2_5_vl_3b --share-weights   # one float32 copy of the weights
     python bench/bench_encode.py --quick                   # smoke run with tiny workloads
     python bench/bench_encode.py --family qwen2_vl_tiny --quick     # the code path in seconds (tiny random model)
     python bench/bench_encode.py --markdown docs/benchmarks/encode.md   # also write the stamped tables there
@@ -73,6 +74,22 @@ def load(args, num_layers: int):
     model = PumaForEmbedding.from_pretrained(args.checkpoint, num_layers=num_layers, device_map=args.device,
                                              dtype=getattr(torch, args.dtype))
     log(f"loaded k={num_layers} ({args.dtype}, {args.device}) in {time.perf_counter() - start:.1f}s")
+    return model
+
+
+def load_sharing(args, full):
+    """The pruned model on the full model's own tensors: its kept layers are the full model's first k, so it holds
+    no copy. For shapes whose two copies do not fit memory (two float32 Qwen2.5-VL-3B models need 24 GiB)."""
+    # loaded in the checkpoint's dtype, its weights stay memory-mapped until the full model's replace them
+    model = PumaForEmbedding.from_pretrained(args.checkpoint, num_layers=args.layers, device_map=args.device)
+    own = model.state_dict()
+    shared = full.state_dict()
+    missing = [name for name in own if name not in shared or shared[name].shape != own[name].shape]
+    if missing:
+        raise ValueError(f"--share-weights: the pruned model's tensors are not the full model's: {missing[:3]}")
+    model.load_state_dict({name: shared[name] for name in own}, assign=True)
+    model.to(full.dtype)  # buffers outside the state dict; the assigned tensors already are
+    log(f"k={args.layers} shares the full model's tensors")
     return model
 
 
@@ -216,7 +233,11 @@ def video_tables(report, args, depth: int) -> None:
                         (160, 120))
     setup = (f"{args.dtype} on {args.device}; throughput: best of {args.repeats} interleaved passes, speed-ups: median "
              "(min-max) of the passes' ratios")
-    models = {k: load(args, k) for k in (args.layers, depth)}
+    if args.share_weights:
+        full = load(args, depth)
+        models = {args.layers: load_sharing(args, full), depth: full}
+    else:
+        models = {k: load(args, k) for k in (args.layers, depth)}
     for model in models.values():
         for name, value in video_setting(frames, side).items():
             setattr(model.config, name, value)
@@ -351,7 +372,11 @@ def main(args) -> None:
     images = make_images(sizes)
     caps = [64 * 28 * 28, 256 * 28 * 28]
 
-    models = {k: load(args, k) for k in (args.layers, depth)}
+    if args.share_weights:
+        full = load(args, depth)
+        models = {args.layers: load_sharing(args, full), depth: full}
+    else:
+        models = {k: load(args, k) for k in (args.layers, depth)}
     pruned = models[args.layers]
     lengths, mixed_lengths = token_lengths(pruned, texts), token_lengths(pruned, mixed)
     log(f"(a) text throughput, {len(texts)} texts of {min(lengths)}-{max(lengths)} tokens, batch {args.batch_size}")
@@ -394,6 +419,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--layers", type=int, default=None, help="kept decoder layers (default: the family's)")
+    parser.add_argument("--share-weights", action="store_true",
+                        help="the pruned model uses the full model's tensors (when two copies do not fit memory)")
     parser.add_argument("--num-texts", type=int, default=12, help="texts in workload (a)")
     parser.add_argument("--batch-size", type=int, default=8, help="batch size of (a) and (c)")
     parser.add_argument("--bucket-batch-size", type=int, default=4, help="batch size of (b)")

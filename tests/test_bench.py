@@ -7,8 +7,10 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tiny_puma import build_tiny_checkpoint
 
@@ -87,6 +89,23 @@ def test_encode_benchmark_writes_text_bucketing_and_image_tables(bench_data, tmp
     headers, rows = one(tables, "(c) Images")
     assert headers[:3] == ["max_pixels", "image tokens (all images)", "images/s"]
     assert [row[0] for row in rows] == ["64*28*28", "256*28*28", "ratio 64 vs 256"] and SPREAD.match(rows[2][2])
+
+
+def test_the_encode_benchmark_can_run_the_pruned_model_on_the_full_models_tensors(bench_data):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import bench_encode
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    args = bench_encode.make_parser().parse_args(["--checkpoint", str(bench_data / "qwen2_vl_tiny"), "--layers", "3"])
+    full = bench_encode.load(args, 6)
+    shared, own = bench_encode.load_sharing(args, full), bench_encode.load(args, 3)
+    assert shared.dtype == own.dtype == torch.float32  # the checkpoint is bfloat16: nothing of it left in `shared`
+    full_storage = {p.data_ptr() for p in full.parameters()}
+    assert all(p.data_ptr() in full_storage for p in shared.parameters())  # no copy of its own
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (56, 56, 3), dtype=np.uint8))
+    for inputs in (["a dog on a mat", "two cats"], [image]):
+        torch.testing.assert_close(shared.encode(inputs), own.encode(inputs), rtol=0, atol=0)
 
 
 def test_encode_benchmark_writes_the_video_tables(bench_data, tmp_path):
