@@ -36,7 +36,9 @@ round), in wall time (goals) and in process CPU time (all threads; far less infl
 """
 
 import argparse
+import copy
 import gc
+import itertools
 import json
 import os
 import random
@@ -78,17 +80,18 @@ def load(args, num_layers: int):
 
 
 def load_sharing(args, full):
-    """The pruned model on the full model's own tensors: its kept layers are the full model's first k, so it holds
-    no copy. For shapes whose two copies do not fit memory (two float32 Qwen2.5-VL-3B models need 24 GiB)."""
-    # loaded in the checkpoint's dtype, its weights stay memory-mapped until the full model's replace them
-    model = PumaForEmbedding.from_pretrained(args.checkpoint, num_layers=args.layers, device_map=args.device)
-    own = model.state_dict()
-    shared = full.state_dict()
-    missing = [name for name in own if name not in shared or shared[name].shape != own[name].shape]
-    if missing:
-        raise ValueError(f"--share-weights: the pruned model's tensors are not the full model's: {missing[:3]}")
-    model.load_state_dict({name: shared[name] for name in own}, assign=True)
-    model.to(full.dtype)  # buffers outside the state dict; the assigned tensors already are
+    """The pruned model on the full model's own tensors, for shapes whose two copies do not fit memory (two float32
+    Qwen2.5-VL-3B models need 24 GiB): a copy of the full model's modules that holds its tensors rather than copies
+    of them, its decoder cut to the first k layers, as `from_pretrained(path, num_layers=k)` loads it."""
+    memo = {id(tensor): tensor for tensor in itertools.chain(full.parameters(), full.buffers())}
+    model = copy.deepcopy(full, memo)
+    decoder = model.model.language_model
+    decoder.layers = decoder.layers[:args.layers]
+    model.config.text_config.num_hidden_layers = args.layers
+    model.config.kept_layers = list(full.config.kept_layers)[:args.layers]
+    layer_types = getattr(model.config.text_config, "layer_types", None)
+    if layer_types is not None:
+        model.config.text_config.layer_types = list(layer_types)[:args.layers]
     log(f"k={args.layers} shares the full model's tensors")
     return model
 

@@ -100,7 +100,8 @@ def test_the_encode_benchmark_can_run_the_pruned_model_on_the_full_models_tensor
     args = bench_encode.make_parser().parse_args(["--checkpoint", str(bench_data / "qwen2_vl_tiny"), "--layers", "3"])
     full = bench_encode.load(args, 6)
     shared, own = bench_encode.load_sharing(args, full), bench_encode.load(args, 3)
-    assert shared.dtype == own.dtype == torch.float32  # the checkpoint is bfloat16: nothing of it left in `shared`
+    assert shared.num_layers == 3 and shared.config.kept_layers == own.config.kept_layers == [0, 1, 2]
+    assert full.num_layers == 6 and len(full.model.language_model.layers) == 6  # the full model is left whole
     full_storage = {p.data_ptr() for p in full.parameters()}
     assert all(p.data_ptr() in full_storage for p in shared.parameters())  # no copy of its own
     image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (56, 56, 3), dtype=np.uint8))
