@@ -57,11 +57,14 @@ QUICK = {"num_train": 14, "num_test": 4, "num_nli": 16, "image_size": 32}
 # name -> (what it trains: "depth" or "size", extra train.py arguments). `alone` is the reference of every other.
 VARIANTS = {
     "alone": ("both", []),
-    "elastic": ("depth", []),                                            # depths 1, 2, 3; weights 1, 1, 1
+    "elastic": ("depth", ["--depth_weights", "1", "1", "1"]),             # depths 1, 2, 3; equal weights
     "elastic-linear": ("depth", ["--depth_weights", "1", "2", "3"]),      # weight proportional to depth
-    "elastic-deep": ("depth", ["--depth_weights", "0.5", "0.5", "1"]),    # the full depth weighs as the others together
-    "elastic-selfkl": ("depth", ["--self_kl_weight", "1.0"]),             # + Starbucks' in-batch KL to the full depth
-    "elastic-sample": ("depth", ["--elastic_sample_pairs", "1"]),        # the full depth + one other drawn per step
+    "elastic-deep": ("depth", ["--depth_weights", "0.5", "0.5", "1"]),    # the full depth weighs as the others
+                                                                          # together (configs/demo_elastic.yaml)
+    # equal weights + Starbucks' in-batch KL to the full depth
+    "elastic-selfkl": ("depth", ["--depth_weights", "1", "1", "1", "--self_kl_weight", "1.0"]),
+    # equal weights; the full depth + one other drawn per step
+    "elastic-sample": ("depth", ["--depth_weights", "1", "1", "1", "--elastic_sample_pairs", "1"]),
     "matryoshka": ("size", []),                                           # 3 layers, sizes 16, 32, 64; weights 1
     "matryoshka-deep": ("size", ["--matryoshka_weights", "0.5", "0.5", "1"]),
     "matryoshka-selfkl": ("size", ["--self_kl_weight", "1.0"]),

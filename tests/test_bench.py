@@ -202,6 +202,8 @@ def test_the_elastic_study_trains_each_variant_per_seed_and_the_references_named
     assert names("alone", {"size"}, {"d3_m16"}) == [("alone-d3-m16", 0, [(3, 16)]), ("alone-d3-m16", 1, [(3, 16)])]
     # a variant is one training per seed, scored at each of its points
     assert names("elastic", {"depth"}) == [("elastic", s, [(1, None), (2, None), (3, None)]) for s in (0, 1)]
+    # the equal-weight variant names its weights: the demo config it starts from weighs the full depth more
+    assert elastic_tax.runs("elastic", [0], {"depth"})[0]["args"] == ["--depth_weights", "1", "1", "1"]
     matryoshka = elastic_tax.runs("matryoshka-deep", [0], {"size"})[0]
     assert matryoshka["points"] == [(3, 16), (3, 32), (3, None)]  # the full size too, against depth 3 alone
     assert matryoshka["args"] == ["--matryoshka_dims", "16", "32", "64", "--matryoshka_weights", "0.5", "0.5", "1"]
