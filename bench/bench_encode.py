@@ -96,6 +96,14 @@ def load_sharing(args, full):
     return model
 
 
+def load_pair(args, depth: int) -> dict:
+    """{k: the pruned model, depth: the full model}, the pruned one on the full one's tensors with --share-weights."""
+    if not args.share_weights:
+        return {k: load(args, k) for k in (args.layers, depth)}
+    full = load(args, depth)
+    return {args.layers: load_sharing(args, full), depth: full}
+
+
 def padded_tokens(lengths: list[int], batch_size: int) -> int:
     chunks = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
     return sum(len(chunk) * max(chunk) for chunk in chunks)
@@ -236,11 +244,7 @@ def video_tables(report, args, depth: int) -> None:
                         (160, 120))
     setup = (f"{args.dtype} on {args.device}; throughput: best of {args.repeats} interleaved passes, speed-ups: median "
              "(min-max) of the passes' ratios")
-    if args.share_weights:
-        full = load(args, depth)
-        models = {args.layers: load_sharing(args, full), depth: full}
-    else:
-        models = {k: load(args, k) for k in (args.layers, depth)}
+    models = load_pair(args, depth)
     for model in models.values():
         for name, value in video_setting(frames, side).items():
             setattr(model.config, name, value)
@@ -375,11 +379,7 @@ def main(args) -> None:
     images = make_images(sizes)
     caps = [64 * 28 * 28, 256 * 28 * 28]
 
-    if args.share_weights:
-        full = load(args, depth)
-        models = {args.layers: load_sharing(args, full), depth: full}
-    else:
-        models = {k: load(args, k) for k in (args.layers, depth)}
+    models = load_pair(args, depth)
     pruned = models[args.layers]
     lengths, mixed_lengths = token_lengths(pruned, texts), token_lengths(pruned, mixed)
     log(f"(a) text throughput, {len(texts)} texts of {min(lengths)}-{max(lengths)} tokens, batch {args.batch_size}")

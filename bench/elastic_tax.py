@@ -82,6 +82,11 @@ def point_label(depth: int, dim: int | None) -> str:
     return f"d{depth}" + ("" if dim is None else f"_m{dim}")
 
 
+def alone_name(label: str) -> str:
+    """The run trained alone at a point: `d3_m16` -> `alone-d3-m16`."""
+    return "alone-" + label.replace("_", "-")
+
+
 def runs(variant: str, seeds: list[int], kinds: set[str], alone: set[str] | None = None) -> list[dict]:
     """The trainings of `variant`: one per seed (and per point of `kinds` for `alone`, or per point labelled in
     `alone` where given), each with its train.py arguments."""
@@ -91,7 +96,7 @@ def runs(variant: str, seeds: list[int], kinds: set[str], alone: set[str] | None
         if variant == "alone":
             wanted = [p for k in ("depth", "size") if k in kinds for p in points(k)]
             for depth, dim in [p for p in dict.fromkeys(wanted) if alone is None or point_label(*p) in alone]:
-                name = f"alone-d{depth}" + ("" if dim is None else f"-m{dim}")
+                name = alone_name(point_label(depth, dim))
                 args = ["--num_layers", str(depth)] + ([] if dim is None else ["--matryoshka_dims", str(dim)])
                 out.append({"name": name, "seed": seed, "config": "demo_stage2.yaml", "args": args,
                             "points": [(depth, dim)]})
@@ -351,7 +356,7 @@ def main(argv=None):
             for variant in ["alone"] + variants:
                 row = [variant]
                 for label in labels:
-                    alone = f"alone-{label.replace('_', '-')}"
+                    alone = alone_name(label)
                     name = alone if variant == "alone" else variant
                     seeds = [s for s in args.seeds if (name, s, label) in scores]
                     if not seeds:
